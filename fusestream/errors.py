@@ -1,0 +1,30 @@
+"""The exception tree: every failure a user can meet is a FusestreamError naming the file."""
+
+
+class FusestreamError(Exception):
+    """Base of all fusestream errors; str() is the one line a user sees."""
+
+
+class InvalidImageError(FusestreamError):
+    """An image file is malformed, truncated, hostile or not an image at all."""
+
+
+class UnsupportedImageError(FusestreamError):
+    """An image is well-formed but uses something we refuse to handle (unknown feature bits)."""
+
+
+class BackingFileError(FusestreamError):
+    """The backing chain cannot be opened: missing or unreadable file, loop, too deep."""
+
+
+class CorruptionError(FusestreamError):
+    """Metadata found corrupt while serving I/O; the affected range fails with EIO."""
+
+
+class ImageBusyError(FusestreamError):
+    """The image is already opened for writing by another fusestream process."""
+
+
+def describe_os_error(path: str, err: OSError) -> str:
+    """One line for an OSError on `path`, without Python's '[Errno N]' noise."""
+    return f"{path}: {err.strerror or err}"

@@ -1,0 +1,41 @@
+"""The one small interface every layer of a backing chain implements.
+
+A layer may be a local raw file, a QED image, and later qcow2 or a remote source; the chain
+and the stream job only ever use what is here, so a slow or failing source fits in too.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol
+
+
+class BlockStatus(enum.Enum):
+    """QEMU's lookup results for a range of one layer."""
+
+    FOUND = "found"  # the layer holds data for the range
+    ZERO = "zero"  # the layer says the range reads as zeros (hides anything below)
+    UNALLOCATED = "unallocated"  # the layer has nothing: look further down the chain
+
+
+class Layer(Protocol):
+    path: str
+    format_name: str
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Return exactly `length` bytes of a range that lies within `size`."""
+
+    def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
+        """Status of the run starting at `offset` and how many bytes (<= length) share it."""
+
+    def close(self) -> None: ...
+
+
+def read_from(layer: Layer | None, offset: int, length: int) -> bytes:
+    """Read through an optional backing layer: no layer, or past its end, reads as zeros."""
+    if layer is None or offset >= layer.size:
+        return bytes(length)
+    inside = min(length, layer.size - offset)
+    data = layer.read(offset, inside)
+    return data if inside == length else data + bytes(length - inside)

@@ -1,0 +1,560 @@
+"""QED images: open and validate, look up clusters, read through, allocate and write.
+
+The image is thread-safe so that bulk I/O can run off the trio event loop. Two locks:
+
+* ``_table_lock`` guards the in-memory L1 table and the L2 cache; it is held only briefly.
+* ``_alloc_lock`` serialises allocating writes (QEMU does the same) and is held across their I/O,
+  so a cluster is never allocated twice and the crash-safe order below is kept.
+
+Crash-safe order of an allocating write (QEMU's): the data cluster is written whole (the rest
+filled from the backing chain or zeros) and, when there is a backing file, made durable before
+the L2 entry that points to it; a new L2 table is written whole and made durable before the L1
+entry that points to it. Without a backing file, QEMU skips the data flush and marks the image
+``QED_F_NEED_CHECK`` instead; we do the same and clear the flag on a clean close.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import dataclasses
+import fcntl
+import logging
+import os
+import sys
+import threading
+
+from construct import ConstructError
+
+from ..errors import (
+    CorruptionError,
+    ImageBusyError,
+    InvalidImageError,
+    UnsupportedImageError,
+    describe_os_error,
+)
+from .layer import BlockStatus, Layer, read_from
+from .qed_structs import (
+    QED_AUTOCLEAR_FEATURE_MASK,
+    QED_DEFAULT_CLUSTER_SIZE,
+    QED_DEFAULT_TABLE_SIZE,
+    QED_F_BACKING_FILE,
+    QED_F_BACKING_FORMAT_NO_PROBE,
+    QED_F_NEED_CHECK,
+    QED_FEATURE_MASK,
+    QED_HEADER,
+    QED_HEADER_SIZE,
+    QED_MAGIC,
+    QED_MAX_CLUSTER_SIZE,
+    QED_MAX_TABLE_SIZE,
+    QED_MIN_CLUSTER_SIZE,
+    QED_MIN_TABLE_SIZE,
+    QED_UNALLOCATED,
+    QED_ZERO_CLUSTER,
+    TABLE_ENTRY_SIZE,
+    is_power_of_two,
+    max_image_size,
+    table_nelems,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "qed"
+MAX_BACKING_NAME = 4095  # PATH_MAX less the NUL QEMU keeps
+DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
+
+if sys.byteorder != "little":  # tables are little-endian and read with array("Q")
+    raise ImportError("fusestream's QED tables assume a little-endian host")
+
+
+@dataclasses.dataclass(frozen=True)
+class Extent:
+    """A run of guest bytes with one lookup result; file_offset is set only when FOUND."""
+
+    status: BlockStatus
+    offset: int
+    length: int
+    file_offset: int | None = None
+
+
+def _fail(path: str, problem: str) -> InvalidImageError:
+    return InvalidImageError(f"{path}: {problem}")
+
+
+def validate_header(path: str, h, file_size: int) -> None:
+    """Refuse a header that breaks any rule of QEMU's QED spec; every message names the field."""
+    cs, ts = h.cluster_size, h.table_size
+    if not (is_power_of_two(cs) and QED_MIN_CLUSTER_SIZE <= cs <= QED_MAX_CLUSTER_SIZE):
+        raise _fail(path, f"invalid cluster_size {cs} (a power of two from 4 KiB to 64 MiB)")
+    if not (is_power_of_two(ts) and QED_MIN_TABLE_SIZE <= ts <= QED_MAX_TABLE_SIZE):
+        raise _fail(path, f"invalid table_size {ts} (a power of two from 1 to 16)")
+    unknown = h.features & ~QED_FEATURE_MASK
+    if unknown:
+        raise UnsupportedImageError(f"{path}: unknown QED feature bits {unknown:#x}")
+    header_bytes = h.header_size * cs
+    if h.header_size < 1 or header_bytes > file_size:
+        raise _fail(path, f"invalid header_size {h.header_size} clusters for a {file_size}-byte file")
+    if h.image_size % 512:
+        raise _fail(path, f"invalid image_size {h.image_size} (not a multiple of 512)")
+    if h.image_size > max_image_size(cs, ts):
+        raise _fail(path, f"invalid image_size {h.image_size} (more than the tables can address)")
+    table_bytes = cs * ts
+    l1 = h.l1_table_offset
+    if l1 % cs or l1 < header_bytes or l1 + table_bytes > file_size:
+        raise _fail(path, f"invalid l1_table_offset {l1} (must be cluster-aligned, past the header and inside the file)")
+    if h.features & QED_F_BACKING_FILE:
+        start, size = h.backing_filename_offset, h.backing_filename_size
+        if size == 0 or size > MAX_BACKING_NAME or start < QED_HEADER_SIZE or start + size > header_bytes:
+            raise _fail(path, f"invalid backing file name at offset {start}, size {size} (must lie in the header clusters)")
+
+
+def _pread_exact(fd: int, offset: int, length: int) -> bytes:
+    """pread that treats a short read (the file shrank under us) as an error, not as data."""
+    chunks = []
+    while length:
+        chunk = os.pread(fd, length, offset)
+        if not chunk:
+            raise EOFError(f"unexpected end of file at offset {offset}")
+        chunks.append(chunk)
+        offset += len(chunk)
+        length -= len(chunk)
+    return b"".join(chunks)
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _lock_file(fd: int, path: str, exclusive: bool) -> None:
+    """flock the image so no two fusestream processes write one image (or write a backing file)."""
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ImageBusyError(f"{path}: image is in use by another fusestream process") from None
+
+
+class QedImage:
+    """One open QED file. ``backing`` is set by the chain once it has opened the backing layer."""
+
+    format_name = FORMAT_NAME
+
+    def __init__(self, path: str, writable: bool = False, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES):
+        self.path = path
+        self.writable = writable
+        self.backing: Layer | None = None
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        try:
+            self.fd = os.open(path, flags | os.O_CLOEXEC)
+        except OSError as err:
+            raise InvalidImageError(describe_os_error(path, err)) from None
+        try:
+            _lock_file(self.fd, path, exclusive=writable)
+            self._load(l2_cache_bytes)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._table_lock = threading.RLock()
+        self._alloc_lock = threading.Lock()
+        self._we_set_need_check = False
+
+    # -- opening -------------------------------------------------------------------------------
+
+    def _load(self, l2_cache_bytes: int) -> None:
+        file_size = os.fstat(self.fd).st_size
+        raw = os.pread(self.fd, QED_HEADER_SIZE, 0)
+        if len(raw) < QED_HEADER_SIZE or not raw.startswith(QED_MAGIC):
+            what = "empty file" if file_size == 0 else "not a QED image" if not raw.startswith(QED_MAGIC) else "truncated QED header"
+            raise _fail(self.path, what)
+        try:
+            self.header = QED_HEADER.parse(raw)
+        except ConstructError as err:
+            raise _fail(self.path, f"unreadable QED header ({err})") from None
+        validate_header(self.path, self.header, file_size)
+        h = self.header
+        self.cluster_size = h.cluster_size
+        self.table_bytes = h.cluster_size * h.table_size
+        self.nelems = table_nelems(h.cluster_size, h.table_size)
+        self.size = h.image_size
+        self.first_cluster = h.header_size * h.cluster_size
+        self.file_size = file_size - file_size % h.cluster_size
+        self.backing_filename = self._read_backing_filename()
+        self.l1 = self._read_table(h.l1_table_offset)
+        self._check_l1()
+        self._l2_cache: collections.OrderedDict[int, array.array] = collections.OrderedDict()
+        self._l2_cache_max = max(1, l2_cache_bytes // self.table_bytes)
+        if self.writable:
+            self._clear_unknown_autoclear_bits()
+        if h.features & QED_F_NEED_CHECK:
+            log.warning("%s: QED_F_NEED_CHECK is set (not closed cleanly); it stays set until checked", self.path)
+
+    def _read_backing_filename(self) -> str | None:
+        h = self.header
+        if not h.features & QED_F_BACKING_FILE:
+            return None
+        raw = os.pread(self.fd, h.backing_filename_size, h.backing_filename_offset)
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _fail(self.path, "backing file name is not valid UTF-8") from None
+        if "\0" in name:
+            raise _fail(self.path, "backing file name contains a NUL byte")
+        return name
+
+    @property
+    def backing_format_is_raw(self) -> bool:
+        """QED_F_BACKING_FORMAT_NO_PROBE: the backing file is raw and must not be probed."""
+        return bool(self.header.features & QED_F_BACKING_FORMAT_NO_PROBE)
+
+    def _read_table(self, offset: int) -> array.array:
+        table = array.array("Q")
+        table.frombytes(_pread_exact(self.fd, offset, self.table_bytes))
+        return table
+
+    def _check_l1(self) -> None:
+        """Every L1 entry must name a whole L2 table inside the file, clear of the L1 and of
+        every other L2 table."""
+        l1_start = self.header.l1_table_offset
+        for index, offset in enumerate(self.l1):
+            if offset == QED_UNALLOCATED:
+                continue
+            problem = self._table_offset_problem(offset)
+            if problem is None and abs(offset - l1_start) < self.table_bytes:
+                problem = "overlaps the L1 table"
+            if problem:
+                raise _fail(self.path, f"L1 entry {index}: L2 table offset {offset} {problem}")
+        tables = sorted(o for o in self.l1 if o != QED_UNALLOCATED)
+        for lower, upper in zip(tables, tables[1:]):
+            if upper - lower < self.table_bytes:
+                raise _fail(self.path, f"L2 tables at offsets {lower} and {upper} overlap")
+        self._l2_offsets = set(tables)
+
+    def _table_offset_problem(self, offset: int) -> str | None:
+        if offset % self.cluster_size:
+            return "is not cluster-aligned"
+        if offset < self.first_cluster:
+            return "lies in the header"
+        if offset + self.table_bytes > self.file_size:
+            return "lies beyond the end of the file"
+        return None
+
+    def _clear_unknown_autoclear_bits(self) -> None:
+        if self.header.autoclear_features & ~QED_AUTOCLEAR_FEATURE_MASK:
+            self.header.autoclear_features &= QED_AUTOCLEAR_FEATURE_MASK
+            self._write_header()
+            os.fdatasync(self.fd)
+
+    def _write_header(self) -> None:
+        """Rewrite the known header fields in place; the backing name after them is untouched."""
+        _pwrite_all(self.fd, QED_HEADER.build(self.header), 0)
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def _l2_table(self, offset: int) -> array.array:
+        table = self._l2_cache.get(offset)
+        if table is None:
+            table = self._read_table(offset)
+            self._l2_cache[offset] = table
+            if len(self._l2_cache) > self._l2_cache_max:
+                self._l2_cache.popitem(last=False)
+        else:
+            self._l2_cache.move_to_end(offset)
+        return table
+
+    def _cluster_entry(self, cluster: int) -> int:
+        """The L2 entry of a cluster (0 unallocated, 1 zero, else its file offset), validated."""
+        l1_index, l2_index = divmod(cluster, self.nelems)
+        l2_offset = self.l1[l1_index]
+        if l2_offset == QED_UNALLOCATED:
+            return QED_UNALLOCATED
+        try:
+            entry = self._l2_table(l2_offset)[l2_index]
+        except EOFError as err:
+            raise CorruptionError(f"{self.path}: L2 table at {l2_offset}: {err}") from None
+        if entry in (QED_UNALLOCATED, QED_ZERO_CLUSTER):
+            return entry
+        problem = self._data_offset_problem(entry)
+        if problem:
+            raise CorruptionError(
+                f"{self.path}: L2 table at {l2_offset}, entry {l2_index}: data cluster offset {entry} {problem}"
+            )
+        return entry
+
+    def _data_offset_problem(self, offset: int) -> str | None:
+        """Why a data cluster offset is impossible, so that no guest I/O ever touches metadata or
+        goes outside the file."""
+        cs = self.cluster_size
+        if offset % cs:
+            return "is not cluster-aligned"
+        if offset < self.first_cluster or offset + cs > self.file_size:
+            return "lies outside the data area of the file"
+        if 0 <= offset - self.header.l1_table_offset < self.table_bytes:
+            return "lies in the L1 table"
+        if any(offset - k * cs in self._l2_offsets for k in range(self.header.table_size)):
+            return "lies in an L2 table"
+        return None
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Map a guest range to runs of FOUND (contiguous in the file), ZERO and UNALLOCATED."""
+        cs = self.cluster_size
+        end = offset + length
+        result: list[Extent] = []
+        with self._table_lock:
+            pos = offset
+            while pos < end:
+                cluster, within = divmod(pos, cs)
+                run = min(cs - within, end - pos)
+                entry = self._cluster_entry(cluster)
+                if entry == QED_UNALLOCATED:
+                    status, file_offset = BlockStatus.UNALLOCATED, None
+                elif entry == QED_ZERO_CLUSTER:
+                    status, file_offset = BlockStatus.ZERO, None
+                else:
+                    status, file_offset = BlockStatus.FOUND, entry + within
+                last = result[-1] if result else None
+                if last and last.status is status and (
+                    file_offset is None or last.file_offset + last.length == file_offset
+                ):
+                    result[-1] = dataclasses.replace(last, length=last.length + run)
+                else:
+                    result.append(Extent(status, pos, run, file_offset))
+                pos += run
+        return result
+
+    def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
+        first = self.extents(offset, length)[0]
+        return first.status, first.length
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        parts = []
+        for extent in self.extents(offset, length):
+            if extent.status is BlockStatus.FOUND:
+                parts.append(self._read_data(extent.file_offset, extent.length))
+            elif extent.status is BlockStatus.ZERO:
+                parts.append(bytes(extent.length))
+            else:
+                parts.append(read_from(self.backing, extent.offset, extent.length))
+        return b"".join(parts)
+
+    def _read_data(self, file_offset: int, length: int) -> bytes:
+        try:
+            return _pread_exact(self.fd, file_offset, length)
+        except EOFError as err:
+            raise CorruptionError(f"{self.path}: data cluster: {err}") from None
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write guest data; clusters not yet allocated are allocated in QEMU's crash-safe order."""
+        if not self.writable:
+            raise PermissionError(f"{self.path}: image is open read-only")
+        extents = self.extents(offset, len(data))
+        if all(e.status is BlockStatus.FOUND for e in extents):
+            self._write_found(extents, offset, data)
+            return
+        with self._alloc_lock:
+            # Look again: another writer may have allocated these clusters while we waited.
+            for extent in self.extents(offset, len(data)):
+                piece = memoryview(data)[extent.offset - offset : extent.offset - offset + extent.length]
+                if extent.status is BlockStatus.FOUND:
+                    _pwrite_all(self.fd, piece, extent.file_offset)
+                else:
+                    self._allocating_write(extent, piece)
+
+    def _write_found(self, extents: list[Extent], offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        for extent in extents:
+            start = extent.offset - offset
+            _pwrite_all(self.fd, view[start : start + extent.length], extent.file_offset)
+
+    def _allocating_write(self, extent: Extent, piece: memoryview) -> None:
+        """Give each cluster of a ZERO/UNALLOCATED run its data: a new cluster, or a zero cluster
+        when the guest wrote a whole cluster of zeros."""
+        cs = self.cluster_size
+        first = extent.offset // cs
+        last = (extent.offset + extent.length - 1) // cs
+        new_entries: dict[int, int] = {}
+        data_clusters: list[tuple[int, bytes]] = []
+        for cluster in range(first, last + 1):
+            content = self._cluster_content(cluster, extent, piece)
+            if content is None:
+                new_entries[cluster] = QED_ZERO_CLUSTER
+            else:
+                data_clusters.append((cluster, content))
+        if data_clusters:
+            start = self._append_clusters(b"".join(c for _, c in data_clusters))
+            for i, (cluster, _) in enumerate(data_clusters):
+                new_entries[cluster] = start + i * cs
+        self._set_l2_entries(new_entries)
+
+    def _cluster_content(self, cluster: int, extent: Extent, piece: memoryview) -> bytes | None:
+        """The whole new content of one cluster, or None for a guest write of a full zero cluster."""
+        cs = self.cluster_size
+        cluster_start = cluster * cs
+        lo = max(cluster_start, extent.offset)
+        hi = min(cluster_start + cs, extent.offset + extent.length)
+        guest = piece[lo - extent.offset : hi - extent.offset]
+        if lo == cluster_start and hi == cluster_start + cs and not any(guest):
+            return None
+        buf = bytearray(cs)
+        if lo > cluster_start:
+            buf[: lo - cluster_start] = self._fill(extent.status, cluster_start, lo - cluster_start)
+        buf[lo - cluster_start : hi - cluster_start] = guest
+        if hi < cluster_start + cs:
+            buf[hi - cluster_start :] = self._fill(extent.status, hi, cluster_start + cs - hi)
+        return bytes(buf)
+
+    def _fill(self, status: BlockStatus, offset: int, length: int) -> bytes:
+        """What the rest of a newly allocated cluster holds: the backing data, or zeros."""
+        if status is BlockStatus.ZERO or offset >= self.size:
+            return bytes(length)
+        inside = min(length, self.size - offset)
+        return read_from(self.backing, offset, inside) + bytes(length - inside)
+
+    def _append_clusters(self, data: bytes) -> int:
+        """Write whole clusters at the end of the file; durable before any table points there."""
+        start = self.file_size
+        self.file_size += len(data)
+        try:
+            _pwrite_all(self.fd, data, start)
+            if self.backing is not None:
+                os.fdatasync(self.fd)
+            else:
+                self._set_need_check()
+        except BaseException:
+            self.file_size = start  # nothing points there: the next allocation reuses the space
+            raise
+        return start
+
+    def _set_need_check(self) -> None:
+        if not self.header.features & QED_F_NEED_CHECK:
+            self.header.features |= QED_F_NEED_CHECK
+            self._write_header()
+            os.fdatasync(self.fd)
+            self._we_set_need_check = True
+
+    def _set_l2_entries(self, entries: dict[int, int]) -> None:
+        by_table: dict[int, dict[int, int]] = collections.defaultdict(dict)
+        for cluster, entry in entries.items():
+            l1_index, l2_index = divmod(cluster, self.nelems)
+            by_table[l1_index][l2_index] = entry
+        for l1_index, updates in sorted(by_table.items()):
+            if self.l1[l1_index] == QED_UNALLOCATED:
+                self._new_l2_table(l1_index, updates)
+            else:
+                self._update_l2_table(self.l1[l1_index], updates)
+
+    def _update_l2_table(self, l2_offset: int, updates: dict[int, int]) -> None:
+        # Under the table lock, so that no reader evicts and reloads the table half-updated.
+        with self._table_lock:
+            table = self._l2_table(l2_offset)
+            previous = {index: table[index] for index in updates}
+            for index, entry in updates.items():
+                table[index] = entry
+            lo, hi = min(updates), max(updates) + 1
+            try:
+                _pwrite_all(self.fd, table[lo:hi].tobytes(), l2_offset + lo * TABLE_ENTRY_SIZE)
+            except BaseException:
+                for index, entry in previous.items():
+                    table[index] = entry
+                raise
+
+    def _new_l2_table(self, l1_index: int, updates: dict[int, int]) -> None:
+        table = array.array("Q", bytes(self.table_bytes))
+        for index, entry in updates.items():
+            table[index] = entry
+        l2_offset = self.file_size
+        self.file_size += self.table_bytes
+        try:
+            _pwrite_all(self.fd, table.tobytes(), l2_offset)
+            os.fdatasync(self.fd)
+        except BaseException:
+            self.file_size = l2_offset
+            raise
+        entry = array.array("Q", [l2_offset]).tobytes()
+        with self._table_lock:
+            _pwrite_all(self.fd, entry, self.header.l1_table_offset + l1_index * TABLE_ENTRY_SIZE)
+            self.l1[l1_index] = l2_offset
+            self._l2_offsets.add(l2_offset)
+            self._l2_cache[l2_offset] = table
+            if len(self._l2_cache) > self._l2_cache_max:
+                self._l2_cache.popitem(last=False)
+
+    # -- durability and closing ----------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Make everything written so far durable (what fsync on the raw file asks for)."""
+        if self.writable:
+            os.fdatasync(self.fd)
+
+    def allocated_bytes(self) -> int:
+        """Disk space the image file really uses (for st_blocks)."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    def close(self) -> None:
+        """Flush, clear the NEED_CHECK flag we set, and release the file."""
+        if self.fd < 0:
+            return
+        try:
+            if self.writable:
+                os.fdatasync(self.fd)
+                if self._we_set_need_check:
+                    self.header.features &= ~QED_F_NEED_CHECK
+                    self._write_header()
+                    os.fdatasync(self.fd)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def create(
+    path: str,
+    size: int,
+    backing_filename: str | None = None,
+    backing_raw: bool = False,
+    cluster_size: int = QED_DEFAULT_CLUSTER_SIZE,
+    table_size: int = QED_DEFAULT_TABLE_SIZE,
+    overwrite: bool = False,
+) -> None:
+    """Create an empty QED image laid out as qemu-img lays it out: header cluster, then L1."""
+    size = -(-size // 512) * 512  # qemu-img rounds the virtual size up to whole sectors
+    header = dict(
+        cluster_size=cluster_size,
+        table_size=table_size,
+        header_size=1,
+        features=0,
+        compat_features=0,
+        autoclear_features=0,
+        l1_table_offset=cluster_size,
+        image_size=size,
+        backing_filename_offset=0,
+        backing_filename_size=0,
+    )
+    name = backing_filename.encode("utf-8") if backing_filename else b""
+    if backing_filename:
+        header.update(
+            features=QED_F_BACKING_FILE | (QED_F_BACKING_FORMAT_NO_PROBE if backing_raw else 0),
+            backing_filename_offset=QED_HEADER_SIZE,
+            backing_filename_size=len(name),
+        )
+    file_size = cluster_size * (1 + table_size)
+    validate_header(path, QED_HEADER.parse(QED_HEADER.build(header)), file_size)
+    if size == 0:
+        raise InvalidImageError(f"{path}: image size must be greater than zero")
+    first_cluster = QED_HEADER.build(header) + name
+    mode = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(path, mode, 0o644)
+    except OSError as err:
+        raise InvalidImageError(describe_os_error(path, err)) from None
+    try:
+        _pwrite_all(fd, first_cluster, 0)
+        os.ftruncate(fd, file_size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,53 @@
+"""Raw backing layers: the file is the disk. Holes report ZERO so that sparseness survives."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+from ..errors import BackingFileError, describe_os_error
+from .layer import BlockStatus
+
+FORMAT_NAME = "raw"
+
+
+class RawLayer:
+    """A read-only raw file used as a backing layer."""
+
+    format_name = FORMAT_NAME
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise BackingFileError(describe_os_error(path, err)) from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise BackingFileError(f"{path}: in use for writing by another fusestream process") from None
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)  # also right for a block device
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:  # the file may be shorter than its size said: zeros, as QEMU reads
+            data += bytes(length - len(data))
+        return data
+
+    def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
+        """FOUND for data, ZERO for a hole (SEEK_DATA/SEEK_HOLE, as QEMU's file driver does)."""
+        end = min(offset + length, self.size)
+        try:
+            data_start = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole from here to the end of the file
+            return BlockStatus.ZERO, length
+        if data_start > offset:
+            return BlockStatus.ZERO, min(data_start, end) - offset
+        hole_start = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        return BlockStatus.FOUND, min(hole_start, end) - offset
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

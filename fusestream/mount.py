@@ -1,0 +1,205 @@
+"""mount.fusestream IMAGE MOUNTPOINT: the mount(8) helper.
+
+Order matters: the chain is opened and the filesystem mounted (pyfuse3.init) in the calling
+process, so that every error reaches the terminal as one line; only then does the helper fork
+into the background (s3ql does the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+
+import pyfuse3
+import trio
+
+from .chain import Chain, open_chain
+from .errors import FusestreamError
+from .fs import Operations
+from .units import parse_size
+
+log = logging.getLogger("fusestream")
+
+# Generic options mount(8) may pass. These are handed to the kernel through libfuse.
+KERNEL_FLAGS = {
+    "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime",
+    "nodiratime", "diratime", "relatime", "norelatime", "strictatime", "sync", "async", "dirsync",
+}
+# ... and these only mean something to mount(8) or fstab, never to the filesystem.
+MOUNT_ONLY = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group",
+              "nofail", "_netdev", "silent", "loud", "lazytime", "nolazytime"}
+
+
+class UsageError(FusestreamError):
+    """Bad command line or -o option."""
+
+
+@dataclasses.dataclass
+class MountOptions:
+    ro: bool = False
+    nostream: bool = False
+    base: str | None = None
+    speed: int = 0
+    copy_on_read: bool = False
+    allow_other: bool = False
+    debug: bool = False
+    kernel_flags: list[str] = dataclasses.field(default_factory=list)
+
+
+def parse_options(texts: list[str]) -> MountOptions:
+    """Parse the -o lists; an unknown option is an error, never ignored."""
+    opts = MountOptions()
+    for text in texts:
+        for item in filter(None, text.split(",")):
+            name, has_value, value = item.partition("=")
+            if has_value and name in ("base", "speed"):
+                _set_valued(opts, name, value)
+            elif not has_value and name in ("ro", "nostream", "copy_on_read", "allow_other", "debug"):
+                setattr(opts, name, True)
+            elif not has_value and name in KERNEL_FLAGS:
+                opts.kernel_flags.append(name)
+            elif name in MOUNT_ONLY or name.startswith("x-") or name == "comment":
+                continue
+            else:
+                raise UsageError(f"unknown mount option '{item}'")
+    return opts
+
+
+def _set_valued(opts: MountOptions, name: str, value: str) -> None:
+    if not value:
+        raise UsageError(f"mount option '{name}=' needs a value")
+    if name == "base":
+        opts.base = os.path.abspath(value)
+    else:
+        try:
+            opts.speed = parse_size(value)
+        except ValueError as err:
+            raise UsageError(f"mount option speed: {err}") from None
+
+
+def fuse_options(image: str, opts: MountOptions) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname={image}", "subtype=fusestream"}
+    options |= set(opts.kernel_flags)
+    if opts.ro:
+        options.add("ro")
+    if opts.allow_other:
+        options.add("allow_other")
+    if opts.debug:
+        options.add("debug")
+    return options
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mount.fusestream",
+        description="Mount a QED image with its backing chain as one flat, writable raw file.",
+    )
+    parser.add_argument("image", help="the top QED image")
+    parser.add_argument("mountpoint", help="an existing directory")
+    parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
+                        help="ro, nostream, base=PATH, speed=RATE, copy_on_read, allow_other, debug")
+    # Flags that mount(8) passes to helpers: sloppy, no-mtab, verbose, and the type.
+    parser.add_argument("-s", "-n", "-v", dest="mount_helper_flags", action="count", help=argparse.SUPPRESS)
+    parser.add_argument("-t", dest="fstype", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def setup_logging(foreground: bool, debug: bool) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    if foreground or not os.path.exists("/dev/log"):
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    else:
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("mount.fusestream[%(process)d]: %(levelname)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def open_image(image: str, opts: MountOptions) -> Chain:
+    if not os.path.exists(image):
+        raise FusestreamError(f"{image}: no such file")
+    writable = not opts.ro and os.access(image, os.W_OK)
+    if not opts.ro and not writable:
+        log.info("%s is not writable: serving read-only", image)
+    return open_chain(image, writable=writable)
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    if not os.path.isdir(mountpoint):
+        raise FusestreamError(f"{mountpoint}: mount point is not a directory")
+    if os.path.ismount(mountpoint):
+        raise FusestreamError(f"{mountpoint}: something is already mounted there")
+
+
+def daemonize() -> None:
+    """Detach after a successful mount: the parent exits 0, the child serves."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+async def serve() -> None:
+    """Run the FUSE loop until unmounted; SIGTERM and SIGINT unmount cleanly."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_unmount_on_signal, nursery.cancel_scope)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _unmount_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = parse_options(args.options)
+    setup_logging(args.foreground, opts.debug)
+    image = os.path.abspath(args.image)
+    check_mountpoint(args.mountpoint)
+    chain = open_image(image, opts)
+    ops = Operations(chain, read_only=opts.ro)
+    try:
+        pyfuse3.init(ops, args.mountpoint, fuse_options(image, opts))
+    except RuntimeError as err:
+        chain.close()
+        raise FusestreamError(f"{args.mountpoint}: cannot mount: {err}") from None
+    if not args.foreground:
+        daemonize()
+        setup_logging(False, opts.debug)
+    log.info("mounted %s on %s (%s)", image, args.mountpoint, "read-only" if ops.read_only else "read-write")
+    try:
+        trio.run(serve)
+    finally:
+        pyfuse3.close(unmount=True)
+        chain.close()
+        log.info("unmounted %s", args.mountpoint)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except FusestreamError as err:
+        print(f"mount.fusestream: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,13 +36,14 @@ def resolve_backing(image_path: str, backing_name: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), backing_name)
 
 
-def open_layer(path: str, fmt: str | None = None) -> Layer:
-    """Open one read-only layer (without its own backing chain)."""
+def open_layer(path: str, fmt: str | None = None, lock: bool = True) -> Layer:
+    """Open one read-only layer (without its own backing chain). With `lock`, it holds a shared
+    lock so that no fusestream mount writes it while it is in use."""
     fmt = fmt or probe_format(path)
     if fmt == "raw":
-        return RawLayer(path)
+        return RawLayer(path, lock=lock)
     if fmt == qed.FORMAT_NAME:
-        return qed.QedImage(path, writable=False)
+        return qed.QedImage(path, writable=False, lock=lock)
     raise BackingFileError(f"{path}: unsupported backing format '{fmt}'")
 
 
@@ -89,15 +90,15 @@ class Chain:
             raise FusestreamError("; ".join(errors))
 
 
-def open_chain(path: str, writable: bool = True, max_depth: int = MAX_CHAIN_DEPTH) -> Chain:
+def open_chain(path: str, writable: bool = True, lock: bool = True, max_depth: int = MAX_CHAIN_DEPTH) -> Chain:
     """Open a QED image and its whole backing chain; on any error nothing stays open."""
     path = os.path.abspath(path)
     if probe_format(path) != qed.FORMAT_NAME:
         raise InvalidImageError(f"{path}: not a QED image")
-    top = qed.QedImage(path, writable=writable)
+    top = qed.QedImage(path, writable=writable, lock=lock)
     layers: list[Layer] = [top]
     try:
-        _open_backing(layers, max_depth)
+        _open_backing(layers, max_depth, lock)
     except BaseException:
         for layer in layers:
             layer.close()
@@ -105,7 +106,7 @@ def open_chain(path: str, writable: bool = True, max_depth: int = MAX_CHAIN_DEPT
     return Chain(top, layers)
 
 
-def _open_backing(layers: list[Layer], max_depth: int) -> None:
+def _open_backing(layers: list[Layer], max_depth: int, lock: bool) -> None:
     """Follow backing names down from layers[-1], appending each opened layer."""
     seen = {os.path.realpath(layers[0].path)}
     current = layers[0]
@@ -120,7 +121,7 @@ def _open_backing(layers: list[Layer], max_depth: int) -> None:
             raise BackingFileError(f"{current.path}: backing file {backing_path} does not exist")
         fmt = "raw" if current.backing_format_is_raw else None
         try:
-            layer = open_layer(backing_path, fmt)
+            layer = open_layer(backing_path, fmt, lock)
         except InvalidImageError as err:
             raise BackingFileError(f"{current.path}: backing file {err}") from None
         seen.add(real)

@@ -142,7 +142,9 @@ class QedImage:
 
     format_name = FORMAT_NAME
 
-    def __init__(self, path: str, writable: bool = False, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES):
+    def __init__(
+        self, path: str, writable: bool = False, lock: bool = True, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES
+    ):
         self.path = path
         self.writable = writable
         self.backing: Layer | None = None
@@ -152,7 +154,8 @@ class QedImage:
         except OSError as err:
             raise InvalidImageError(describe_os_error(path, err)) from None
         try:
-            _lock_file(self.fd, path, exclusive=writable)
+            if lock:
+                _lock_file(self.fd, path, exclusive=writable)
             self._load(l2_cache_bytes)
         except BaseException:
             os.close(self.fd)
@@ -520,8 +523,9 @@ def create(
     cluster_size: int = QED_DEFAULT_CLUSTER_SIZE,
     table_size: int = QED_DEFAULT_TABLE_SIZE,
     overwrite: bool = False,
-) -> None:
-    """Create an empty QED image laid out as qemu-img lays it out: header cluster, then L1."""
+) -> int:
+    """Create an empty QED image laid out as qemu-img lays it out: header cluster, then L1.
+    Returns the virtual size, rounded up to whole 512-byte sectors as qemu-img does."""
     size = -(-size // 512) * 512  # qemu-img rounds the virtual size up to whole sectors
     header = dict(
         cluster_size=cluster_size,
@@ -550,6 +554,8 @@ def create(
     mode = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
     try:
         fd = os.open(path, mode, 0o644)
+    except FileExistsError:
+        raise InvalidImageError(f"{path}: already exists (use --force to overwrite it)") from None
     except OSError as err:
         raise InvalidImageError(describe_os_error(path, err)) from None
     try:
@@ -558,3 +564,4 @@ def create(
         os.fsync(fd)
     finally:
         os.close(fd)
+    return size

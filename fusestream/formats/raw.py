@@ -16,14 +16,15 @@ class RawLayer:
 
     format_name = FORMAT_NAME
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, lock: bool = True):
         self.path = path
         try:
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as err:
             raise BackingFileError(describe_os_error(path, err)) from None
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            if lock:
+                fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
             raise BackingFileError(f"{path}: in use for writing by another fusestream process") from None

@@ -1,0 +1,150 @@
+"""The `fusestream` command: create and inspect images without QEMU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .chain import open_chain, open_layer, probe_format, resolve_backing
+from .errors import FusestreamError
+from .formats import qed
+from .formats.layer import Layer
+from .formats.qed_structs import QED_F_NEED_CHECK
+from .units import format_size, parse_size
+
+SUPPORTED_BACKING_FORMATS = ("raw", "qed")
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    size = _parse_size_arg(args.size) if args.size else None
+    backing_raw = False
+    if args.backing:
+        backing_path = resolve_backing(args.image, args.backing)
+        fmt = args.backing_format or probe_format(backing_path)
+        if fmt not in SUPPORTED_BACKING_FORMATS:
+            raise FusestreamError(f"{backing_path}: unsupported backing format '{fmt}'")
+        backing = open_layer(backing_path, fmt)
+        try:
+            size = size if size is not None else backing.size
+        finally:
+            backing.close()
+        backing_raw = fmt == "raw"
+    elif args.backing_format:
+        raise FusestreamError("-F needs -b")
+    if size is None:
+        raise FusestreamError(f"{args.image}: give a size (-s) or a backing file (-b)")
+    size = qed.create(
+        args.image,
+        size,
+        backing_filename=args.backing,
+        backing_raw=backing_raw,
+        cluster_size=_parse_size_arg(args.cluster_size),
+        table_size=args.table_size,
+        overwrite=args.force,
+    )
+    print(f"Created {args.image}: qed, {format_size(size)} ({size} bytes)"
+          + (f", backing file {args.backing} ({'raw' if backing_raw else 'qed'})" if args.backing else ""))
+    return 0
+
+
+def _parse_size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise FusestreamError(str(err)) from None
+
+
+def describe_layer(layer: Layer) -> dict:
+    """The facts `info` shows for one layer; keys follow qemu-img info's JSON where it has one."""
+    info = {
+        "filename": layer.path,
+        "format": layer.format_name,
+        "virtual-size": layer.size,
+        "actual-size": os.stat(layer.path).st_blocks * 512,
+    }
+    if isinstance(layer, qed.QedImage):
+        info["cluster-size"] = layer.cluster_size
+        info["table-size"] = layer.header.table_size
+        info["need-check"] = bool(layer.header.features & QED_F_NEED_CHECK)
+        if layer.backing_filename is not None:
+            info["backing-filename"] = layer.backing_filename
+            info["full-backing-filename"] = resolve_backing(layer.path, layer.backing_filename)
+            if layer.backing_format_is_raw:
+                info["backing-filename-format"] = "raw"
+    return info
+
+
+def render_info(info: dict) -> str:
+    lines = [
+        f"image: {info['filename']}",
+        f"file format: {info['format']}",
+        f"virtual size: {format_size(info['virtual-size'])} ({info['virtual-size']} bytes)",
+        f"disk size: {format_size(info['actual-size'])}",
+    ]
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
+        lines.append(f"table_size: {info['table-size']}")
+    if "backing-filename" in info:
+        fmt = f" (format: {info['backing-filename-format']})" if "backing-filename-format" in info else ""
+        lines.append(f"backing file: {info['backing-filename']}{fmt}")
+        lines.append(f"backing file (resolved): {info['full-backing-filename']}")
+    if info.get("need-check"):
+        lines.append("needs check: yes (not closed cleanly)")
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    if args.chain:
+        chain = open_chain(args.image, writable=False, lock=False)
+        try:
+            infos = [describe_layer(layer) for layer in chain.layers]
+        finally:
+            chain.close()
+    else:
+        layer = open_layer(os.path.abspath(args.image), lock=False)
+        try:
+            infos = [describe_layer(layer)]
+        finally:
+            layer.close()
+    if args.json:
+        print(json.dumps(infos if args.chain else infos[0], indent=4))
+    else:
+        print("\n\n".join(render_info(info) for info in infos))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusestream", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    create = sub.add_parser("create", help="create a QED image, optionally over a backing file")
+    create.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (kept as given; relative to IMAGE's directory)")
+    create.add_argument("-F", dest="backing_format", choices=SUPPORTED_BACKING_FORMATS, help="backing file format (probed if not given)")
+    create.add_argument("-s", dest="size", metavar="SIZE", help="virtual size, e.g. 10G (default: the backing file's)")
+    create.add_argument("--cluster-size", default=str(qed.QED_DEFAULT_CLUSTER_SIZE), metavar="N", help="default 64K")
+    create.add_argument("--table-size", type=int, default=qed.QED_DEFAULT_TABLE_SIZE, metavar="N", help="clusters per table, default 4")
+    create.add_argument("--force", action="store_true", help="overwrite an existing file")
+    create.add_argument("image")
+    create.set_defaults(func=cmd_create)
+
+    info = sub.add_parser("info", help="show an image, or its whole backing chain")
+    info.add_argument("--chain", action="store_true", help="every layer, top first")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("image")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FusestreamError as err:
+        print(f"fusestream: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -93,8 +93,6 @@ class Chain:
 def open_chain(path: str, writable: bool = True, lock: bool = True, max_depth: int = MAX_CHAIN_DEPTH) -> Chain:
     """Open a QED image and its whole backing chain; on any error nothing stays open."""
     path = os.path.abspath(path)
-    if probe_format(path) != qed.FORMAT_NAME:
-        raise InvalidImageError(f"{path}: not a QED image")
     top = qed.QedImage(path, writable=writable, lock=lock)
     layers: list[Layer] = [top]
     try:

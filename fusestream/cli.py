@@ -120,11 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     create = sub.add_parser("create", help="create a QED image, optionally over a backing file")
-    create.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (kept as given; relative to IMAGE's directory)")
-    create.add_argument("-F", dest="backing_format", choices=SUPPORTED_BACKING_FORMATS, help="backing file format (probed if not given)")
+    create.add_argument("-b", dest="backing", metavar="BACKING",
+                        help="backing file (stored as given; a relative name is relative to IMAGE's directory)")
+    create.add_argument("-F", dest="backing_format", choices=SUPPORTED_BACKING_FORMATS,
+                        help="backing file format (probed if not given)")
     create.add_argument("-s", dest="size", metavar="SIZE", help="virtual size, e.g. 10G (default: the backing file's)")
     create.add_argument("--cluster-size", default=str(qed.QED_DEFAULT_CLUSTER_SIZE), metavar="N", help="default 64K")
-    create.add_argument("--table-size", type=int, default=qed.QED_DEFAULT_TABLE_SIZE, metavar="N", help="clusters per table, default 4")
+    create.add_argument("--table-size", type=int, default=qed.QED_DEFAULT_TABLE_SIZE, metavar="N",
+                        help="clusters per table, default 4")
     create.add_argument("--force", action="store_true", help="overwrite an existing file")
     create.add_argument("image")
     create.set_defaults(func=cmd_create)

@@ -22,11 +22,9 @@ def parse_size(text: str) -> int:
 
 def format_size(n: float) -> str:
     """A short human size: 512 B, 64 KiB, 1.5 GiB."""
-    units = ("B", "KiB", "MiB", "GiB", "TiB")
-    for unit in units[:-1]:
+    unit = "B"
+    for larger in ("KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024:
             break
-        n /= 1024
-    else:
-        unit = units[-1]
+        n, unit = n / 1024, larger
     return f"{n:.0f} {unit}" if unit == "B" or n == int(n) else f"{n:.1f} {unit}"

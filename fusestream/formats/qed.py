@@ -101,11 +101,11 @@ def validate_header(path: str, h, file_size: int) -> None:
     table_bytes = cs * ts
     l1 = h.l1_table_offset
     if l1 % cs or l1 < header_bytes or l1 + table_bytes > file_size:
-        raise _fail(path, f"invalid l1_table_offset {l1} (must be cluster-aligned, past the header and inside the file)")
+        raise _fail(path, f"invalid l1_table_offset {l1} (not cluster-aligned, in the header or past the end)")
     if h.features & QED_F_BACKING_FILE:
         start, size = h.backing_filename_offset, h.backing_filename_size
         if size == 0 or size > MAX_BACKING_NAME or start < QED_HEADER_SIZE or start + size > header_bytes:
-            raise _fail(path, f"invalid backing file name at offset {start}, size {size} (must lie in the header clusters)")
+            raise _fail(path, f"invalid backing file name at offset {start}, size {size} (not in the header clusters)")
 
 
 def _pread_exact(fd: int, offset: int, length: int) -> bytes:
@@ -170,8 +170,9 @@ class QedImage:
         file_size = os.fstat(self.fd).st_size
         raw = os.pread(self.fd, QED_HEADER_SIZE, 0)
         if len(raw) < QED_HEADER_SIZE or not raw.startswith(QED_MAGIC):
-            what = "empty file" if file_size == 0 else "not a QED image" if not raw.startswith(QED_MAGIC) else "truncated QED header"
-            raise _fail(self.path, what)
+            if file_size == 0:
+                raise _fail(self.path, "empty file")
+            raise _fail(self.path, "truncated QED header" if raw.startswith(QED_MAGIC) else "not a QED image")
         try:
             self.header = QED_HEADER.parse(raw)
         except ConstructError as err:
@@ -230,7 +231,7 @@ class QedImage:
             if problem:
                 raise _fail(self.path, f"L1 entry {index}: L2 table offset {offset} {problem}")
         tables = sorted(o for o in self.l1 if o != QED_UNALLOCATED)
-        for lower, upper in zip(tables, tables[1:]):
+        for lower, upper in zip(tables, tables[1:], strict=False):
             if upper - lower < self.table_bytes:
                 raise _fail(self.path, f"L2 tables at offsets {lower} and {upper} overlap")
         self._l2_offsets = set(tables)
@@ -527,6 +528,10 @@ def create(
     """Create an empty QED image laid out as qemu-img lays it out: header cluster, then L1.
     Returns the virtual size, rounded up to whole 512-byte sectors as qemu-img does."""
     size = -(-size // 512) * 512  # qemu-img rounds the virtual size up to whole sectors
+    if table_size == 1:
+        # Valid by the spec, but QEMU (7.2 at least) cannot open such images: its overflow check
+        # on the table's last cluster rejects them. Images we create must open in QEMU.
+        raise InvalidImageError(f"{path}: table_size 1 makes images that QEMU cannot open; use 2 or more")
     header = dict(
         cluster_size=cluster_size,
         table_size=table_size,

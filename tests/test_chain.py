@@ -1,0 +1,129 @@
+"""The backing chain: probing, name resolution, and every way a chain can be wrong."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import qemu_convert, qemu_img, qemu_io
+
+from fusestream.chain import open_chain
+from fusestream.errors import BackingFileError, ImageBusyError
+from fusestream.formats import qed
+from fusestream.formats.qed_structs import QED_MAGIC
+
+
+def test_no_probe_reads_a_raw_backing_file_that_starts_with_qed_magic(tmp_path):
+    """QED_F_BACKING_FORMAT_NO_PROBE: a raw disk whose first bytes look like QED stays raw."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(QED_MAGIC + bytes((1 << 20) - 4))
+    qemu_img("create", "-f", "qed", "-b", "base.raw", "-F", "raw", str(tmp_path / "top.qed"))
+    chain = open_chain(str(tmp_path / "top.qed"), writable=False)
+    try:
+        assert [layer.format_name for layer in chain.layers] == ["qed", "raw"]
+        assert chain.read(0, 8) == QED_MAGIC + bytes(4)
+    finally:
+        chain.close()
+
+
+def test_backing_names_resolve_relative_to_the_image_not_the_cwd(tmp_path, monkeypatch):
+    (tmp_path / "images").mkdir()
+    base = tmp_path / "images" / "base.raw"
+    base.write_bytes(b"\xab" * 65536)
+    qemu_img("create", "-f", "qed", "-b", "base.raw", "-F", "raw", str(tmp_path / "images" / "top.qed"))
+    monkeypatch.chdir("/")
+    chain = open_chain(str(tmp_path / "images" / "top.qed"), writable=False)
+    try:
+        assert chain.layers[1].path == str(base)
+    finally:
+        chain.close()
+
+
+def test_reads_past_the_end_of_a_shorter_backing_file_are_zeros(tmp_path):
+    (tmp_path / "base.raw").write_bytes(b"\x11" * 6000)
+    top = tmp_path / "top.qed"
+    qemu_img("create", "-f", "qed", "-o", "cluster_size=4096", "-b", "base.raw", "-F", "raw", str(top), "64K")
+    expected = qemu_convert(top, tmp_path / "expected.raw")
+    assert expected == b"\x11" * 6000 + bytes(65536 - 6000)
+    chain = open_chain(str(top))
+    try:
+        assert chain.read(0, 65536) == expected
+        chain.write(4000, b"\x22" * 10)  # the allocated cluster's fill also stops at the backing end
+        expected = expected[:4000] + b"\x22" * 10 + expected[4010:]
+        assert chain.read(0, 65536) == expected
+    finally:
+        chain.close()
+    assert qemu_convert(top, tmp_path / "after.raw") == expected
+
+
+def test_a_backing_file_larger_than_the_image_is_cut_at_the_image_size(tmp_path):
+    (tmp_path / "base.raw").write_bytes(b"\x33" * 3 * 65536)
+    top = tmp_path / "top.qed"
+    qemu_img("create", "-f", "qed", "-b", "base.raw", "-F", "raw", str(top), "65536")
+    chain = open_chain(str(top))
+    try:
+        assert chain.size == 65536
+        assert chain.read(60000, 10000) == b"\x33" * 5536
+    finally:
+        chain.close()
+
+
+def test_missing_backing_file_names_it(tmp_path):
+    top = tmp_path / "top.qed"
+    qed.create(str(top), 1 << 20, backing_filename="gone.raw", backing_raw=True)
+    with pytest.raises(BackingFileError, match=r"gone\.raw does not exist"):
+        open_chain(str(top))
+
+
+def test_backing_loop_is_refused(tmp_path):
+    a, b = tmp_path / "a.qed", tmp_path / "b.qed"
+    qed.create(str(a), 1 << 20, backing_filename="b.qed")
+    qed.create(str(b), 1 << 20, backing_filename="a.qed")
+    with pytest.raises(BackingFileError, match="loop"):
+        open_chain(str(a))
+
+
+def test_self_loop_through_a_symlink_is_refused(tmp_path):
+    os.symlink("a.qed", tmp_path / "alias.qed")
+    qed.create(str(tmp_path / "a.qed"), 1 << 20, backing_filename="alias.qed")
+    with pytest.raises(BackingFileError, match="loop"):
+        open_chain(str(tmp_path / "a.qed"))
+
+
+def test_too_deep_a_chain_is_refused(tmp_path):
+    (tmp_path / "l0.raw").write_bytes(bytes(4096))
+    qed.create(str(tmp_path / "l1.qed"), 4096, backing_filename="l0.raw", backing_raw=True)
+    for i in range(2, 8):
+        qed.create(str(tmp_path / f"l{i}.qed"), 4096, backing_filename=f"l{i - 1}.qed")
+    open_chain(str(tmp_path / "l7.qed"), max_depth=7).close()
+    with pytest.raises(BackingFileError, match="deeper than 6"):
+        open_chain(str(tmp_path / "l7.qed"), max_depth=6)
+
+
+def test_unreadable_backing_file_names_it(tmp_path):
+    qed.create(str(tmp_path / "top.qed"), 1 << 20, backing_filename="dir.raw")
+    (tmp_path / "dir.raw").mkdir()
+    with pytest.raises(BackingFileError, match="dir.raw"):
+        open_chain(str(tmp_path / "top.qed"))
+
+
+def test_a_backing_qed_that_is_malformed_names_both_files(tmp_path):
+    (tmp_path / "mid.qed").write_bytes(QED_MAGIC + bytes(60))
+    qed.create(str(tmp_path / "top.qed"), 1 << 20, backing_filename="mid.qed")
+    with pytest.raises(BackingFileError, match=r"top\.qed: backing file .*mid\.qed: invalid cluster_size"):
+        open_chain(str(tmp_path / "top.qed"))
+
+
+def test_one_writer_per_image_and_no_writer_on_a_backing_file(tmp_path):
+    qemu_img("create", "-f", "qed", str(tmp_path / "mid.qed"), "1M")
+    qemu_io(tmp_path / "mid.qed", "write -P 5 0 4k")
+    qed.create(str(tmp_path / "top.qed"), 1 << 20, backing_filename="mid.qed")
+    chain = open_chain(str(tmp_path / "top.qed"))
+    try:
+        with pytest.raises(ImageBusyError):
+            open_chain(str(tmp_path / "top.qed"))
+        with pytest.raises(ImageBusyError):
+            open_chain(str(tmp_path / "mid.qed"))
+        open_chain(str(tmp_path / "top.qed"), writable=False, lock=False).close()
+    finally:
+        chain.close()

@@ -1,0 +1,189 @@
+"""The QED format on its own: structs, lookups, reads and writes, checked against qemu-img."""
+
+from __future__ import annotations
+
+import array
+import concurrent.futures
+import random
+
+import pytest
+from conftest import build_chain, qemu_check, qemu_convert, qemu_img, qemu_io, sha256
+
+from fusestream.chain import open_chain
+from fusestream.errors import CorruptionError
+from fusestream.formats import qed
+from fusestream.formats.layer import BlockStatus
+from fusestream.formats.qed_structs import QED_F_NEED_CHECK, QED_HEADER, QED_HEADER_SIZE
+
+
+@pytest.mark.parametrize("opts", ["cluster_size=4K,table_size=2", "cluster_size=64K", "cluster_size=1M,table_size=16"])
+def test_header_parse_build_is_byte_exact_on_qemu_images(tmp_path, opts):
+    qemu_img("create", "-f", "raw", str(tmp_path / "b.raw"), "1M")
+    image = tmp_path / "t.qed"
+    qemu_img("create", "-f", "qed", "-o", opts, "-b", "b.raw", "-F", "raw", str(image), "1G")
+    raw = image.read_bytes()[:QED_HEADER_SIZE]
+    header = QED_HEADER.parse(raw)
+    assert QED_HEADER.build(header) == raw
+    assert header.image_size == 1 << 30
+
+
+def test_reads_match_qemu_for_every_cluster_size(tmp_path):
+    for cluster_size in (4096, 65536, 1 << 20):
+        d = tmp_path / str(cluster_size)
+        d.mkdir()
+        c = build_chain(d, size=6 * cluster_size * 3 + 1536, cluster_size=cluster_size)
+        expected = qemu_convert(c.top, d / "expected.raw")
+        chain = open_chain(str(c.top), writable=False)
+        try:
+            assert chain.read(0, c.size) == expected
+            rng = random.Random(cluster_size)
+            for _ in range(300):
+                off = rng.randrange(c.size)
+                length = rng.randrange(1, 3 * cluster_size)
+                assert chain.read(off, length) == expected[off : off + length], (off, length)
+        finally:
+            chain.close()
+
+
+def test_extents_report_qemu_lookup_results(tmp_path):
+    qemu_img("create", "-f", "qed", "-o", "cluster_size=4096", str(tmp_path / "t.qed"), "1M")
+    qemu_io(tmp_path / "t.qed", "write -P 1 4096 8192", "write -z 65536 4096")
+    image = qed.QedImage(str(tmp_path / "t.qed"))
+    try:
+        assert image.block_status(0, 1 << 20) == (BlockStatus.UNALLOCATED, 4096)
+        assert image.block_status(4096, 1 << 20)[0] is BlockStatus.FOUND
+        assert image.block_status(65536, 4096) == (BlockStatus.ZERO, 4096)
+    finally:
+        image.close()
+
+
+def random_writes(rng: random.Random, size: int, count: int) -> list[tuple[int, bytes]]:
+    writes = []
+    for _ in range(count):
+        length = rng.choice([1, rng.randrange(1, 4096), rng.randrange(1, 300_000)])
+        offset = rng.randrange(size - length)
+        data = bytes(length) if rng.random() < 0.1 else rng.randbytes(length)
+        writes.append((offset, data))
+    return writes
+
+
+def test_random_writes_read_back_and_qemu_agrees(chain, tmp_path):
+    before = {p: sha256(p) for p in chain.backing_files}
+    model = bytearray(qemu_convert(chain.top, tmp_path / "before.raw"))
+    c = open_chain(str(chain.top))
+    try:
+        for offset, data in random_writes(random.Random(7), chain.size, 300):
+            c.write(offset, data)
+            model[offset : offset + len(data)] = data
+        assert c.read(0, chain.size) == model
+    finally:
+        c.close()
+    check = qemu_check(chain.top)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert qemu_convert(chain.top, tmp_path / "after.raw") == model
+    assert {p: sha256(p) for p in chain.backing_files} == before
+
+
+def test_concurrent_writers_to_the_same_clusters(chain, tmp_path):
+    """Allocating writes from many threads: each byte ends with one writer's data, none lost."""
+    c = open_chain(str(chain.top))
+    rng = random.Random(3)
+    jobs = [(rng.randrange(0, 1 << 20, 512), bytes([i % 250 + 1]) * 512) for i in range(400)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda job: c.write(*job), jobs))
+        final = {}
+        for offset, data in jobs:  # any order is valid; every write must be there whole
+            final[offset] = final.get(offset, set()) | {data}
+        for offset, candidates in final.items():
+            assert c.read(offset, 512) in candidates
+    finally:
+        c.close()
+    assert qemu_check(chain.top).returncode == 0
+
+
+def test_full_zero_cluster_write_becomes_a_zero_cluster(chain):
+    c = open_chain(str(chain.top))
+    try:
+        file_size = chain.top.stat().st_size
+        c.write(5 * chain.cluster_size, bytes(4 * chain.cluster_size))
+        assert chain.top.stat().st_size == file_size  # no data cluster was appended
+        assert c.top.block_status(5 * chain.cluster_size, chain.cluster_size)[0] is BlockStatus.ZERO
+        assert c.read(5 * chain.cluster_size, 4 * chain.cluster_size) == bytes(4 * chain.cluster_size)
+    finally:
+        c.close()
+
+
+def test_need_check_set_while_writing_without_backing_and_cleared_on_close(tmp_path):
+    path = tmp_path / "t.qed"
+    qed.create(str(path), 1 << 20)
+    image = qed.QedImage(str(path), writable=True)
+    image.write(1000, b"x" * 5000)
+    assert QED_HEADER.parse(path.read_bytes()[:QED_HEADER_SIZE]).features & QED_F_NEED_CHECK
+    image.close()
+    assert not QED_HEADER.parse(path.read_bytes()[:QED_HEADER_SIZE]).features & QED_F_NEED_CHECK
+    assert qemu_check(path).returncode == 0
+
+
+def test_with_a_backing_file_need_check_is_never_set(chain):
+    c = open_chain(str(chain.top))
+    try:
+        c.write(0, b"y" * 70000)
+        assert not QED_HEADER.parse(chain.top.read_bytes()[:QED_HEADER_SIZE]).features & QED_F_NEED_CHECK
+    finally:
+        c.close()
+
+
+def _corrupt_first_l2_entry(path, bad_entry: str) -> int:
+    """Point the first allocated data cluster's L2 entry somewhere impossible; returns the
+    guest offset of that cluster."""
+    image = qed.QedImage(str(path))
+    l2_offset = next(o for o in image.l1 if o)
+    table = image._read_table(l2_offset)
+    targets = {
+        "beyond-file": 1 << 50,
+        "misaligned": table[0] + 17 if table[0] > 1 else 4096 * 100 + 17,
+        "in-l1-table": image.header.l1_table_offset,
+        "in-l2-table": l2_offset,
+    }
+    image.close()
+    index = next(i for i, e in enumerate(table) if e > 1)
+    with open(path, "r+b") as f:
+        f.seek(l2_offset + 8 * index)
+        f.write(array.array("Q", [targets[bad_entry]]).tobytes())
+    return index * 4096
+
+
+@pytest.mark.parametrize("bad_entry", ["beyond-file", "misaligned", "in-l1-table", "in-l2-table"])
+def test_impossible_l2_entry_fails_only_that_range(tmp_path, bad_entry):
+    """EIO (CorruptionError) for that cluster only: never a read outside the data area, never a
+    guest write over metadata."""
+    path = tmp_path / "t.qed"
+    qemu_img("create", "-f", "qed", "-o", "cluster_size=4096", str(path), "1M")
+    qemu_io(path, "write -P 7 0 64k")
+    guest = _corrupt_first_l2_entry(path, bad_entry)
+    before = sha256(path)
+    image = qed.QedImage(str(path), writable=True)
+    try:
+        with pytest.raises(CorruptionError, match="data cluster offset"):
+            image.read(guest, 1)
+        with pytest.raises(CorruptionError):
+            image.write(guest, b"z")
+        assert image.read(guest + 4096, 4096) == b"\x07" * 4096
+    finally:
+        image.close()
+    assert sha256(path) == before
+
+
+def test_l2_cache_stays_within_its_bound(tmp_path):
+    path = tmp_path / "t.qed"
+    qed.create(str(path), 1 << 30, cluster_size=4096, table_size=2)
+    image = qed.QedImage(str(path), writable=True, l2_cache_bytes=4 * 8192)
+    try:
+        for i in range(40):  # each write lands in its own L2 table (4 MiB of guest space each)
+            image.write(i * (4 << 20), b"d")
+        assert len(image._l2_cache) <= 4
+        assert all(image.read(i * (4 << 20), 1) == b"d" for i in range(40))
+    finally:
+        image.close()
+    assert qemu_check(path).returncode == 0

@@ -1,0 +1,207 @@
+"""Real FUSE mounts: the raw file reads what QEMU reads and keeps what is written to it."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MOUNT_HELPER, MOUNT_TIMEOUT, build_chain, qemu_check, qemu_convert, run, sha256
+from test_qed import random_writes
+
+from fusestream.formats import qed
+
+pytestmark = pytest.mark.mount
+
+
+@pytest.mark.parametrize("cluster_size", [4096, 65536, 1 << 20])
+def test_mounted_chain_reads_like_qemu(tmp_path, mount, cluster_size):
+    size = 5 * cluster_size * 4 + 3584  # not a multiple of the cluster size
+    c = build_chain(tmp_path, size=size, cluster_size=cluster_size, seed=cluster_size)
+    expected = qemu_convert(c.top, tmp_path / "expected.raw")
+    m = mount(c.top, "ro")
+    assert m.raw.stat().st_size == size
+    rng = random.Random(cluster_size)
+    with open(m.raw, "rb", buffering=0) as f:
+        for _ in range(300):
+            off = rng.randrange(size)
+            length = rng.randrange(1, 3 * cluster_size)
+            assert os.pread(f.fileno(), length, off) == expected[off : off + length], (off, length)
+    assert m.raw.read_bytes() == expected
+    m.umount()
+
+
+def test_random_writes_through_the_mount(tmp_path, mount, chain):
+    """Hundreds of unaligned writes, 1 byte to 300 KB, across cluster and L2-table boundaries,
+    into unallocated, zero and backing-covered clusters."""
+    backing_before = {p: sha256(p) for p in chain.backing_files}
+    model = bytearray(qemu_convert(chain.top, tmp_path / "before.raw"))
+    m = mount(chain.top)
+    fd = os.open(m.raw, os.O_RDWR)
+    try:
+        for offset, data in random_writes(random.Random(11), chain.size, 300):
+            assert os.pwrite(fd, data, offset) == len(data)
+            model[offset : offset + len(data)] = data
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert m.raw.read_bytes() == model
+    m.umount()
+    check = qemu_check(chain.top)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert qemu_convert(chain.top, tmp_path / "after.raw") == model
+    assert {p: sha256(p) for p in chain.backing_files} == backing_before
+
+
+def test_qemu_img_and_dd_use_the_raw_file(tmp_path, mount, chain):
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    m = mount(chain.top)
+    assert qemu_convert(m.raw, tmp_path / "through-mount.raw") == expected
+    run("dd", "if=/dev/zero", f"of={m.raw}", "bs=4096", "seek=3", "count=2", "conv=notrunc,fsync")
+    assert m.raw.read_bytes()[3 * 4096 : 5 * 4096] == bytes(8192)
+    m.umount()
+
+
+def test_read_only_mount_refuses_writes(chain, mount):
+    before = sha256(chain.top)
+    m = mount(chain.top, "ro")
+    assert stat.S_IMODE(m.raw.stat().st_mode) == 0o444
+    with pytest.raises(OSError) as err:
+        os.open(m.raw, os.O_WRONLY)
+    assert err.value.errno in (errno.EROFS, errno.EACCES)
+    m.umount()
+    assert sha256(chain.top) == before
+
+
+def test_unwritable_image_is_served_read_only(tmp_path, chain, mount):
+    ro_dir = tmp_path / "ro"
+    ro_dir.mkdir()
+    run("mount", "--bind", str(chain.top.parent), str(ro_dir))
+    try:
+        run("mount", "-o", "remount,bind,ro", str(ro_dir))
+        m = mount(ro_dir / chain.top.name)
+        assert stat.S_IMODE(m.raw.stat().st_mode) == 0o444
+        with pytest.raises(OSError):
+            os.open(m.raw, os.O_WRONLY)
+        m.umount()
+    finally:
+        run("umount", str(ro_dir))
+
+
+def test_file_semantics_of_a_disk(chain, mount):
+    m = mount(chain.top)
+    with pytest.raises(OSError) as err:
+        os.truncate(m.raw, 4096)
+    assert err.value.errno == errno.EPERM
+    fd = os.open(m.raw, os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as err:
+            os.pwrite(fd, b"x", chain.size)
+        assert err.value.errno == errno.ENOSPC
+        assert os.pwrite(fd, b"abc", chain.size - 2) == 2  # a write across the end is cut short
+    finally:
+        os.close(fd)
+    assert os.listdir(m.mountpoint) == ["top.raw"]
+    m.umount()
+
+
+def test_st_blocks_follow_allocation(chain, mount):
+    fresh = chain.top.with_name("fresh.qed")
+    qed.create(str(fresh), chain.size, backing_filename=chain.mid.name)
+    m = mount(fresh)
+    blocks = m.raw.stat().st_blocks
+    with open(m.raw, "r+b") as f:
+        f.seek(chain.size // 2)
+        f.write(os.urandom(1 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    time.sleep(1.1)  # attributes are cached for a second
+    assert m.raw.stat().st_blocks >= blocks + (1 << 20) // 512
+    m.umount()
+
+
+def test_generic_mount_options_are_understood(chain, mount):
+    m = mount(chain.top, "rw", "defaults", "noatime", "nosuid", "nodev", "nofail", "x-systemd.automount", "nostream")
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    options = next(line for line in mounts if str(m.mountpoint) in line).split()[3]
+    assert {"nosuid", "nodev", "noatime"} <= set(options.split(","))
+    m.umount()
+
+
+def wait_until_released(image: Path) -> None:
+    """The daemon holds an exclusive flock on the image until it has closed it cleanly."""
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    with open(image, "rb") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the daemon did not close the image"
+                time.sleep(0.05)
+
+
+@pytest.fixture
+def background_mountpoint(tmp_path):
+    """A mount point for daemonized mounts, lazily unmounted if a test fails half-way."""
+    mountpoint = tmp_path / "bg"
+    mountpoint.mkdir()
+    yield mountpoint
+    if os.path.ismount(mountpoint):
+        run("fusermount3", "-u", "-z", str(mountpoint), check=False)
+
+
+def test_background_mount_is_ready_when_the_helper_returns(tmp_path, chain, background_mountpoint):
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    result = subprocess.run([MOUNT_HELPER, str(chain.top), str(background_mountpoint)], capture_output=True,
+                            text=True, timeout=MOUNT_TIMEOUT)
+    assert result.returncode == 0 and result.stderr == "" and result.stdout == ""
+    assert os.path.ismount(background_mountpoint)
+    raw = background_mountpoint / "top.raw"
+    assert raw.read_bytes() == expected
+    with open(raw, "r+b") as f:
+        f.write(b"written in the background")
+    run("fusermount3", "-u", str(background_mountpoint))
+    wait_until_released(chain.top)
+    assert qemu_check(chain.top).returncode == 0
+    assert qemu_convert(chain.top, tmp_path / "after.raw")[:25] == b"written in the background"
+
+
+@pytest.fixture
+def sbin_helper():
+    """Install the helper as /sbin/mount.fusestream for the test if it is not installed."""
+    target = Path("/sbin/mount.fusestream")
+    if target.exists():
+        yield target
+        return
+    target.symlink_to(MOUNT_HELPER)
+    try:
+        yield target
+    finally:
+        target.unlink()
+
+
+def test_mount_t_fusestream_and_umount(tmp_path, chain, sbin_helper, background_mountpoint):
+    assert shutil.which("mount")
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    run("mount", "-t", "fusestream", "-o", "nostream", str(chain.top), str(background_mountpoint))
+    assert (background_mountpoint / "top.raw").read_bytes() == expected
+    run("umount", str(background_mountpoint))
+    wait_until_released(chain.top)
+    assert not os.path.ismount(background_mountpoint)
+    assert qemu_check(chain.top).returncode == 0
+
+
+def test_sigterm_unmounts_cleanly(chain, mount):
+    m = mount(chain.top)
+    m.proc.terminate()
+    m.proc.wait(timeout=MOUNT_TIMEOUT)
+    assert m.proc.returncode == 0
+    assert not os.path.ismount(m.mountpoint)

@@ -108,6 +108,11 @@ def validate_header(path: str, h, file_size: int) -> None:
             raise _fail(path, f"invalid backing file name at offset {start}, size {size} (not in the header clusters)")
 
 
+def is_zero(data: bytes | memoryview) -> bool:
+    """True if every byte is zero; a memcmp against zeros, not a Python loop over bytes."""
+    return bytes(data) == bytes(len(data))
+
+
 def _pread_exact(fd: int, offset: int, length: int) -> bytes:
     """pread that treats a short read (the file shrank under us) as an error, not as data."""
     chunks = []
@@ -403,7 +408,7 @@ class QedImage:
         lo = max(cluster_start, extent.offset)
         hi = min(cluster_start + cs, extent.offset + extent.length)
         guest = piece[lo - extent.offset : hi - extent.offset]
-        if lo == cluster_start and hi == cluster_start + cs and not any(guest):
+        if lo == cluster_start and hi == cluster_start + cs and is_zero(guest):
             return None
         buf = bytearray(cs)
         if lo > cluster_start:

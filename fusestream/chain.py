@@ -7,12 +7,15 @@ Every failure names the file that caused it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import threading
+from collections.abc import Iterator
 
 from .errors import BackingFileError, FusestreamError, InvalidImageError, describe_os_error
 from .formats import qed
-from .formats.layer import Layer
+from .formats.layer import BlockStatus, Layer, read_from
 from .formats.qed_structs import QED_MAGIC
 from .formats.raw import RawLayer
 
@@ -47,12 +50,43 @@ def open_layer(path: str, fmt: str | None = None, lock: bool = True) -> Layer:
     raise BackingFileError(f"{path}: unsupported backing format '{fmt}'")
 
 
+class LayersInUse:
+    """Lets many threads read through the backing layers while none may close them.
+
+    Streaming to completion retires layers; a read that started before then may still be
+    reading one of them, so retiring waits for the reads in flight to finish.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._cond:
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._readers == 0)
+            yield
+
+
 @dataclasses.dataclass
 class Chain:
     """The top image and the layers below it, top first."""
 
     top: qed.QedImage
     layers: list[Layer]
+    in_use: LayersInUse = dataclasses.field(default_factory=LayersInUse)
 
     @property
     def size(self) -> int:
@@ -65,17 +99,57 @@ class Chain:
     def read(self, offset: int, length: int) -> bytes:
         """Read the guest view of [offset, offset+length), clamped to the virtual size."""
         length = max(0, min(length, self.size - offset))
-        return self.top.read(offset, length) if length else b""
+        if not length:
+            return b""
+        with self.in_use.reading():
+            return self.top.read(offset, length)
+
+    def read_backing(self, offset: int, length: int) -> bytes:
+        """What the chain below the top image holds for a range (zeros past its end)."""
+        with self.in_use.reading():
+            return read_from(self.top.backing, offset, length)
 
     def write(self, offset: int, data: bytes) -> int:
         """Write guest data into the top image; returns how many bytes fit in the virtual size."""
         length = max(0, min(len(data), self.size - offset))
         if length:
-            self.top.write(offset, data[:length])
+            with self.in_use.reading():
+                self.top.write(offset, data[:length])
         return length
 
     def flush(self) -> None:
         self.top.flush()
+
+    def find_layer(self, path: str) -> Layer | None:
+        """The backing layer at `path` (compared after resolving links), if it is in the chain."""
+        real = os.path.realpath(path)
+        return next((layer for layer in self.layers[1:] if os.path.realpath(layer.path) == real), None)
+
+    def status_above(self, offset: int, length: int, stop: int) -> tuple[BlockStatus, int]:
+        """What layers[1:stop] (the layers a stream merges) say about the run at `offset`: the
+        first layer that is not UNALLOCATED decides; past a layer's end it reads ZERO."""
+        for layer in self.layers[1:stop]:
+            if offset >= layer.size:
+                return BlockStatus.ZERO, length
+            status, length = layer.block_status(offset, min(length, layer.size - offset))
+            if status is not BlockStatus.UNALLOCATED:
+                return status, length
+        return BlockStatus.UNALLOCATED, length
+
+    def rebase(self, stop: int) -> Layer | None:
+        """After a stream has copied layers[1:stop] into the top image: make layers[stop] (or
+        nothing) the top's backing file, on disk and in memory, and close the merged layers."""
+        base = self.layers[stop] if stop < len(self.layers) else None
+        self.top.change_backing_file(
+            None if base is None else backing_name(self.top.path, base.path),
+            raw=base is not None and base.format_name == "raw",
+        )
+        with self.in_use.exclusive():
+            self.top.backing = base
+            retired, self.layers = self.layers[1:stop], [self.top, *self.layers[stop:]]
+        for layer in retired:
+            layer.close()
+        return base
 
     def close(self) -> None:
         """Close every layer, the top last so that its clean-close header update happens after
@@ -88,6 +162,13 @@ class Chain:
                 errors.append(describe_os_error(layer.path, err))
         if errors:
             raise FusestreamError("; ".join(errors))
+
+
+def backing_name(image_path: str, backing_path: str) -> str:
+    """The name to store for a backing file: relative when it lies beside the image."""
+    if os.path.dirname(os.path.abspath(backing_path)) == os.path.dirname(os.path.abspath(image_path)):
+        return os.path.basename(backing_path)
+    return os.path.abspath(backing_path)
 
 
 def open_chain(path: str, writable: bool = True, lock: bool = True, max_depth: int = MAX_CHAIN_DEPTH) -> Chain:

@@ -19,12 +19,21 @@ import pyfuse3
 import trio
 
 from .chain import Chain
+from .control import Control
 from .errors import CorruptionError, FusestreamError
+from .stream import CommandError
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = pyfuse3.ROOT_INODE
-RAW_INODE = ROOT_INODE + 1
+RAW_INODE, STATUS_INODE, STATUS_JSON_INODE, CTL_INODE, EVENTS_INODE = range(ROOT_INODE + 1, ROOT_INODE + 6)
+CONTROL_FILES = {  # name -> (inode, mode)
+    b"status": (STATUS_INODE, 0o444),
+    b"status.json": (STATUS_JSON_INODE, 0o444),
+    b"ctl": (CTL_INODE, 0o200),
+    b"events": (EVENTS_INODE, 0o444),
+}
+CONTROL_MODES = {inode: mode for inode, mode in CONTROL_FILES.values()}
 T = TypeVar("T")
 
 
@@ -52,7 +61,7 @@ async def run_io(fn: Callable[..., T], *args) -> T:
 
 
 class Operations(pyfuse3.Operations):
-    """A root directory holding one raw file, the flat view of the chain."""
+    """A root directory holding the raw file, the flat view of the chain, and the control files."""
 
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -65,6 +74,17 @@ class Operations(pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         now = time.time_ns()
         self.mtime_ns = self.ctime_ns = self.atime_ns = now
+        self.control: Control | None = None
+        self.read_raw: Callable[[int, int], bytes] = chain.read
+        self._snapshots: dict[int, bytes] = {}  # open status files: what that open() saw
+        self._next_fh = CTL_INODE + 1000
+
+    def attach(self, control: Control, read_raw: Callable[[int, int], bytes] | None = None) -> None:
+        """Connect the control files (they need the running trio loop) and, for copy-on-read,
+        the function that serves raw-file reads."""
+        self.control = control
+        if read_raw is not None:
+            self.read_raw = read_raw
 
     # -- attributes ----------------------------------------------------------------------------
 
@@ -82,11 +102,27 @@ class Operations(pyfuse3.Operations):
             attr.st_nlink = 1
             attr.st_size = self.chain.size
             attr.st_blocks = self.chain.top.allocated_bytes() // 512
+        elif inode in CONTROL_MODES and self.control is not None:
+            attr.st_mode = stat.S_IFREG | CONTROL_MODES[inode]
+            attr.st_nlink = 1
+            attr.st_size = len(self._control_content(inode))
+            attr.st_mtime_ns = attr.st_ctime_ns = time.time_ns()
+            attr.attr_timeout = attr.entry_timeout = 0  # they change all the time: never cache
+            return attr
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
         # The kernel may cache these briefly; the size never changes and st_blocks is advisory.
         attr.attr_timeout = attr.entry_timeout = 1.0
         return attr
+
+    def _control_content(self, inode: int) -> bytes:
+        if inode == STATUS_INODE:
+            return self.control.status()
+        if inode == STATUS_JSON_INODE:
+            return self.control.status_json()
+        if inode == EVENTS_INODE:
+            return self.control.events.read(0, len(self.control.events))
+        return b""
 
     async def getattr(self, inode, ctx=None):
         return self._attr(inode)
@@ -94,10 +130,13 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx=None):
         if parent_inode == ROOT_INODE and name == self.raw_name:
             return self._attr(RAW_INODE)
+        if parent_inode == ROOT_INODE and name in CONTROL_FILES and self.control is not None:
+            return self._attr(CONTROL_FILES[name][0])
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        if fields.update_size and (inode != RAW_INODE or attr.st_size != self.chain.size):
+        truncating_ctl = inode == CTL_INODE and attr.st_size == 0  # `echo cmd > ctl` opens with O_TRUNC
+        if fields.update_size and not truncating_ctl and (inode != RAW_INODE or attr.st_size != self.chain.size):
             raise pyfuse3.FUSEError(errno.EPERM)  # a disk's size does not change through the mount
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -124,8 +163,12 @@ class Operations(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh, start_id, token):
-        if start_id < 1:
-            pyfuse3.readdir_reply(token, self.raw_name, self._attr(RAW_INODE), 1)
+        entries = [(self.raw_name, RAW_INODE)]
+        if self.control is not None:
+            entries += [(name, inode) for name, (inode, _) in CONTROL_FILES.items()]
+        for index, (name, inode) in enumerate(entries[start_id:], start=start_id + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attr(inode), index):
+                break
 
     async def releasedir(self, fh):
         pass
@@ -133,6 +176,8 @@ class Operations(pyfuse3.Operations):
     # -- the raw file --------------------------------------------------------------------------
 
     async def open(self, inode, flags, ctx):
+        if inode in CONTROL_MODES and self.control is not None:
+            return self._open_control(inode, flags)
         if inode != RAW_INODE:
             raise pyfuse3.FUSEError(errno.EISDIR if inode == ROOT_INODE else errno.ENOENT)
         if self.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
@@ -140,10 +185,26 @@ class Operations(pyfuse3.Operations):
         # Every change goes through this process, so the kernel's page cache stays valid.
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
+    def _open_control(self, inode: int, flags: int) -> pyfuse3.FileInfo:
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if writing != (inode == CTL_INODE):
+            raise pyfuse3.FUSEError(errno.EACCES)
+        fh = inode
+        if inode in (STATUS_INODE, STATUS_JSON_INODE):  # one consistent rendering per open()
+            fh = self._next_fh = self._next_fh + 1
+            self._snapshots[fh] = self._control_content(inode)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True)
+
     async def read(self, fh, off, size):
-        return await run_io(self.chain.read, off, size)
+        if fh in self._snapshots:
+            return self._snapshots[fh][off : off + size]
+        if fh == EVENTS_INODE:
+            return self.control.events.read(off, size)
+        return await run_io(self.read_raw, off, size)
 
     async def write(self, fh, off, buf):
+        if fh == CTL_INODE:
+            return self._command(buf)
         if self.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
         if off >= self.chain.size:
@@ -152,11 +213,20 @@ class Operations(pyfuse3.Operations):
         self.mtime_ns = self.ctime_ns = time.time_ns()
         return written
 
+    def _command(self, buf: bytes) -> int:
+        try:
+            self.control.command(buf)
+        except CommandError as err:
+            log.info("ctl: rejected %r: %s", buf, err)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        return len(buf)
+
     async def fsync(self, fh, datasync):
-        await run_io(self.chain.flush)
+        if fh == RAW_INODE:
+            await run_io(self.chain.flush)
 
     async def flush(self, fh):
         pass
 
     async def release(self, fh):
-        pass
+        self._snapshots.pop(fh, None)

@@ -19,8 +19,10 @@ import pyfuse3
 import trio
 
 from .chain import Chain, open_chain
+from .control import Control, EventLog
 from .errors import FusestreamError
-from .fs import Operations
+from .fs import Operations, raw_name
+from .stream import Streamer
 from .units import parse_size
 
 log = logging.getLogger("fusestream")
@@ -152,9 +154,17 @@ def daemonize() -> None:
     os.close(devnull)
 
 
-async def serve() -> None:
-    """Run the FUSE loop until unmounted; SIGTERM and SIGINT unmount cleanly."""
+async def serve(ops: Operations, opts: MountOptions) -> None:
+    """Run the FUSE loop and the stream job until unmounted; SIGTERM and SIGINT unmount cleanly.
+    Unmounting cancels the job between two chunks; the next mount resumes it."""
+    chain = ops.chain
     async with trio.open_nursery() as nursery:
+        name = raw_name(chain.top.path)
+        events = EventLog(name)
+        streamer = Streamer(chain, nursery, events.emit, default_base=opts.base, default_speed=opts.speed)
+        ops.attach(Control(name, chain, streamer, events), streamer.read_copying if opts.copy_on_read else None)
+        if not opts.nostream and not ops.read_only and chain.top.backing is not None:
+            streamer.start()
         nursery.start_soon(_unmount_on_signal, nursery.cancel_scope)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -173,6 +183,9 @@ def run(args: argparse.Namespace) -> int:
     image = os.path.abspath(args.image)
     check_mountpoint(args.mountpoint)
     chain = open_image(image, opts)
+    if opts.base is not None and chain.find_layer(opts.base) is None:
+        chain.close()
+        raise FusestreamError(f"base {opts.base} is not in the backing chain of {image}")
     ops = Operations(chain, read_only=opts.ro)
     try:
         pyfuse3.init(ops, args.mountpoint, fuse_options(image, opts))
@@ -184,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         setup_logging(False, opts.debug)
     log.info("mounted %s on %s (%s)", image, args.mountpoint, "read-only" if ops.read_only else "read-write")
     try:
-        trio.run(serve)
+        trio.run(serve, ops, opts)
     finally:
         pyfuse3.close(unmount=True)
         chain.close()

@@ -387,19 +387,45 @@ class QedImage:
         cs = self.cluster_size
         first = extent.offset // cs
         last = (extent.offset + extent.length - 1) // cs
-        new_entries: dict[int, int] = {}
-        data_clusters: list[tuple[int, bytes]] = []
-        for cluster in range(first, last + 1):
-            content = self._cluster_content(cluster, extent, piece)
-            if content is None:
-                new_entries[cluster] = QED_ZERO_CLUSTER
-            else:
-                data_clusters.append((cluster, content))
+        contents = {cluster: self._cluster_content(cluster, extent, piece) for cluster in range(first, last + 1)}
+        self._install_clusters(contents)
+
+    def _install_clusters(self, contents: dict[int, bytes | None]) -> None:
+        """Point each cluster at its new content (None: a zero cluster), appending the data
+        clusters in one write, durable before the tables point to them. Needs _alloc_lock."""
+        entries = {cluster: QED_ZERO_CLUSTER for cluster, data in contents.items() if data is None}
+        data_clusters = [(cluster, data) for cluster, data in contents.items() if data is not None]
         if data_clusters:
-            start = self._append_clusters(b"".join(c for _, c in data_clusters))
+            start = self._append_clusters(b"".join(data for _, data in data_clusters))
             for i, (cluster, _) in enumerate(data_clusters):
-                new_entries[cluster] = start + i * cs
-        self._set_l2_entries(new_entries)
+                entries[cluster] = start + i * self.cluster_size
+        if entries:
+            self._set_l2_entries(entries)
+
+    def populate(self, offset: int, data: bytes, zero_clusters: bool) -> int:
+        """Copy data that the caller read from the backing chain into the clusters of
+        [offset, offset + len(data)) that are still unallocated; returns the bytes allocated.
+
+        Clusters the guest has written meanwhile are left alone: guest writes win. `offset` is
+        cluster-aligned and `data` covers whole clusters (or runs to the end of the image). An
+        all-zero cluster becomes a zero cluster when `zero_clusters`, else stays unallocated.
+        """
+        if not self.writable:
+            raise PermissionError(f"{self.path}: image is open read-only")
+        cs = self.cluster_size
+        with self._alloc_lock:
+            contents: dict[int, bytes | None] = {}
+            for extent in self.extents(offset, len(data)):
+                if extent.status is not BlockStatus.UNALLOCATED:
+                    continue
+                for pos in range(extent.offset, extent.offset + extent.length, cs):
+                    chunk = data[pos - offset : pos - offset + cs]
+                    if not is_zero(chunk):
+                        contents[pos // cs] = chunk.ljust(cs, b"\0")
+                    elif zero_clusters:
+                        contents[pos // cs] = None
+            self._install_clusters(contents)
+        return sum(cs for data in contents.values() if data is not None)
 
     def _cluster_content(self, cluster: int, extent: Extent, piece: memoryview) -> bytes | None:
         """The whole new content of one cluster, or None for a guest write of a full zero cluster."""
@@ -493,6 +519,48 @@ class QedImage:
             self._l2_cache[l2_offset] = table
             if len(self._l2_cache) > self._l2_cache_max:
                 self._l2_cache.popitem(last=False)
+
+    # -- the backing file ------------------------------------------------------------------------
+
+    def change_backing_file(self, name: str | None, raw: bool = False) -> None:
+        """Point the header at a new backing file (None: no backing file), crash-safely.
+
+        Everything written before is made durable first. The new name goes where the current
+        one is not, and is durable before the header fields switch to it, so a crash leaves
+        either the old backing file or the new one, never a torn name.
+        """
+        if not self.writable:
+            raise PermissionError(f"{self.path}: image is open read-only")
+        h = self.header
+        with self._alloc_lock:
+            os.fdatasync(self.fd)
+            if name is None:
+                h.features &= ~(QED_F_BACKING_FILE | QED_F_BACKING_FORMAT_NO_PROBE)
+                h.backing_filename_offset = h.backing_filename_size = 0
+            else:
+                encoded = name.encode("utf-8")
+                start = self._free_name_offset(len(encoded))
+                _pwrite_all(self.fd, encoded, start)
+                os.fdatasync(self.fd)
+                h.features |= QED_F_BACKING_FILE
+                if raw:
+                    h.features |= QED_F_BACKING_FORMAT_NO_PROBE
+                else:
+                    h.features &= ~QED_F_BACKING_FORMAT_NO_PROBE
+                h.backing_filename_offset, h.backing_filename_size = start, len(encoded)
+            self._write_header()
+            os.fdatasync(self.fd)
+            self.backing_filename = name
+
+    def _free_name_offset(self, size: int) -> int:
+        """Where a new backing name of `size` bytes fits in the header clusters without
+        overwriting the current one."""
+        used_start = self.header.backing_filename_offset if self.backing_filename is not None else 0
+        used_end = used_start + self.header.backing_filename_size if self.backing_filename is not None else 0
+        for start in (QED_HEADER_SIZE, max(QED_HEADER_SIZE, used_end)):
+            if (start + size <= used_start or start >= used_end) and start + size <= self.first_cluster:
+                return start
+        raise InvalidImageError(f"{self.path}: backing file name of {size} bytes does not fit in the header")
 
     # -- durability and closing ----------------------------------------------------------------
 

@@ -1,0 +1,327 @@
+"""The stream job: copy the data of the backing chain into the top image while it is in use.
+
+QEMU's block-stream, as a trio task. The copying itself (`Copier`) is synchronous and runs in a
+worker thread, a chunk at a time, so guest I/O keeps flowing on the event loop; between chunks
+the job honours pause, cancel and the rate limit. Guest writes win because the copy only fills
+clusters that are still unallocated when it takes the allocation lock (QedImage.populate).
+
+Progress follows QEMU's block-job meaning: `offset` of `len` bytes of the virtual disk.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import trio
+
+from .chain import Chain
+from .errors import FusestreamError
+from .formats.layer import BlockStatus, Layer
+
+log = logging.getLogger(__name__)
+
+MAX_CHUNK = 8 * 1024 * 1024  # bytes of the virtual disk handled per step (one fdatasync each)
+RATE_WINDOW = 3.0  # seconds of progress history behind the measured rate
+
+IDLE, RUNNING, PAUSED, COMPLETED, CANCELLED, FAILED = "idle", "running", "paused", "completed", "cancelled", "failed"
+
+
+class StreamError(FusestreamError):
+    """The stream job cannot go on; the message names the offset and the cause."""
+
+
+class CommandError(FusestreamError):
+    """A control command that is invalid now; nothing was changed."""
+
+
+class Copier:
+    """Copies what the merged layers hold for a range into the top image (synchronous).
+
+    The merged layers are those above `base` (all of them when base is None). Where they hold
+    nothing, the top stays unallocated. Where they say zero, the top gets zero clusters only when
+    a base remains below that they must hide; with no base, unallocated already reads as zeros.
+    """
+
+    def __init__(self, chain: Chain, base: Layer | None):
+        self.chain = chain
+        self.base = base
+
+    @property
+    def stop(self) -> int:
+        """Index of the first layer not merged (len(layers) when everything is)."""
+        layers = self.chain.layers
+        return layers.index(self.base) if self.base in layers else len(layers)
+
+    def copy_range(self, offset: int, length: int) -> int:
+        """Stream [offset, offset+length), cluster-aligned; returns the bytes copied."""
+        top = self.chain.top
+        copied = 0
+        for extent in top.extents(offset, length):
+            if extent.status is not BlockStatus.UNALLOCATED:
+                continue
+            for start, end in self._ranges_to_copy(extent.offset, extent.length):
+                copied += self._copy(start, end)
+        return copied
+
+    def _ranges_to_copy(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Cluster-aligned ranges of [offset, offset+length) that the merged layers say something
+        about; a cluster partly covered is copied whole."""
+        cs = self.chain.top.cluster_size
+        stop, keep_zeros = self.stop, self.base is not None
+        end = offset + length
+        ranges: list[tuple[int, int]] = []
+        pos = offset
+        while pos < end:
+            status, run = self.chain.status_above(pos, end - pos, stop)
+            if status is BlockStatus.FOUND or (status is BlockStatus.ZERO and keep_zeros):
+                lo, hi = pos - pos % cs, min(-(-(pos + run) // cs) * cs, end)
+                if ranges and lo <= ranges[-1][1]:
+                    ranges[-1] = (ranges[-1][0], hi)
+                else:
+                    ranges.append((lo, hi))
+            pos += run
+        return ranges
+
+    def _copy(self, start: int, end: int) -> int:
+        size = self.chain.size
+        try:
+            data = self.chain.read_backing(start, min(end, size) - start)
+        except OSError as err:
+            raise StreamError(f"read error in the backing chain at offset {start}: {err.strerror or err}") from None
+        try:
+            return self.chain.top.populate(start, data, zero_clusters=self.base is not None)
+        except OSError as err:
+            top = self.chain.top.path
+            raise StreamError(f"write error in {top} at offset {start}: {err.strerror or err}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamStatistics:
+    """A snapshot of the job, with the keys of status.json's "stream" object."""
+
+    state: str
+    offset: int
+    len: int
+    speed: int
+    rate: int
+    base: str | None
+    error: str | None
+    backing_file: str | None  # the top's backing file once the job ended
+
+    @property
+    def seconds_left(self) -> float | None:
+        return (self.len - self.offset) / self.rate if self.rate else None
+
+
+class ProgressRate:
+    """Bytes of progress per second over the last RATE_WINDOW seconds: measured, not guessed."""
+
+    def __init__(self) -> None:
+        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+
+    def record(self, now: float, offset: int) -> None:
+        self._samples.append((now, offset))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW:
+            self._samples.popleft()
+
+    def rate(self) -> int:
+        if len(self._samples) < 2:
+            return 0
+        (t0, o0), (t1, o1) = self._samples[0], self._samples[-1]
+        return int((o1 - o0) / (t1 - t0)) if t1 > t0 else 0
+
+    def reset(self) -> None:
+        self._samples.clear()
+
+
+EventSink = Callable[[str, dict], None]
+
+
+class StreamJob:
+    """One run of streaming over the whole virtual disk."""
+
+    def __init__(self, chain: Chain, base: Layer | None, speed: int, emit: EventSink):
+        self.chain = chain
+        self.copier = Copier(chain, base)
+        self.base_path = base.path if base is not None else None
+        self.speed = speed
+        self.emit = emit
+        self.state = RUNNING
+        self.offset = 0
+        self.len = chain.size
+        self.error: str | None = None
+        self._progress = ProgressRate()
+        self._wakeup = trio.Event()
+        self._cancel_requested = False
+        self._next_slot = 0.0
+
+    # -- commands (called on the event loop) ----------------------------------------------------
+
+    def pause(self) -> None:
+        self.state = PAUSED
+        self._progress.reset()
+        self.emit("STREAM_PAUSED", {"offset": self.offset, "len": self.len})
+
+    def resume(self) -> None:
+        self.state = RUNNING
+        self._wake()
+        self.emit("STREAM_RESUMED", {"offset": self.offset, "len": self.len})
+
+    def cancel(self) -> None:
+        self._cancel_requested = True
+        self._wake()
+
+    def set_speed(self, speed: int) -> None:
+        self.speed = speed
+        self._next_slot = 0.0
+        self._wake()
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+        self._wakeup = trio.Event()
+
+    def statistics(self) -> StreamStatistics:
+        rate = self._progress.rate() if self.state == RUNNING else 0
+        return StreamStatistics(self.state, self.offset, self.len, self.speed, rate, self.base_path, self.error,
+                                self.chain.top.backing_filename)
+
+    # -- the job ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.emit("STREAM_STARTED", {"len": self.len, "speed": self.speed, "base": self.base_path})
+        try:
+            await self._copy_all()
+            if self._cancel_requested:
+                self.state = CANCELLED
+                self.emit("STREAM_CANCELLED", {"offset": self.offset, "len": self.len})
+                return
+            base = await trio.to_thread.run_sync(self.chain.rebase, self.copier.stop)
+            self.state = COMPLETED
+            self.emit("BACKING_CHANGED", {"backing_file": self.chain.top.backing_filename,
+                                          "base": base.path if base is not None else None})
+            self.emit("STREAM_COMPLETED", {"offset": self.offset, "len": self.len})
+        except (OSError, FusestreamError) as err:
+            self.state = FAILED
+            self.error = str(err) if isinstance(err, StreamError) else f"offset {self.offset}: {err}"
+            log.error("stream of %s failed: %s", self.chain.top.path, self.error)
+            self.emit("STREAM_FAILED", {"offset": self.offset, "len": self.len, "error": self.error})
+
+    async def _copy_all(self) -> None:
+        self._progress.record(trio.current_time(), 0)
+        while self.offset < self.len:
+            await self._wait_while_paused()
+            if self._cancel_requested:
+                return
+            length = min(self._chunk(), self.len - self.offset)
+            copied = await trio.to_thread.run_sync(self.copier.copy_range, self.offset, length)
+            self.offset += length
+            self._progress.record(trio.current_time(), self.offset)
+            await self._throttle(copied)
+
+    def _chunk(self) -> int:
+        """A step of at most a tenth of a second's worth at the speed limit, in whole clusters."""
+        cs = self.chain.top.cluster_size
+        limit = MAX_CHUNK if not self.speed else min(MAX_CHUNK, self.speed // 10)
+        return max(cs, limit - limit % cs)
+
+    async def _wait_while_paused(self) -> None:
+        while self.state == PAUSED and not self._cancel_requested:
+            await self._wakeup.wait()
+
+    async def _throttle(self, copied: int) -> None:
+        """QEMU's rate limit: copied bytes (not skipped ones) are paid for at `speed` bytes/s."""
+        if not self.speed or not copied:
+            return
+        now = trio.current_time()
+        self._next_slot = max(self._next_slot, now) + copied / self.speed
+        while trio.current_time() < self._next_slot and not self._cancel_requested and self.speed:
+            with trio.move_on_at(self._next_slot):
+                await self._wakeup.wait()
+
+
+class Streamer:
+    """The stream job of one mounted image: starts jobs and checks commands against its state."""
+
+    def __init__(self, chain: Chain, nursery: trio.Nursery, emit: EventSink, default_base: str | None = None,
+                 default_speed: int = 0):
+        self.chain = chain
+        self.nursery = nursery
+        self.emit = emit
+        self.default_base = default_base  # -o base=PATH: for `stream` without base= and copy-on-read
+        self.default_speed = default_speed
+        self.job: StreamJob | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.job is not None and self.job.state in (RUNNING, PAUSED)
+
+    def statistics(self) -> StreamStatistics:
+        if self.job is None:
+            return StreamStatistics(IDLE, 0, self.chain.size, self.default_speed, 0, None, None,
+                                    self.chain.top.backing_filename)
+        return self.job.statistics()
+
+    def start(self, base: str | None = None, speed: int | None = None) -> StreamJob:
+        if self.active:
+            raise CommandError("a stream is already running (cancel it first)")
+        if not self.chain.top.writable:
+            raise CommandError("the image is mounted read-only")
+        base_layer = self._base_layer(base or self.default_base)
+        self.job = StreamJob(self.chain, base_layer, self.default_speed if speed is None else speed, self.emit)
+        self.nursery.start_soon(self.job.run)
+        return self.job
+
+    def _base_layer(self, base: str | None) -> Layer | None:
+        if base is None:
+            return None
+        layer = self.chain.find_layer(base)
+        if layer is None:
+            raise CommandError(f"base {base} is not in the backing chain of {self.chain.top.path}")
+        return layer
+
+    def pause(self) -> None:
+        self._require(RUNNING, "pause").pause()
+
+    def resume(self) -> None:
+        self._require(PAUSED, "resume").resume()
+
+    def cancel(self) -> None:
+        if not self.active:
+            raise CommandError("no stream to cancel")
+        self.job.cancel()
+
+    def set_speed(self, speed: int) -> None:
+        self.default_speed = speed
+        if self.active:
+            self.job.set_speed(speed)
+
+    def _require(self, state: str, command: str) -> StreamJob:
+        if self.job is None or self.job.state != state:
+            current = self.job.state if self.job else IDLE
+            raise CommandError(f"cannot {command}: the stream is {current}")
+        return self.job
+
+    def read_copying(self, offset: int, length: int) -> bytes:
+        """A guest read with copy-on-read (run in a thread): the clusters it touches are copied
+        into the top image first. A failed copy is logged and the read still served."""
+        try:
+            self.copy_on_read(offset, length)
+        except (OSError, FusestreamError) as err:
+            log.warning("copy-on-read at offset %d failed: %s", offset, err)
+        return self.chain.read(offset, length)
+
+    def copy_on_read(self, offset: int, length: int) -> int:
+        """Copy the clusters a guest read touches into the top image."""
+        if self.chain.top.backing is None or not self.chain.top.writable:
+            return 0
+        cs = self.chain.top.cluster_size
+        start = offset - offset % cs
+        end = min(-(-(offset + length) // cs) * cs, self.chain.size)
+        if self.active:
+            base = self.job.copier.base
+        else:  # the mount's base, unless a finished stream has already merged it away
+            base = self.chain.find_layer(self.default_base) if self.default_base else None
+        return Copier(self.chain, base).copy_range(start, end - start)

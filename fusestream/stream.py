@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -138,13 +138,16 @@ class ProgressRate:
 
 
 EventSink = Callable[[str, dict], None]
+RunSync = Callable[..., Awaitable]
 
 
 class StreamJob:
     """One run of streaming over the whole virtual disk."""
 
-    def __init__(self, chain: Chain, base: Layer | None, speed: int, emit: EventSink):
+    def __init__(self, chain: Chain, base: Layer | None, speed: int, emit: EventSink,
+                 run_sync: RunSync = trio.to_thread.run_sync):
         self.chain = chain
+        self.run_sync = run_sync  # how blocking copy steps run: worker threads, or inline in tests
         self.copier = Copier(chain, base)
         self.base_path = base.path if base is not None else None
         self.speed = speed
@@ -157,6 +160,7 @@ class StreamJob:
         self._wakeup = trio.Event()
         self._cancel_requested = False
         self._next_slot = 0.0
+        self._finished = trio.Event()
 
     # -- commands (called on the event loop) ----------------------------------------------------
 
@@ -183,6 +187,9 @@ class StreamJob:
         self._wakeup.set()
         self._wakeup = trio.Event()
 
+    async def wait_finished(self) -> None:
+        await self._finished.wait()
+
     def statistics(self) -> StreamStatistics:
         rate = self._progress.rate() if self.state == RUNNING else 0
         return StreamStatistics(self.state, self.offset, self.len, self.speed, rate, self.base_path, self.error,
@@ -191,14 +198,19 @@ class StreamJob:
     # -- the job ----------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.emit("STREAM_STARTED", {"len": self.len, "speed": self.speed, "base": self.base_path})
+        try:
+            await self._run()
+        finally:
+            self._finished.set()
+
+    async def _run(self) -> None:
         try:
             await self._copy_all()
             if self._cancel_requested:
                 self.state = CANCELLED
                 self.emit("STREAM_CANCELLED", {"offset": self.offset, "len": self.len})
                 return
-            base = await trio.to_thread.run_sync(self.chain.rebase, self.copier.stop)
+            base = await self.run_sync(self.chain.rebase, self.copier.stop)
             self.state = COMPLETED
             self.emit("BACKING_CHANGED", {"backing_file": self.chain.top.backing_filename,
                                           "base": base.path if base is not None else None})
@@ -216,7 +228,7 @@ class StreamJob:
             if self._cancel_requested:
                 return
             length = min(self._chunk(), self.len - self.offset)
-            copied = await trio.to_thread.run_sync(self.copier.copy_range, self.offset, length)
+            copied = await self.run_sync(self.copier.copy_range, self.offset, length)
             self.offset += length
             self._progress.record(trio.current_time(), self.offset)
             await self._throttle(copied)
@@ -246,8 +258,9 @@ class Streamer:
     """The stream job of one mounted image: starts jobs and checks commands against its state."""
 
     def __init__(self, chain: Chain, nursery: trio.Nursery, emit: EventSink, default_base: str | None = None,
-                 default_speed: int = 0):
+                 default_speed: int = 0, run_sync: RunSync = trio.to_thread.run_sync):
         self.chain = chain
+        self.run_sync = run_sync
         self.nursery = nursery
         self.emit = emit
         self.default_base = default_base  # -o base=PATH: for `stream` without base= and copy-on-read
@@ -270,7 +283,9 @@ class Streamer:
         if not self.chain.top.writable:
             raise CommandError("the image is mounted read-only")
         base_layer = self._base_layer(base or self.default_base)
-        self.job = StreamJob(self.chain, base_layer, self.default_speed if speed is None else speed, self.emit)
+        speed = self.default_speed if speed is None else speed
+        self.job = StreamJob(self.chain, base_layer, speed, self.emit, self.run_sync)
+        self.emit("STREAM_STARTED", {"len": self.job.len, "speed": speed, "base": self.job.base_path})
         self.nursery.start_soon(self.job.run)
         return self.job
 

@@ -1,0 +1,402 @@
+"""The stream job on real image files, with trio's MockClock for every timing question.
+
+The copy steps run inline (not in threads) here so that virtual time is deterministic; real
+mounts (test_stream_mount.py) cover the threaded path.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import random
+import shutil
+
+import pytest
+import trio
+import trio.testing
+from conftest import qemu_check, qemu_convert, qemu_img, qemu_io
+
+from fusestream.chain import open_chain
+from fusestream.control import Control, EventLog, parse_command, render_status
+from fusestream.formats.layer import BlockStatus
+from fusestream.stream import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    PAUSED,
+    RUNNING,
+    CommandError,
+    Streamer,
+    StreamStatistics,
+)
+
+TIMEOUT = 600  # virtual seconds
+
+
+async def inline(fn, *args):
+    return fn(*args)
+
+
+def run_with_streamer(chain, body, **streamer_args):
+    """Run `await body(streamer, events)` with a Streamer on a MockClock; returns the events."""
+    events = EventLog("top.raw", clock=lambda: 0.0)
+
+    async def main():
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                streamer = Streamer(chain, nursery, events.emit, run_sync=inline, **streamer_args)
+                await body(streamer, events)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return [e["event"] for e in events.events()]
+
+
+async def stream_to_end(streamer, events, **args):
+    job = streamer.start(**args)
+    await job.wait_finished()
+    return job
+
+
+def test_full_stream_merges_every_layer(tmp_path, chain):
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    c = open_chain(str(chain.top))
+    names = run_with_streamer(c, stream_to_end)
+    assert c.top.backing is None and len(c.layers) == 1
+    assert c.read(0, chain.size) == expected
+    c.close()
+    assert names == ["STREAM_STARTED", "BACKING_CHANGED", "STREAM_COMPLETED"]
+    info = json.loads(qemu_img("info", "--output=json", str(chain.top)))
+    assert "backing-filename" not in info
+    assert qemu_check(chain.top).returncode == 0
+    assert qemu_convert(chain.top, tmp_path / "after.raw") == expected
+
+
+def test_what_no_layer_holds_stays_unallocated(tmp_path):
+    """A sparse chain streams into a sparse image: holes and zeros are not written."""
+    base = tmp_path / "base.raw"
+    with open(base, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(10 << 20)
+        f.write(b"\x01" * 65536)
+        f.seek(20 << 20)
+        f.write(bytes(1 << 20))  # written zeros: data that reads zero
+    qemu_img("create", "-f", "qed", "-b", "base.raw", "-F", "raw", str(tmp_path / "top.qed"))
+    c = open_chain(str(tmp_path / "top.qed"))
+    run_with_streamer(c, stream_to_end)
+    allocated = [e for e in c.top.extents(0, c.size) if e.status is not BlockStatus.UNALLOCATED]
+    assert [(e.status, e.offset, e.length) for e in allocated] == [(BlockStatus.FOUND, 10 << 20, 65536)]
+    c.close()
+    assert (tmp_path / "top.qed").stat().st_blocks * 512 < 1 << 20
+
+
+def allocated_clusters(image, cluster_size: int) -> set[int]:
+    return {
+        cluster
+        for e in image.extents(0, image.size)
+        if e.status is not BlockStatus.UNALLOCATED
+        for cluster in range(e.offset // cluster_size, (e.offset + e.length) // cluster_size)
+    }
+
+
+def test_stream_onto_a_base_merges_only_the_layers_above_it(tmp_path, chain):
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    c = open_chain(str(chain.top))
+    cs = chain.cluster_size
+    before = allocated_clusters(c.top, cs) | allocated_clusters(c.layers[1], cs)
+    run_with_streamer(c, stream_to_end, default_base=str(chain.base))
+    assert [layer.path for layer in c.layers] == [str(chain.top), str(chain.base)]
+    assert c.read(0, chain.size) == expected
+    assert allocated_clusters(c.top, cs) == before  # mid merged; nothing only the base holds was copied
+    c.close()
+    info = json.loads(qemu_img("info", "--output=json", str(chain.top)))
+    assert info["backing-filename"] == "base.raw" and info["backing-filename-format"] == "raw"
+    assert qemu_check(chain.top).returncode == 0
+    assert qemu_convert(chain.top, tmp_path / "after.raw") == expected
+
+
+def test_a_zero_cluster_over_base_data_survives_the_rebase(tmp_path):
+    (tmp_path / "base.raw").write_bytes(b"\xee" * (1 << 20))
+    qemu_img("create", "-f", "qed", "-b", "base.raw", "-F", "raw", str(tmp_path / "mid.qed"))
+    qemu_io(tmp_path / "mid.qed", "write -z 128K 64K", "write -P 3 512K 64K")
+    qemu_img("create", "-f", "qed", "-b", "mid.qed", "-F", "qed", str(tmp_path / "top.qed"))
+    expected = qemu_convert(tmp_path / "top.qed", tmp_path / "expected.raw")
+    assert expected[128 << 10 : 192 << 10] == bytes(65536)
+    c = open_chain(str(tmp_path / "top.qed"))
+    run_with_streamer(c, stream_to_end, default_base=str(tmp_path / "base.raw"))
+    assert c.top.block_status(128 << 10, 65536) == (BlockStatus.ZERO, 65536)
+    assert c.top.block_status(0, 65536)[0] is BlockStatus.UNALLOCATED  # base data, not copied
+    c.close()
+    assert qemu_convert(tmp_path / "top.qed", tmp_path / "after.raw") == expected
+
+
+def test_speed_limits_the_copy_rate_in_virtual_time(chain):
+    c = open_chain(str(chain.top))
+    speed = 512 * 1024
+    result = {}
+
+    async def body(streamer, events):
+        start = trio.current_time()
+        job = await stream_to_end(streamer, events, speed=speed)
+        result["elapsed"] = trio.current_time() - start
+        result["copied"] = sum(e.length for e in c.top.extents(0, c.size) if e.status is BlockStatus.FOUND)
+        assert job.state == COMPLETED
+
+    run_with_streamer(c, body)
+    c.close()
+    # every copied byte is paid for at `speed`; the last chunk's payment ends the job
+    assert result["elapsed"] == pytest.approx(result["copied"] / speed, rel=0.1)
+
+
+def test_speed_can_change_while_running(chain):
+    c = open_chain(str(chain.top))
+
+    async def body(streamer, events):
+        job = streamer.start(speed=64 * 1024)
+        await trio.sleep(2)
+        streamer.set_speed(0)
+        start = trio.current_time()
+        await job.wait_finished()
+        assert trio.current_time() - start < 0.01  # unlimited: no more waiting
+        assert job.state == COMPLETED
+
+    run_with_streamer(c, body)
+    c.close()
+
+
+def test_pause_holds_progress_still_and_resume_finishes(tmp_path, chain):
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    c = open_chain(str(chain.top))
+
+    async def body(streamer, events):
+        job = streamer.start(speed=256 * 1024)
+        await trio.sleep(1.0)
+        streamer.pause()
+        assert job.state == PAUSED
+        await trio.sleep(0.2)  # the step in progress ends
+        held = job.offset
+        assert 0 < held < job.len
+        await trio.sleep(30)
+        assert job.offset == held and job.statistics().rate == 0
+        with pytest.raises(CommandError):
+            streamer.pause()
+        streamer.resume()
+        await job.wait_finished()
+        assert job.state == COMPLETED
+
+    names = run_with_streamer(c, body)
+    assert names == ["STREAM_STARTED", "STREAM_PAUSED", "STREAM_RESUMED", "BACKING_CHANGED", "STREAM_COMPLETED"]
+    assert c.read(0, chain.size) == expected
+    c.close()
+
+
+def test_cancel_takes_effect_at_once_and_leaves_the_chain_valid(tmp_path, chain):
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    c = open_chain(str(chain.top))
+
+    async def body(streamer, events):
+        job = streamer.start(speed=128 * 1024)
+        await trio.sleep(1.0)
+        streamer.cancel()
+        cancelled_at = trio.current_time()
+        await job.wait_finished()
+        assert trio.current_time() - cancelled_at < 0.1
+        assert job.state == CANCELLED and job.offset < job.len
+
+    names = run_with_streamer(c, body)
+    assert names == ["STREAM_STARTED", "STREAM_CANCELLED"]
+    assert c.top.backing_filename == "mid.qed"
+    c.close()
+    assert qemu_check(chain.top).returncode == 0
+    assert qemu_convert(chain.top, tmp_path / "after.raw") == expected
+
+
+def test_guest_writes_during_a_stream_win(tmp_path, chain):
+    model = bytearray(qemu_convert(chain.top, tmp_path / "expected.raw"))
+    c = open_chain(str(chain.top))
+    rng = random.Random(5)
+
+    async def body(streamer, events):
+        job = streamer.start(speed=1 << 20)
+        while job.state == RUNNING:
+            for _ in range(20):
+                length = rng.randrange(1, 20000)
+                offset = rng.randrange(chain.size - length)
+                data = rng.randbytes(length)
+                c.write(offset, data)
+                model[offset : offset + length] = data
+            await trio.sleep(0.05)
+        assert job.state == COMPLETED
+
+    run_with_streamer(c, body)
+    assert c.read(0, chain.size) == model
+    c.close()
+    assert qemu_check(chain.top).returncode == 0
+    assert qemu_convert(chain.top, tmp_path / "after.raw") == model
+
+
+def test_a_new_job_resumes_where_the_allocation_says_and_copies_nothing_twice(tmp_path, chain):
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    for path in (chain.base, chain.mid, chain.top):
+        shutil.copy(path, reference_dir / path.name)
+    copied: list[int] = []
+
+    async def counting(fn, *args):
+        result = fn(*args)
+        if fn.__name__ == "copy_range":
+            copied.append(result)
+        return result
+
+    def run_job(image, interrupt_after: float | None) -> int:
+        copied.clear()
+        c = open_chain(str(image))
+
+        async def main():
+            async with trio.open_nursery() as nursery:
+                job = Streamer(c, nursery, lambda *_: None, run_sync=counting).start(speed=256 * 1024)
+                if interrupt_after is not None:
+                    await trio.sleep(interrupt_after)
+                    job.cancel()
+                await job.wait_finished()
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        c.close()
+        return sum(copied)
+
+    first = run_job(chain.top, interrupt_after=2.0)
+    second = run_job(chain.top, interrupt_after=None)  # as a new mount would
+    whole = run_job(reference_dir / chain.top.name, interrupt_after=None)
+    assert 0 < first < whole
+    assert first + second == whole
+    assert qemu_img("info", str(chain.top)).count("backing file") == 0
+
+
+class FaultyLayer:
+    """Wraps a layer; reads overlapping [fail_start, fail_end) fail with `err` while `failing`."""
+
+    def __init__(self, layer, fail_start: int, fail_end: int, err: int = errno.EIO):
+        self.layer, self.fail_start, self.fail_end, self.err = layer, fail_start, fail_end, err
+        self.failing = True
+        self.path, self.format_name, self.size = layer.path, layer.format_name, layer.size
+
+    def read(self, offset, length):
+        if self.failing and offset < self.fail_end and offset + length > self.fail_start:
+            raise OSError(self.err, "Input/output error")
+        return self.layer.read(offset, length)
+
+    def block_status(self, offset, length):
+        return self.layer.block_status(offset, length)
+
+    def close(self):
+        self.layer.close()
+
+
+def test_a_backing_read_error_fails_the_job_and_a_later_stream_completes(tmp_path, chain):
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    c = open_chain(str(chain.top))
+    faulty = FaultyLayer(c.layers[2], 0, chain.size)  # the raw base fails everywhere
+    c.layers[2] = c.layers[1].backing = faulty
+    events = EventLog("top.raw")
+
+    async def body(streamer, _):
+        job = await stream_to_end(streamer, events)
+        assert job.state == FAILED
+        assert "read error in the backing chain at offset" in job.error and "Input/output error" in job.error
+        assert "last stream failed: read error" in render_status("top.raw", streamer.statistics())
+        faulty.failing = False
+        job = await stream_to_end(streamer, events)
+        assert job.state == COMPLETED
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await body(Streamer(c, nursery, events.emit, run_sync=inline), events)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    failed = next(e for e in events.events() if e["event"] == "STREAM_FAILED")
+    assert "offset" in failed["data"] and "Input/output error" in failed["data"]["error"]
+    assert c.read(0, chain.size) == expected
+    c.close()
+    assert qemu_check(chain.top).returncode == 0
+
+
+def test_enospc_on_the_top_image_fails_the_job_without_corruption(tmp_path, chain, monkeypatch):
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    c = open_chain(str(chain.top))
+    real_append = c.top._append_clusters
+    calls = {"n": 0}
+
+    def append_until_full(data):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_append(data)
+
+    monkeypatch.setattr(c.top, "_append_clusters", append_until_full)
+
+    async def body(streamer, events):
+        job = await stream_to_end(streamer, events)
+        assert job.state == FAILED and "No space left on device" in job.error
+        assert c.read(0, chain.size) == expected  # still served, still right
+        job = await stream_to_end(streamer, events)
+        assert job.state == COMPLETED
+
+    names = run_with_streamer(c, body)
+    assert names.count("STREAM_FAILED") == 1 and names[-1] == "STREAM_COMPLETED"
+    c.close()
+    assert qemu_check(chain.top).returncode == 0
+    assert qemu_convert(chain.top, tmp_path / "after.raw") == expected
+
+
+# -- commands and rendering ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("stream\n", ("stream", {})),
+    ("stream speed=10M\n", ("stream", {"speed": 10 << 20})),
+    ("stream base=/x/base.raw speed=0\n", ("stream", {"base": "/x/base.raw", "speed": 0})),
+    ("rebase /x/base.raw\n", ("stream", {"base": "/x/base.raw"})),
+    ("speed 1G\n", ("speed", {"speed": 1 << 30})),
+    ("pause\n", ("pause", {})),
+    ("resume", ("resume", {})),
+    ("cancel\n", ("cancel", {})),
+])
+def test_valid_commands(text, parsed):
+    assert parse_command(text) == parsed
+
+
+@pytest.mark.parametrize("text", [
+    "", "\n", "frobnicate\n", "stream base\n", "stream speed=fast\n", "stream bogus=1\n", "stream speed=1 speed=2\n",
+    "rebase\n", "rebase a b\n", "speed\n", "pause now\n", "pause\nresume\n", "stream 'unterminated\n",
+])
+def test_invalid_commands(text):
+    with pytest.raises(CommandError):
+        parse_command(text)
+
+
+def test_a_rejected_command_changes_nothing_and_is_an_event(chain):
+    c = open_chain(str(chain.top))
+
+    async def body(streamer, events):
+        control = Control("top.raw", c, streamer, events)
+        for bad in (b"resume\n", b"cancel\n", b"stream base=/not/in/chain\n", b"\xff\xfe\n", b"bogus\n"):
+            with pytest.raises(CommandError):
+                control.command(bad)
+        assert streamer.job is None
+        control.command(b"stream speed=1M\n")
+        with pytest.raises(CommandError, match="already running"):
+            control.command(b"stream\n")
+        control.command(b"cancel\n")
+
+    names = run_with_streamer(c, body)
+    c.close()
+    assert names[:5] == ["COMMAND_REJECTED"] * 5 and names[5] == "STREAM_STARTED"
+
+
+def test_status_lines_use_the_seeds_wording():
+    running = StreamStatistics(RUNNING, 536870912, 1073741824, 0, 410 << 20, None, None, "mid.qed")
+    assert render_status("top.raw", running) == (
+        "Streaming top.raw: Completed 536870912 of 1073741824 bytes (50.0%, 410 MiB/s, 1 s left)\n")
+    done = StreamStatistics(COMPLETED, 1 << 30, 1 << 30, 0, 0, None, None, None)
+    assert render_status("top.raw", done) == "No active stream; last stream completed, backing file removed\n"
+    idle = StreamStatistics("idle", 0, 1 << 30, 0, 0, None, None, "mid.qed")
+    assert render_status("top.raw", idle) == "No active stream\n"

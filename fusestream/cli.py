@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+import time
 
 from .chain import open_chain, open_layer, probe_format, resolve_backing
 from .errors import FusestreamError
@@ -13,6 +15,10 @@ from .formats import qed
 from .formats.layer import Layer
 from .formats.qed_structs import QED_F_NEED_CHECK
 from .units import format_size, parse_size
+
+# `fusestream wait` exit status: how the stream job ended.
+WAIT_EXIT = {"completed": 0, "failed": 1, "cancelled": 2, "idle": 3}
+POLL_SECONDS = 0.2
 
 SUPPORTED_BACKING_FORMATS = ("raw", "qed")
 
@@ -115,6 +121,101 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- driving a mount through its control files ---------------------------------------------------
+
+
+def _control_file(mountpoint: str, name: str) -> str:
+    path = os.path.join(mountpoint, name)
+    if not os.path.exists(os.path.join(mountpoint, "status.json")):
+        raise FusestreamError(f"{mountpoint}: not a fusestream mount")
+    return path
+
+
+def read_status(mountpoint: str) -> dict:
+    """The stream object of the (first) image of a mount, from status.json."""
+    with open(_control_file(mountpoint, "status.json")) as f:
+        return json.load(f)["images"][0]
+
+
+def send_command(mountpoint: str, command: str) -> None:
+    """Write one command to ctl; on EINVAL, the reason is the newest COMMAND_REJECTED event."""
+    try:
+        fd = os.open(_control_file(mountpoint, "ctl"), os.O_WRONLY)
+        try:  # one write() is one command: unbuffered, so nothing is written twice
+            os.write(fd, (command + "\n").encode())
+        finally:
+            os.close(fd)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise FusestreamError(f"{mountpoint}: {err.strerror}") from None
+        raise FusestreamError(f"{command}: {_last_rejection(mountpoint)}") from None
+
+
+def _last_rejection(mountpoint: str) -> str:
+    with open(_control_file(mountpoint, "events")) as f:
+        rejected = [json.loads(line) for line in f if '"COMMAND_REJECTED"' in line]
+    return rejected[-1]["data"]["reason"] if rejected else "rejected"
+
+
+def progress_bar(stream: dict, width: int = 30) -> str:
+    done = stream["offset"] / stream["len"] if stream["len"] else 1.0
+    filled = int(done * width)
+    rate = stream["rate"]
+    left = f"{(stream['len'] - stream['offset']) / rate:.0f} s left" if rate else "measuring"
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {done * 100:5.1f}%  "
+            f"{format_size(stream['offset'])} of {format_size(stream['len'])}  {format_size(rate)}/s  {left}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if not args.watch:
+        with open(_control_file(args.mountpoint, "status")) as f:
+            sys.stdout.write(f.read())
+        return 0
+    while True:
+        stream = read_status(args.mountpoint)["stream"]
+        if stream["state"] == "running":
+            line = progress_bar(stream)
+        else:
+            line = f"{stream['state']}" + (f": {stream['error']}" if stream["error"] else "")
+        sys.stdout.write("\r\033[K" + line)
+        sys.stdout.flush()
+        if stream["state"] not in ("running", "paused"):
+            sys.stdout.write("\n")
+            return 0
+        time.sleep(POLL_SECONDS)
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    words = ["stream"]
+    if args.base:
+        words.append(f"base={os.path.abspath(args.base)}")
+    if args.speed:
+        words.append(f"speed={args.speed}")
+    send_command(args.mountpoint, " ".join(words))
+    return 0
+
+
+def cmd_rebase(args: argparse.Namespace) -> int:
+    send_command(args.mountpoint, f"rebase {os.path.abspath(args.base)}")
+    return 0
+
+
+def cmd_simple(args: argparse.Namespace) -> int:
+    send_command(args.mountpoint, args.command if args.command != "speed" else f"speed {args.rate}")
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Block until the stream job ends; the exit status says how (WAIT_EXIT)."""
+    while True:
+        stream = read_status(args.mountpoint)["stream"]
+        if stream["state"] not in ("running", "paused"):
+            if stream["error"]:
+                print(f"fusestream: stream failed: {stream['error']}", file=sys.stderr)
+            return WAIT_EXIT[stream["state"]]
+        time.sleep(POLL_SECONDS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusestream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +238,37 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.add_argument("image")
     info.set_defaults(func=cmd_info)
+
+    status = sub.add_parser("status", help="the stream status of a mount")
+    status.add_argument("--watch", action="store_true", help="a live progress bar until the job ends")
+    status.add_argument("mountpoint")
+    status.set_defaults(func=cmd_status)
+
+    stream = sub.add_parser("stream", help="start streaming the backing chain into the top image")
+    stream.add_argument("--base", help="keep this backing file: stream only the layers above it, then rebase")
+    stream.add_argument("--speed", help="bytes/s with K, M, G suffixes; 0 = unlimited")
+    stream.add_argument("mountpoint")
+    stream.set_defaults(func=cmd_stream)
+
+    rebase = sub.add_parser("rebase", help="stream the layers above BASE, then make BASE the backing file")
+    rebase.add_argument("mountpoint")
+    rebase.add_argument("base")
+    rebase.set_defaults(func=cmd_rebase)
+
+    for name, text in (("pause", "pause the stream job"), ("resume", "resume a paused job"),
+                       ("cancel", "cancel the job; the image keeps its backing file")):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("mountpoint")
+        command.set_defaults(func=cmd_simple)
+    speed = sub.add_parser("speed", help="change the stream's rate limit")
+    speed.add_argument("mountpoint")
+    speed.add_argument("rate", help="bytes/s with K, M, G suffixes; 0 = unlimited")
+    speed.set_defaults(func=cmd_simple)
+
+    wait = sub.add_parser("wait", help="block until the stream job ends",
+                          description="Exit status: 0 completed, 1 failed, 2 cancelled, 3 no stream has run.")
+    wait.add_argument("mountpoint")
+    wait.set_defaults(func=cmd_wait)
     return parser
 
 
@@ -147,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     except FusestreamError as err:
         print(f"fusestream: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

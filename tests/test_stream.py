@@ -234,6 +234,27 @@ def test_guest_writes_during_a_stream_win(tmp_path, chain):
     assert qemu_convert(chain.top, tmp_path / "after.raw") == model
 
 
+def test_a_guest_write_racing_the_copy_wins(tmp_path, chain):
+    """The guest writes into a range after the job has read it from the backing chain and before
+    it installs it: the guest's data must survive."""
+    c = open_chain(str(chain.top))
+    read_backing = c.read_backing
+    raced: list[int] = []
+
+    def read_then_guest_writes(offset, length):
+        data = read_backing(offset, length)
+        if not raced:
+            c.write(offset + 100, b"guest" * 1000)
+            raced.append(offset + 100)
+        return data
+
+    c.read_backing = read_then_guest_writes
+    run_with_streamer(c, stream_to_end)
+    assert raced and c.read(raced[0], 5000) == b"guest" * 1000
+    c.close()
+    assert qemu_check(chain.top).returncode == 0
+
+
 def test_a_new_job_resumes_where_the_allocation_says_and_copies_nothing_twice(tmp_path, chain):
     reference_dir = tmp_path / "reference"
     reference_dir.mkdir()

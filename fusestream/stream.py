@@ -23,7 +23,8 @@ from .formats.layer import BlockStatus, Layer
 
 log = logging.getLogger(__name__)
 
-MAX_CHUNK = 8 * 1024 * 1024  # bytes of the virtual disk handled per step (one fdatasync each)
+MAX_COPY = 8 * 1024 * 1024  # bytes copied per step at most (one read, one write, one fdatasync)
+MAX_SCAN = 1024 * 1024 * 1024  # bytes of the virtual disk looked at per step (metadata only)
 RATE_WINDOW = 3.0  # seconds of progress history behind the measured rate
 
 IDLE, RUNNING, PAUSED, COMPLETED, CANCELLED, FAILED = "idle", "running", "paused", "completed", "cancelled", "failed"
@@ -56,15 +57,32 @@ class Copier:
         return layers.index(self.base) if self.base in layers else len(layers)
 
     def copy_range(self, offset: int, length: int) -> int:
-        """Stream [offset, offset+length), cluster-aligned; returns the bytes copied."""
-        top = self.chain.top
-        copied = 0
-        for extent in top.extents(offset, length):
+        """Stream all of [offset, offset+length), cluster-aligned; returns the bytes read."""
+        transferred = 0
+        end = offset + length
+        while offset < end:
+            offset, step = self.copy_step(offset, end, MAX_COPY)
+            transferred += step
+        return transferred
+
+    def copy_step(self, offset: int, end: int, max_read: int) -> tuple[int, int]:
+        """Stream from `offset` (cluster-aligned) towards `end`, stopping once `max_read` bytes
+        have been read from the backing chain or MAX_SCAN bytes looked at. Returns (where it
+        stopped, bytes read): empty space is crossed quickly and one step's work stays bounded."""
+        scan_end = min(end, offset + MAX_SCAN)
+        transferred = 0
+        for extent in self.chain.top.extents(offset, scan_end - offset):
             if extent.status is not BlockStatus.UNALLOCATED:
                 continue
-            for start, end in self._ranges_to_copy(extent.offset, extent.length):
-                copied += self._copy(start, end)
-        return copied
+            for start, stop in self._ranges_to_copy(extent.offset, extent.length):
+                while start < stop:
+                    piece_end = min(stop, start + max_read - transferred)
+                    self._copy(start, piece_end)
+                    transferred += piece_end - start
+                    start = piece_end
+                    if transferred >= max_read:
+                        return piece_end, transferred
+        return scan_end, transferred
 
     def _ranges_to_copy(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Cluster-aligned ranges of [offset, offset+length) that the merged layers say something
@@ -85,14 +103,14 @@ class Copier:
             pos += run
         return ranges
 
-    def _copy(self, start: int, end: int) -> int:
+    def _copy(self, start: int, end: int) -> None:
         size = self.chain.size
         try:
             data = self.chain.read_backing(start, min(end, size) - start)
         except OSError as err:
             raise StreamError(f"read error in the backing chain at offset {start}: {err.strerror or err}") from None
         try:
-            return self.chain.top.populate(start, data, zero_clusters=self.base is not None)
+            self.chain.top.populate(start, data, zero_clusters=self.base is not None)
         except OSError as err:
             top = self.chain.top.path
             raise StreamError(f"write error in {top} at offset {start}: {err.strerror or err}") from None
@@ -227,28 +245,29 @@ class StreamJob:
             await self._wait_while_paused()
             if self._cancel_requested:
                 return
-            length = min(self._chunk(), self.len - self.offset)
-            copied = await self.run_sync(self.copier.copy_range, self.offset, length)
-            self.offset += length
+            self.offset, transferred = await self.run_sync(
+                self.copier.copy_step, self.offset, self.len, self._max_read())
             self._progress.record(trio.current_time(), self.offset)
-            await self._throttle(copied)
+            await self._throttle(transferred)
 
-    def _chunk(self) -> int:
-        """A step of at most a tenth of a second's worth at the speed limit, in whole clusters."""
+    def _max_read(self) -> int:
+        """Read at most a tenth of a second's worth per step at the speed limit, in whole
+        clusters, so that pause, cancel and speed changes take effect quickly."""
         cs = self.chain.top.cluster_size
-        limit = MAX_CHUNK if not self.speed else min(MAX_CHUNK, self.speed // 10)
+        limit = MAX_COPY if not self.speed else min(MAX_COPY, self.speed // 10)
         return max(cs, limit - limit % cs)
 
     async def _wait_while_paused(self) -> None:
         while self.state == PAUSED and not self._cancel_requested:
             await self._wakeup.wait()
 
-    async def _throttle(self, copied: int) -> None:
-        """QEMU's rate limit: copied bytes (not skipped ones) are paid for at `speed` bytes/s."""
-        if not self.speed or not copied:
+    async def _throttle(self, transferred: int) -> None:
+        """QEMU's rate limit: bytes read from the backing chain (not skipped ones) are paid for
+        at `speed` bytes/s."""
+        if not self.speed or not transferred:
             return
         now = trio.current_time()
-        self._next_slot = max(self._next_slot, now) + copied / self.speed
+        self._next_slot = max(self._next_slot, now) + transferred / self.speed
         while trio.current_time() < self._next_slot and not self._cancel_requested and self.speed:
             with trio.move_on_at(self._next_slot):
                 await self._wakeup.wait()

@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
 
 from construct import ConstructError
 
@@ -306,35 +307,49 @@ class QedImage:
             return "lies in an L2 table"
         return None
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
-        """Map a guest range to runs of FOUND (contiguous in the file), ZERO and UNALLOCATED."""
+    def _pieces(self, offset: int, length: int) -> Iterator[Extent]:
+        """Lookups of [offset, offset+length), a cluster at a time, or a whole L2 table's span at
+        once where the L1 entry is unallocated. Call with _table_lock held."""
         cs = self.cluster_size
+        span = cs * self.nelems  # guest bytes behind one L2 table
         end = offset + length
+        pos = offset
+        while pos < end:
+            if self.l1[pos // span] == QED_UNALLOCATED:
+                run = min(end, (pos // span + 1) * span) - pos
+                yield Extent(BlockStatus.UNALLOCATED, pos, run)
+                pos += run
+                continue
+            cluster, within = divmod(pos, cs)
+            run = min(cs - within, end - pos)
+            entry = self._cluster_entry(cluster)
+            if entry == QED_UNALLOCATED:
+                yield Extent(BlockStatus.UNALLOCATED, pos, run)
+            elif entry == QED_ZERO_CLUSTER:
+                yield Extent(BlockStatus.ZERO, pos, run)
+            else:
+                yield Extent(BlockStatus.FOUND, pos, run, entry + within)
+            pos += run
+
+    def extents(self, offset: int, length: int, limit: int | None = None) -> list[Extent]:
+        """Map a guest range to runs of FOUND (contiguous in the file), ZERO and UNALLOCATED;
+        with `limit`, only the first `limit` runs (the last one whole)."""
         result: list[Extent] = []
         with self._table_lock:
-            pos = offset
-            while pos < end:
-                cluster, within = divmod(pos, cs)
-                run = min(cs - within, end - pos)
-                entry = self._cluster_entry(cluster)
-                if entry == QED_UNALLOCATED:
-                    status, file_offset = BlockStatus.UNALLOCATED, None
-                elif entry == QED_ZERO_CLUSTER:
-                    status, file_offset = BlockStatus.ZERO, None
-                else:
-                    status, file_offset = BlockStatus.FOUND, entry + within
+            for piece in self._pieces(offset, length):
                 last = result[-1] if result else None
-                if last and last.status is status and (
-                    file_offset is None or last.file_offset + last.length == file_offset
+                if last and last.status is piece.status and (
+                    piece.file_offset is None or last.file_offset + last.length == piece.file_offset
                 ):
-                    result[-1] = dataclasses.replace(last, length=last.length + run)
+                    result[-1] = dataclasses.replace(last, length=last.length + piece.length)
+                elif limit is not None and len(result) == limit:
+                    break
                 else:
-                    result.append(Extent(status, pos, run, file_offset))
-                pos += run
+                    result.append(piece)
         return result
 
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
-        first = self.extents(offset, length)[0]
+        first = self.extents(offset, length, limit=1)[0]
         return first.status, first.length
 
     # -- reads ---------------------------------------------------------------------------------

@@ -22,14 +22,37 @@ from .formats.raw import RawLayer
 MAX_CHAIN_DEPTH = 64
 
 
+# Magic numbers of the image formats QEMU probes. A backing file that carries one of these must
+# never be read as raw: that would serve the format's own metadata as disk data.
+IMAGE_MAGICS = {
+    b"QFI\xfb": "qcow2",  # also qcow (version 1)
+    b"KDMV": "vmdk",
+    b"# Disk Descriptor": "vmdk",
+    b"conectix": "vpc",
+    b"vhdxfile": "vhdx",
+    b"<<< Oracle VM VirtualBox Disk Image >>>": "vdi",
+    b"<<< Sun xVM VirtualBox Disk Image >>>": "vdi",
+    b"<<< Sun VirtualBox Disk Image >>>": "vdi",
+    b"<<< innotek VirtualBox Disk Image >>>": "vdi",
+    b"LUKS\xba\xbe": "luks",
+    b"WithoutFreeSpace": "parallels",
+    b"WithouFreSpacExt": "parallels",
+    b"cloop": "cloop",
+    b"\x6c\xdb\xf3\x01": "bochs",
+}
+PROBE_BYTES = 64
+
+
 def probe_format(path: str) -> str:
-    """The format of a file, by its magic: 'qed', or 'raw' for anything without a known magic."""
+    """The format of a file by its magic: 'qed', another image format's name, or 'raw'."""
     try:
         with open(path, "rb") as f:
-            magic = f.read(len(QED_MAGIC))
+            head = f.read(PROBE_BYTES)
     except OSError as err:
         raise BackingFileError(describe_os_error(path, err)) from None
-    return qed.FORMAT_NAME if magic == QED_MAGIC else "raw"
+    if head.startswith(QED_MAGIC):
+        return qed.FORMAT_NAME
+    return next((fmt for magic, fmt in IMAGE_MAGICS.items() if head.startswith(magic)), "raw")
 
 
 def resolve_backing(image_path: str, backing_name: str) -> str:

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+from . import __version__
 from .chain import open_chain, open_layer, probe_format, resolve_backing
 from .errors import FusestreamError
 from .formats import qed
@@ -16,8 +17,8 @@ from .formats.layer import Layer
 from .formats.qed_structs import QED_F_NEED_CHECK
 from .units import format_size, parse_size
 
-# `fusestream wait` exit status: how the stream job ended.
-WAIT_EXIT = {"completed": 0, "failed": 1, "cancelled": 2, "idle": 3}
+# `fusestream wait` exit status: how the stream job ended (2 stays argparse's usage error).
+WAIT_EXIT = {"completed": 0, "failed": 1, "cancelled": 3, "idle": 4}
 POLL_SECONDS = 0.2
 
 SUPPORTED_BACKING_FORMATS = ("raw", "qed")
@@ -28,6 +29,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     backing_raw = False
     if args.backing:
         backing_path = resolve_backing(args.image, args.backing)
+        if os.path.realpath(backing_path) == os.path.realpath(args.image):
+            raise FusestreamError(f"{args.image}: an image cannot be its own backing file")
         fmt = args.backing_format or probe_format(backing_path)
         if fmt not in SUPPORTED_BACKING_FORMATS:
             raise FusestreamError(f"{backing_path}: unsupported backing format '{fmt}'")
@@ -218,6 +221,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusestream", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     create = sub.add_parser("create", help="create a QED image, optionally over a backing file")
@@ -266,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.set_defaults(func=cmd_simple)
 
     wait = sub.add_parser("wait", help="block until the stream job ends",
-                          description="Exit status: 0 completed, 1 failed, 2 cancelled, 3 no stream has run.")
+                          description="Exit status: 0 completed, 1 failed, 3 cancelled, 4 no stream has run.")
     wait.add_argument("mountpoint")
     wait.set_defaults(func=cmd_wait)
     return parser

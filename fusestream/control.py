@@ -118,7 +118,7 @@ def parse_command(text: str) -> tuple[str, dict]:
     if verb == "rebase":
         if len(args) != 1:
             raise CommandError("usage: rebase PATH")
-        return "stream", {"base": os.path.abspath(args[0])}
+        return "stream", {"base": args[0]}
     if verb == "speed":
         if len(args) != 1:
             raise CommandError("usage: speed RATE")
@@ -136,7 +136,7 @@ def _stream_args(args: list[str]) -> dict:
         key, has_value, value = arg.partition("=")
         if not has_value or key not in ("base", "speed") or not value or key in parsed:
             raise CommandError(f"invalid argument '{arg}' (usage: stream [base=PATH] [speed=RATE])")
-        parsed[key] = os.path.abspath(value) if key == "base" else _rate(value)
+        parsed[key] = value if key == "base" else _rate(value)
     return parsed
 
 

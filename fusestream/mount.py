@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import logging.handlers
 import os
 import signal
+import stat
 import sys
+import time
 
 import pyfuse3
 import trio
@@ -28,13 +31,12 @@ from .units import parse_size
 log = logging.getLogger("fusestream")
 
 # Generic options mount(8) may pass. These are handed to the kernel through libfuse.
-KERNEL_FLAGS = {
-    "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime",
-    "nodiratime", "diratime", "relatime", "norelatime", "strictatime", "sync", "async", "dirsync",
-}
-# ... and these only mean something to mount(8) or fstab, never to the filesystem.
+KERNEL_FLAGS = {"nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime", "sync", "async", "dirsync"}
+# ... and these are accepted but not passed on: they mean something only to mount(8) or fstab, or
+# are atime variants that libfuse refuses (FUSE mounts get the kernel's relatime anyway).
 MOUNT_ONLY = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group",
-              "nofail", "_netdev", "silent", "loud", "lazytime", "nolazytime"}
+              "nofail", "_netdev", "silent", "loud", "lazytime", "nolazytime",
+              "relatime", "norelatime", "strictatime", "diratime", "nodiratime"}
 
 
 class UsageError(FusestreamError):
@@ -86,7 +88,8 @@ def _set_valued(opts: MountOptions, name: str, value: str) -> None:
 
 def fuse_options(image: str, opts: MountOptions) -> set[str]:
     options = set(pyfuse3.default_options)
-    options |= {f"fsname={image}", "subtype=fusestream"}
+    fsname = image.replace("\\", "\\\\").replace(",", "\\,")  # libfuse splits options on commas
+    options |= {f"fsname={fsname}", "subtype=fusestream"}
     options |= set(opts.kernel_flags)
     if opts.ro:
         options.add("ro")
@@ -134,7 +137,12 @@ def open_image(image: str, opts: MountOptions) -> Chain:
 
 
 def check_mountpoint(mountpoint: str) -> None:
-    if not os.path.isdir(mountpoint):
+    try:
+        mode = os.stat(mountpoint).st_mode
+    except OSError as err:  # ENOTCONN: a FUSE daemon died there; ENOENT: no such directory
+        hint = " (a crashed mount? unmount it with fusermount3 -u first)" if err.errno == errno.ENOTCONN else ""
+        raise FusestreamError(f"{mountpoint}: {err.strerror}{hint}") from None
+    if not stat.S_ISDIR(mode):
         raise FusestreamError(f"{mountpoint}: mount point is not a directory")
     if os.path.ismount(mountpoint):
         raise FusestreamError(f"{mountpoint}: something is already mounted there")
@@ -166,8 +174,23 @@ async def serve(ops: Operations, opts: MountOptions) -> None:
         if not opts.nostream and not ops.read_only and chain.top.backing is not None:
             streamer.start()
         nursery.start_soon(_unmount_on_signal, nursery.cancel_scope)
+        if not ops.read_only:
+            nursery.start_soon(_clear_need_check_when_idle, chain)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+NEED_CHECK_IDLE = 5.0  # seconds without allocating writes before QED_F_NEED_CHECK is cleared (QEMU's)
+
+
+async def _clear_need_check_when_idle(chain: Chain) -> None:
+    """Without a backing file, allocating writes set QED_F_NEED_CHECK; clear it once they pause,
+    so that the image on disk is marked clean long before the unmount."""
+    top = chain.top
+    while True:
+        await trio.sleep(1.0)
+        if top.need_check_set_by_us and time.monotonic() - top.last_allocation >= NEED_CHECK_IDLE:
+            await trio.to_thread.run_sync(top.clear_need_check)
 
 
 async def _unmount_on_signal(scope: trio.CancelScope) -> None:
@@ -195,6 +218,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.foreground:
         daemonize()
         setup_logging(False, opts.debug)
+    # Until the loop's own receiver is in place, and again after it (while the image is closed),
+    # SIGTERM and SIGINT must not kill the process half-way: the receiver takes them in between.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     log.info("mounted %s on %s (%s)", image, args.mountpoint, "read-only" if ops.read_only else "read-write")
     try:
         trio.run(serve, ops, opts)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from .chain import Chain
+from .chain import Chain, resolve_backing
 from .errors import FusestreamError
 from .formats.layer import BlockStatus, Layer
 
@@ -311,6 +311,7 @@ class Streamer:
     def _base_layer(self, base: str | None) -> Layer | None:
         if base is None:
             return None
+        base = resolve_backing(self.chain.top.path, base)  # a relative name: beside the image
         layer = self.chain.find_layer(base)
         if layer is None:
             raise CommandError(f"base {base} is not in the backing chain of {self.chain.top.path}")

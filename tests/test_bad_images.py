@@ -143,7 +143,10 @@ def test_missing_image_and_bad_mountpoint_are_one_line_errors(tmp_path):
     (tmp_path / "mnt").mkdir()
     assert "no such file" in mount_fails(tmp_path / "nope.qed", tmp_path / "mnt")
     image = make_image(tmp_path)
-    assert "not a directory" in mount_fails(image, tmp_path / "missing-dir")
+    assert "No such file or directory" in mount_fails(image, tmp_path / "missing-dir")
+    (tmp_path / "file").write_bytes(b"")
+    assert "not a directory" in mount_fails(image, tmp_path / "file")
+    assert "Is a directory" in mount_fails(tmp_path, tmp_path / "mnt")
 
 
 def test_unknown_mount_option_is_an_error(tmp_path):

@@ -127,3 +127,11 @@ def test_one_writer_per_image_and_no_writer_on_a_backing_file(tmp_path):
         open_chain(str(tmp_path / "top.qed"), writable=False, lock=False).close()
     finally:
         chain.close()
+
+
+def test_a_backing_file_in_another_image_format_is_refused_not_read_as_raw(tmp_path):
+    """Reading a qcow2 file as raw would serve its metadata as disk data."""
+    qemu_img("create", "-f", "qcow2", str(tmp_path / "b.qcow2"), "1M")
+    qemu_img("create", "-f", "qed", "-b", "b.qcow2", "-F", "qcow2", str(tmp_path / "top.qed"))
+    with pytest.raises(BackingFileError, match="unsupported backing format 'qcow2'"):
+        open_chain(str(tmp_path / "top.qed"))

@@ -7,6 +7,8 @@ import json
 import pytest
 from conftest import FUSESTREAM, qemu_check, qemu_img, qemu_io, run
 
+from fusestream.chain import open_chain
+
 
 def fusestream(*args: str, check: bool = True):
     return run(FUSESTREAM, *args, check=check)
@@ -88,3 +90,27 @@ def test_info_shows_the_chain(tmp_path):
     assert layers[1]["backing-filename-format"] == "raw"
     text = fusestream("info", str(tmp_path / "top.qed")).stdout
     assert "file format: qed" in text and "backing file: mid.qed" in text
+
+
+def test_create_never_destroys_an_image_in_use(tmp_path):
+    (tmp_path / "base.raw").write_bytes(b"\x07" * 65536)
+    assert "its own backing file" in fusestream(
+        "create", "-b", "base.raw", "--force", str(tmp_path / "base.raw"), check=False).stderr
+    assert (tmp_path / "base.raw").read_bytes() == b"\x07" * 65536
+    qemu_img("create", "-f", "qcow2", str(tmp_path / "b.qcow2"), "1M")
+    assert "unsupported backing format 'qcow2'" in fusestream(
+        "create", "-b", "b.qcow2", str(tmp_path / "x.qed"), check=False).stderr
+    image = tmp_path / "busy.qed"
+    fusestream("create", "-s", "1M", str(image))
+    chain = open_chain(str(image))
+    try:
+        result = fusestream("create", "-s", "2M", "--force", str(image), check=False)
+        assert result.returncode == 1 and "in use" in result.stderr
+    finally:
+        chain.close()
+    assert qemu_info(image)["virtual-size"] == 1 << 20
+
+
+def test_a_zero_sized_image_like_qemu_img(tmp_path):
+    fusestream("create", "-s", "0", str(tmp_path / "empty.qed"))
+    assert qemu_info(tmp_path / "empty.qed")["virtual-size"] == 0

@@ -17,6 +17,7 @@ from conftest import MOUNT_HELPER, MOUNT_TIMEOUT, build_chain, qemu_check, qemu_
 from test_qed import random_writes
 
 from fusestream.formats import qed
+from fusestream.formats.qed_structs import QED_F_NEED_CHECK, QED_HEADER
 
 pytestmark = pytest.mark.mount
 
@@ -128,7 +129,8 @@ def test_st_blocks_follow_allocation(chain, mount):
 
 
 def test_generic_mount_options_are_understood(chain, mount):
-    m = mount(chain.top, "rw", "defaults", "noatime", "nosuid", "nodev", "nofail", "x-systemd.automount", "nostream")
+    m = mount(chain.top, "rw", "defaults", "noatime", "nosuid", "nodev", "nofail", "x-systemd.automount", "nostream",
+              "relatime", "nodiratime")
     mounts = Path("/proc/self/mounts").read_text().splitlines()
     options = next(line for line in mounts if str(m.mountpoint) in line).split()[3]
     assert {"nosuid", "nodev", "noatime"} <= set(options.split(","))
@@ -205,3 +207,54 @@ def test_sigterm_unmounts_cleanly(chain, mount):
     m.proc.wait(timeout=MOUNT_TIMEOUT)
     assert m.proc.returncode == 0
     assert not os.path.ismount(m.mountpoint)
+
+
+def test_an_image_path_with_a_comma(tmp_path, mount):
+    image = tmp_path / "disk,1.qed"
+    qed.create(str(image), 1 << 20)
+    m = mount(image)
+    assert m.raw.name == "disk,1.raw" and m.raw.stat().st_size == 1 << 20
+    m.umount()
+
+
+def test_a_crashed_mount_point_is_named_as_such(chain, mount, tmp_path):
+    m = mount(chain.top, "nostream")
+    m.proc.kill()
+    m.proc.wait()
+    result = subprocess.run([MOUNT_HELPER, str(chain.top), str(m.mountpoint)], capture_output=True, text=True)
+    assert result.returncode == 1
+    # depending on whether the kernel still caches the root's attributes
+    assert ("Transport endpoint is not connected (a crashed mount?" in result.stderr
+            or "something is already mounted there" in result.stderr), result.stderr
+
+
+def test_need_check_is_cleared_once_allocating_writes_pause(tmp_path, mount):
+    """QEMU's timer: an image without a backing file is marked clean a few seconds after the
+    last allocating write, long before the unmount."""
+    image = tmp_path / "solo.qed"
+    qed.create(str(image), 16 << 20)
+    m = mount(image)
+    with open(m.raw, "r+b") as f:
+        f.write(os.urandom(100_000))
+    header = QED_HEADER.parse(image.read_bytes()[:64])
+    assert header.features & QED_F_NEED_CHECK
+    deadline = time.monotonic() + 15
+    while QED_HEADER.parse(image.read_bytes()[:64]).features & QED_F_NEED_CHECK:
+        assert time.monotonic() < deadline, "QED_F_NEED_CHECK still set while idle"
+        time.sleep(0.5)
+    assert os.path.ismount(m.mountpoint)
+    m.umount()
+
+
+def test_sigterm_right_after_unmount_still_closes_cleanly(tmp_path, mount):
+    image = tmp_path / "solo.qed"
+    qed.create(str(image), 64 << 20)
+    m = mount(image)
+    with open(m.raw, "r+b") as f:
+        f.write(os.urandom(8 << 20))
+    run("fusermount3", "-u", str(m.mountpoint))
+    m.proc.terminate()  # what systemd does after ExecStop
+    m.proc.wait(timeout=MOUNT_TIMEOUT)
+    assert m.proc.returncode == 0
+    assert not QED_HEADER.parse(image.read_bytes()[:64]).features & QED_F_NEED_CHECK
+    assert qemu_check(image).returncode == 0

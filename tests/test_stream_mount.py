@@ -69,7 +69,6 @@ def test_full_stream_of_a_three_layer_chain(tmp_path, chain, mount):
 def test_stream_onto_a_base_with_mount_options(tmp_path, chain, mount):
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     m = mount(chain.top, f"base={chain.base}", "speed=64M")
-    assert status_json(m)["backing_chain"] == [str(chain.mid), str(chain.base)]
     assert fusestream("wait", str(m.mountpoint)).returncode == 0
     assert status_json(m)["backing_chain"] == [str(chain.base)]
     assert status_json(m)["stream"]["base"] == str(chain.base)
@@ -122,7 +121,7 @@ def test_pause_holds_progress_resume_finishes_cancel_keeps_the_chain(tmp_path, c
     time.sleep(0.5)
     assert status_json(m)["stream"]["offset"] > held["offset"]
     fusestream("cancel", str(m.mountpoint))
-    assert fusestream("wait", str(m.mountpoint), check=False).returncode == 2
+    assert fusestream("wait", str(m.mountpoint), check=False).returncode == 3
     assert status_json(m)["stream"]["state"] == "cancelled"
     assert status_json(m)["backing_chain"] == [str(chain.mid), str(chain.base)]
     assert m.raw.read_bytes() == expected
@@ -143,6 +142,10 @@ def test_control_files_and_the_events_sequence(chain, mount):
             ctl(m, bad)
         assert err.value.errno == errno.EINVAL
     assert status_json(m)["stream"]["state"] == "idle"
+    ctl(m, "stream speed=1M base=base.raw")  # a relative base is beside the image, like backing names
+    assert status_json(m)["stream"]["base"] == str(chain.base)
+    ctl(m, "cancel")
+    assert fusestream("wait", str(m.mountpoint), check=False).returncode == 3
     ctl(m, "stream speed=1M")
     assert re.match(r"^Streaming top\.raw: Completed \d+ of 8389120 bytes \(\d+\.\d%, .*\)\n$",
                     (m.mountpoint / "status").read_text())
@@ -150,7 +153,7 @@ def test_control_files_and_the_events_sequence(chain, mount):
     ctl(m, "resume")
     ctl(m, "speed 0")
     assert fusestream("wait", str(m.mountpoint)).returncode == 0
-    assert events(m) == ["COMMAND_REJECTED"] * 5 + [
+    assert events(m) == ["COMMAND_REJECTED"] * 5 + ["STREAM_STARTED", "STREAM_CANCELLED"] + [
         "STREAM_STARTED", "STREAM_PAUSED", "STREAM_RESUMED", "BACKING_CHANGED", "STREAM_COMPLETED"]
     m.umount()
 

@@ -2,7 +2,8 @@
 
 The image is thread-safe so that bulk I/O can run off the trio event loop. Two locks:
 
-* ``_table_lock`` guards the in-memory L1 table and the L2 cache; it is held only briefly.
+* ``_table_lock`` guards the in-memory L1 table and the L2 cache; it is held for lookups,
+  including the read of an L2 table that is not cached.
 * ``_alloc_lock`` serialises allocating writes (QEMU does the same) and is held across their I/O,
   so a cluster is never allocated twice and the crash-safe order below is kept.
 
@@ -21,8 +22,10 @@ import dataclasses
 import fcntl
 import logging
 import os
+import stat
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 from construct import ConstructError
@@ -163,17 +166,24 @@ class QedImage:
             if lock:
                 _lock_file(self.fd, path, exclusive=writable)
             self._load(l2_cache_bytes)
+        except OSError as err:
+            os.close(self.fd)
+            raise InvalidImageError(describe_os_error(path, err)) from None
         except BaseException:
             os.close(self.fd)
             raise
         self._table_lock = threading.RLock()
         self._alloc_lock = threading.Lock()
         self._we_set_need_check = False
+        self.last_allocation = 0.0  # time.monotonic() of the last write that set NEED_CHECK
 
     # -- opening -------------------------------------------------------------------------------
 
     def _load(self, l2_cache_bytes: int) -> None:
-        file_size = os.fstat(self.fd).st_size
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _fail(self.path, "not a regular file")
+        file_size = st.st_size
         raw = os.pread(self.fd, QED_HEADER_SIZE, 0)
         if len(raw) < QED_HEADER_SIZE or not raw.startswith(QED_MAGIC):
             if file_size == 0:
@@ -198,7 +208,7 @@ class QedImage:
         self._l2_cache_max = max(1, l2_cache_bytes // self.table_bytes)
         if self.writable:
             self._clear_unknown_autoclear_bits()
-        if h.features & QED_F_NEED_CHECK:
+        if h.features & QED_F_NEED_CHECK and self.writable:
             log.warning("%s: QED_F_NEED_CHECK is set (not closed cleanly); it stays set until checked", self.path)
 
     def _read_backing_filename(self) -> str | None:
@@ -213,6 +223,10 @@ class QedImage:
         if "\0" in name:
             raise _fail(self.path, "backing file name contains a NUL byte")
         return name
+
+    @property
+    def need_check_set_by_us(self) -> bool:
+        return self._we_set_need_check
 
     @property
     def backing_format_is_raw(self) -> bool:
@@ -482,11 +496,24 @@ class QedImage:
         return start
 
     def _set_need_check(self) -> None:
+        self.last_allocation = time.monotonic()
         if not self.header.features & QED_F_NEED_CHECK:
             self.header.features |= QED_F_NEED_CHECK
             self._write_header()
             os.fdatasync(self.fd)
             self._we_set_need_check = True
+
+    def clear_need_check(self) -> None:
+        """Make everything durable, then clear the QED_F_NEED_CHECK flag we set (QEMU does this
+        a few seconds after the last allocating write, and on close)."""
+        with self._alloc_lock:
+            if not self._we_set_need_check:
+                return
+            os.fdatasync(self.fd)
+            self.header.features &= ~QED_F_NEED_CHECK
+            self._write_header()
+            os.fdatasync(self.fd)
+            self._we_set_need_check = False
 
     def _set_l2_entries(self, entries: dict[int, int]) -> None:
         by_table: dict[int, dict[int, int]] = collections.defaultdict(dict)
@@ -595,10 +622,7 @@ class QedImage:
         try:
             if self.writable:
                 os.fdatasync(self.fd)
-                if self._we_set_need_check:
-                    self.header.features &= ~QED_F_NEED_CHECK
-                    self._write_header()
-                    os.fdatasync(self.fd)
+                self.clear_need_check()
         finally:
             os.close(self.fd)
             self.fd = -1
@@ -641,10 +665,8 @@ def create(
         )
     file_size = cluster_size * (1 + table_size)
     validate_header(path, QED_HEADER.parse(QED_HEADER.build(header)), file_size)
-    if size == 0:
-        raise InvalidImageError(f"{path}: image size must be greater than zero")
     first_cluster = QED_HEADER.build(header) + name
-    mode = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
+    mode = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (0 if overwrite else os.O_EXCL)
     try:
         fd = os.open(path, mode, 0o644)
     except FileExistsError:
@@ -652,6 +674,8 @@ def create(
     except OSError as err:
         raise InvalidImageError(describe_os_error(path, err)) from None
     try:
+        _lock_file(fd, path, exclusive=True)  # never truncate an image that is in use
+        os.ftruncate(fd, 0)
         _pwrite_all(fd, first_cluster, 0)
         os.ftruncate(fd, file_size)
         os.fsync(fd)

@@ -1,0 +1,279 @@
+"""Shared pieces of the side-by-side benchmarks: fusestream against qemu-storage-daemon.
+
+* ``build_chain`` makes (once, cached in bench/.cache/) a three-layer chain
+  ``base.raw <- mid.qed <- top.qed`` and the oracle ``reference.raw`` from
+  ``qemu-img convert -O raw``.
+* ``fusestream_mount`` and ``qsd_export`` serve that chain as one raw file, each daemon in its own
+  session so that Ctrl-C reaches only the benchmark, which then stops them in order.
+* ``check_same_bytes`` refuses to benchmark a mount that reads wrong data.
+* ``run_fio_cold`` takes one cold-cache measurement with fio.
+
+Every daemon is stopped with SIGTERM, on which both fusestream and qemu-storage-daemon unmount
+cleanly; only a mount left behind after that gets ``fusermount3 -u``, then ``-uz``. (qemu-storage-
+daemon 7.2 spins at 100% CPU if its export is unmounted under it, so it is never stopped that way.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+CACHE_DIR = BENCH_DIR / ".cache"
+VENV_BIN = Path(os.path.abspath(sys.executable)).parent  # not resolved: that would leave the venv
+MOUNT_FUSESTREAM = VENV_BIN / "mount.fusestream"
+
+CHAIN_LAYOUT = "v1"  # bump when build_chain changes what it writes, so old caches are not reused
+CLUSTER = 64 * 1024  # QED's default cluster size
+MiB = 1 << 20
+BASE_STRIDE = 5 * MiB  # the base holds data in the first 4 MiB of every 5 MiB: 80% data, 20% holes
+BASE_DATA = 4 * MiB
+MOUNT_TIMEOUT = 10.0
+STOP_TIMEOUT = 30.0
+
+
+# -- the chain -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """A cached backing chain and the flat raw image it means."""
+
+    base: Path
+    mid: Path
+    top: Path
+    reference: Path
+    size: int
+
+
+def build_chain(size: int, cache_dir: Path = CACHE_DIR) -> Chain:
+    """Return the cached chain of `size` virtual bytes, building it first if needed.
+
+    It is built in a scratch directory and renamed into place only when complete, so an
+    interrupted build is never reused. Backing names are relative, so the rename keeps them valid.
+    """
+    if size % CLUSTER:
+        raise ValueError(f"size must be a multiple of {CLUSTER} bytes")
+    final = cache_dir / f"chain-{CHAIN_LAYOUT}-{size}"
+    if not final.is_dir():
+        scratch = cache_dir / f"{final.name}.building"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        _build_chain_in(scratch, size)
+        scratch.rename(final)
+    return Chain(final / "base.raw", final / "mid.qed", final / "top.qed", final / "reference.raw", size)
+
+
+def _build_chain_in(directory: Path, size: int) -> None:
+    base, mid, top = directory / "base.raw", directory / "mid.qed", directory / "top.qed"
+    _write_base(base, size)
+    _run(["qemu-img", "create", "-q", "-f", "qed", "-b", base.name, "-F", "raw", str(mid), str(size)])
+    _qemu_io(mid, _scattered_writes(size, seed=1, pattern=0x11, unaligned=False))
+    _run(["qemu-img", "create", "-q", "-f", "qed", "-b", mid.name, "-F", "qed", str(top), str(size)])
+    _qemu_io(top, _scattered_writes(size, seed=2, pattern=0x22, unaligned=True))
+    _run(["qemu-img", "convert", "-O", "raw", str(top), str(directory / "reference.raw")])
+
+
+def _write_base(path: Path, size: int) -> None:
+    """Pseudo-random data in 80% of the disk, holes in the rest (read back as zeros)."""
+    rng = random.Random(0)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for start in range(0, size, BASE_STRIDE):
+            f.seek(start)
+            for chunk in range(start, min(start + BASE_DATA, size), MiB):
+                f.write(rng.randbytes(min(MiB, size - chunk)))
+
+
+def _scattered_writes(size: int, seed: int, pattern: int, unaligned: bool) -> list[str]:
+    """qemu-io commands touching about 1 cluster in 16: whole clusters, or (unaligned) 4-64 KiB
+    writes at 512-byte offsets plus some whole zero clusters (QED_ZERO_CLUSTER)."""
+    rng = random.Random(seed)
+    commands = []
+    for _ in range(size // CLUSTER // 16):
+        cluster_start = rng.randrange(size // CLUSTER) * CLUSTER
+        if not unaligned:
+            commands.append(f"write -P {pattern:#x} {cluster_start} {CLUSTER}")
+        elif rng.random() < 0.1:
+            commands.append(f"write -z {cluster_start} {CLUSTER}")
+        else:
+            offset = min(cluster_start + rng.randrange(0, CLUSTER, 512), size - 4096)
+            length = min(rng.randrange(4096, CLUSTER + 1, 512), size - offset)
+            commands.append(f"write -P {pattern + rng.randrange(16):#x} {offset} {length}")
+    return commands
+
+
+def _qemu_io(image: Path, commands: list[str], batch: int = 500) -> None:
+    for i in range(0, len(commands), batch):
+        argv = ["qemu-io", "-f", "qed"]
+        for command in commands[i : i + batch]:
+            argv += ["-c", command]
+        _run([*argv, str(image)])
+
+
+def _run(argv: Sequence[str]) -> None:
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+
+
+# -- mounts ----------------------------------------------------------------------------------------
+
+
+def is_mounted(path: Path) -> bool:
+    """Whether anything is mounted exactly on `path` (a directory or, for qsd, a file)."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            mountpoint = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[1])  # \040 etc.
+            if mountpoint == target:
+                return True
+    return False
+
+
+def fusestream_argv(image: Path, mountdir: Path, options: Sequence[str] = ("ro",)) -> list[str]:
+    """mount.fusestream in the foreground, from this venv."""
+    return [str(MOUNT_FUSESTREAM), "-f", *(["-o", ",".join(options)] if options else []), str(image), str(mountdir)]
+
+
+@contextlib.contextmanager
+def fusestream_mount(image: Path, mountdir: Path, options: Sequence[str] = ("ro",)) -> Iterator[Path]:
+    """Mount `image` with mount.fusestream; yield the path of its raw file."""
+    mountdir.mkdir(exist_ok=True)
+    with _daemon(fusestream_argv(image, mountdir, options), mountdir, mountdir.with_suffix(".log")):
+        yield mountdir / (image.stem + ".raw")
+
+
+def qsd_argv(image: Path, export_file: Path, writable: bool = False) -> list[str]:
+    """qemu-storage-daemon exporting a QED image over FUSE; backing files open from its header."""
+    ro = "off" if writable else "on"
+    return [
+        "qemu-storage-daemon",
+        "--blockdev", f"driver=file,node-name=file0,filename={image},read-only={ro}",
+        "--blockdev", f"driver=qed,node-name=disk0,file=file0,read-only={ro}",
+        "--export", f"type=fuse,id=exp0,node-name=disk0,mountpoint={export_file},"
+        f"writable={'on' if writable else 'off'}",
+    ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def qsd_export(image: Path, export_file: Path, writable: bool = False) -> Iterator[Path]:
+    """Export `image` with qemu-storage-daemon; yield the export, a regular file it mounts over."""
+    export_file.touch()
+    with _daemon(qsd_argv(image, export_file, writable), export_file, export_file.with_suffix(".log")):
+        yield export_file
+
+
+@contextlib.contextmanager
+def _daemon(argv: Sequence[str], mountpoint: Path, log_path: Path) -> Iterator[None]:
+    """Run a FUSE daemon until the block ends; whatever happens, leave no process or mount behind."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    try:
+        _wait_for_mount(proc, mountpoint, log_path)
+    except BaseException:
+        _stop(proc, mountpoint)
+        raise
+    try:
+        yield
+    finally:
+        _stop(proc, mountpoint)
+        if proc.returncode != 0:
+            print(f"warning: {argv[0]} exited with {proc.returncode}: {_tail(log_path)}", file=sys.stderr)
+
+
+def _wait_for_mount(proc: subprocess.Popen, mountpoint: Path, log_path: Path) -> None:
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while not is_mounted(mountpoint):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}: {_tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.args[0]}: {mountpoint} not mounted after {MOUNT_TIMEOUT:.0f} s")
+        time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen, mountpoint: Path) -> None:
+    """SIGTERM (a clean unmount for both daemons), then SIGKILL; then unmount whatever is left."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for flags in ("-u", "-uz"):
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", flags, str(mountpoint)], check=False)
+
+
+def _tail(log_path: Path, lines: int = 5) -> str:
+    text = log_path.read_text(errors="replace").strip().splitlines()
+    return " | ".join(text[-lines:]) or "(no output)"
+
+
+# -- checking and measuring ------------------------------------------------------------------------
+
+
+def check_same_bytes(path: Path, reference: Path, samples: int = 256, length: int = 64 * 1024) -> None:
+    """Compare `samples` pseudo-random unaligned ranges (and both ends) with the reference image."""
+    size = reference.stat().st_size
+    rng = random.Random(3)
+    offsets = [0, max(0, size - length)] + [rng.randrange(size) for _ in range(samples)]
+    with open(path, "rb", buffering=0) as got, open(reference, "rb", buffering=0) as want:
+        for offset in offsets:
+            if os.pread(got.fileno(), length, offset) != os.pread(want.fileno(), length, offset):
+                raise RuntimeError(f"{path}: bytes at offset {offset} differ from {reference}")
+
+
+def drop_caches() -> None:
+    """Empty the page cache, so that a run reads the images (and the mount) cold."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class FioResult:
+    bw_bytes: float  # bytes per second
+    iops: float
+    clat_p50_us: float
+    clat_p99_us: float
+
+
+def fio_argv(path: Path | str, params: dict[str, str]) -> list[str]:
+    """One read-only fio job: fio's JSON output, the given job parameters."""
+    argv = ["fio", "--output-format=json", "--name=bench", f"--filename={path}", "--readonly"]
+    return argv + [f"--{key}={value}" if value else f"--{key}" for key, value in params.items()]
+
+
+def run_fio_cold(path: Path, params: dict[str, str]) -> FioResult:
+    """The second of two identical runs, each on a cold page cache; the first is not timed.
+
+    Why two: a VM may hand the memory freed by drop_caches back to its host (virtio-balloon free
+    page reporting), and then the next run to fill the page cache pays to fault it back in. After
+    a quiet spell or a small run, that made a sequential read 2-7 times slower than the same read
+    right after a big one, whichever peer it was. The untimed run gives every timed run the
+    same history.
+    """
+    for _ in range(2):
+        drop_caches()
+        result = run_fio(path, params)
+    return result
+
+
+def run_fio(path: Path, params: dict[str, str]) -> FioResult:
+    out = subprocess.run(fio_argv(path, params), check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    if job["error"]:
+        raise RuntimeError(f"fio on {path} failed with error {job['error']}")
+    read = job["read"]
+    percentiles = read["clat_ns"]["percentile"]
+    return FioResult(read["bw_bytes"], read["iops"], percentiles["50.000000"] / 1e3, percentiles["99.000000"] / 1e3)

@@ -77,24 +77,23 @@ class LayersInUse:
     """Lets many threads read through the backing layers while none may close them.
 
     Streaming to completion retires layers; a read that started before then may still be
-    reading one of them, so retiring waits for the reads in flight to finish.
+    reading one of them, so retiring waits for the reads in flight to finish. `with in_use:`
+    marks a read (a plain class, not a generator: it is on every guest read's path).
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
 
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[None]:
+    def __enter__(self) -> None:
         with self._cond:
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -124,19 +123,19 @@ class Chain:
         length = max(0, min(length, self.size - offset))
         if not length:
             return b""
-        with self.in_use.reading():
+        with self.in_use:
             return self.top.read(offset, length)
 
     def read_backing(self, offset: int, length: int) -> bytes:
         """What the chain below the top image holds for a range (zeros past its end)."""
-        with self.in_use.reading():
+        with self.in_use:
             return read_from(self.top.backing, offset, length)
 
     def write(self, offset: int, data: bytes) -> int:
         """Write guest data into the top image; returns how many bytes fit in the virtual size."""
         length = max(0, min(len(data), self.size - offset))
         if length:
-            with self.in_use.reading():
+            with self.in_use:
                 self.top.write(offset, data[:length])
         return length
 

@@ -369,6 +369,15 @@ class QedImage:
     # -- reads ---------------------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
+        cluster, within = divmod(offset, self.cluster_size)
+        if within + length <= self.cluster_size:  # the common small read: one lookup, no extents
+            with self._table_lock:
+                entry = self._cluster_entry(cluster)
+            if entry == QED_UNALLOCATED:
+                return read_from(self.backing, offset, length)
+            if entry == QED_ZERO_CLUSTER:
+                return bytes(length)
+            return self._read_data(entry + within, length)
         parts = []
         for extent in self.extents(offset, length):
             if extent.status is BlockStatus.FOUND:

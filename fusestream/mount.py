@@ -24,6 +24,7 @@ import trio
 from .chain import Chain, open_chain
 from .control import Control, EventLog
 from .errors import FusestreamError
+from .formats import qed_check
 from .fs import Operations, raw_name
 from .stream import Streamer
 from .units import parse_size
@@ -133,7 +134,22 @@ def open_image(image: str, opts: MountOptions) -> Chain:
     writable = not opts.ro and os.access(image, os.W_OK)
     if not opts.ro and not writable:
         log.info("%s is not writable: serving read-only", image)
+    if writable:
+        repair_before_use(image)
     return open_chain(image, writable=writable)
+
+
+def repair_before_use(image: str) -> None:
+    """An image left with QED_F_NEED_CHECK is checked and repaired before it is written, as QEMU
+    does; one that is still corrupt afterwards is not mounted read-write."""
+    result = qed_check.repair_if_needed(image)
+    if result is None:
+        return
+    log.warning("%s was not closed cleanly: check repaired %d corruptions and %d leaked clusters",
+                image, result.corruptions_fixed, result.leaks_fixed)
+    if result.corruptions:
+        raise FusestreamError(f"{image}: {result.corruptions} corruptions remain after repair "
+                              "(see fusestream check; -o ro still mounts it)")
 
 
 def check_mountpoint(mountpoint: str) -> None:

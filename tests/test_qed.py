@@ -139,7 +139,7 @@ def _corrupt_first_l2_entry(path, bad_entry: str) -> int:
     guest offset of that cluster."""
     image = qed.QedImage(str(path))
     l2_offset = next(o for o in image.l1 if o)
-    table = image._read_table(l2_offset)
+    table = image.read_table(l2_offset)
     targets = {
         "beyond-file": 1 << 50,
         "misaligned": table[0] + 17 if table[0] > 1 else 4096 * 100 + 17,

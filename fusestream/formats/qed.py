@@ -152,8 +152,15 @@ class QedImage:
     format_name = FORMAT_NAME
 
     def __init__(
-        self, path: str, writable: bool = False, lock: bool = True, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES
+        self,
+        path: str,
+        writable: bool = False,
+        lock: bool = True,
+        l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
+        check_tables: bool = True,
     ):
+        """Open and validate a QED file. With check_tables=False the L1 entries are not checked:
+        only for the consistency check, which examines them itself."""
         self.path = path
         self.writable = writable
         self.backing: Layer | None = None
@@ -165,7 +172,7 @@ class QedImage:
         try:
             if lock:
                 _lock_file(self.fd, path, exclusive=writable)
-            self._load(l2_cache_bytes)
+            self._load(l2_cache_bytes, check_tables)
         except OSError as err:
             os.close(self.fd)
             raise InvalidImageError(describe_os_error(path, err)) from None
@@ -179,7 +186,7 @@ class QedImage:
 
     # -- opening -------------------------------------------------------------------------------
 
-    def _load(self, l2_cache_bytes: int) -> None:
+    def _load(self, l2_cache_bytes: int, check_tables: bool) -> None:
         st = os.fstat(self.fd)
         if not stat.S_ISREG(st.st_mode):
             raise _fail(self.path, "not a regular file")
@@ -202,8 +209,10 @@ class QedImage:
         self.first_cluster = h.header_size * h.cluster_size
         self.file_size = file_size - file_size % h.cluster_size
         self.backing_filename = self._read_backing_filename()
-        self.l1 = self._read_table(h.l1_table_offset)
-        self._check_l1()
+        self.l1 = self.read_table(h.l1_table_offset)
+        self._l2_offsets = {o for o in self.l1 if o != QED_UNALLOCATED}
+        if check_tables:
+            self._check_l1()
         self._l2_cache: collections.OrderedDict[int, array.array] = collections.OrderedDict()
         self._l2_cache_max = max(1, l2_cache_bytes // self.table_bytes)
         if self.writable:
@@ -233,7 +242,7 @@ class QedImage:
         """QED_F_BACKING_FORMAT_NO_PROBE: the backing file is raw and must not be probed."""
         return bool(self.header.features & QED_F_BACKING_FORMAT_NO_PROBE)
 
-    def _read_table(self, offset: int) -> array.array:
+    def read_table(self, offset: int) -> array.array:
         table = array.array("Q")
         table.frombytes(_pread_exact(self.fd, offset, self.table_bytes))
         return table
@@ -245,7 +254,7 @@ class QedImage:
         for index, offset in enumerate(self.l1):
             if offset == QED_UNALLOCATED:
                 continue
-            problem = self._table_offset_problem(offset)
+            problem = self.table_offset_problem(offset)
             if problem is None and abs(offset - l1_start) < self.table_bytes:
                 problem = "overlaps the L1 table"
             if problem:
@@ -254,9 +263,8 @@ class QedImage:
         for lower, upper in zip(tables, tables[1:], strict=False):
             if upper - lower < self.table_bytes:
                 raise _fail(self.path, f"L2 tables at offsets {lower} and {upper} overlap")
-        self._l2_offsets = set(tables)
 
-    def _table_offset_problem(self, offset: int) -> str | None:
+    def table_offset_problem(self, offset: int) -> str | None:
         if offset % self.cluster_size:
             return "is not cluster-aligned"
         if offset < self.first_cluster:
@@ -280,7 +288,7 @@ class QedImage:
     def _l2_table(self, offset: int) -> array.array:
         table = self._l2_cache.get(offset)
         if table is None:
-            table = self._read_table(offset)
+            table = self.read_table(offset)
             self._l2_cache[offset] = table
             if len(self._l2_cache) > self._l2_cache_max:
                 self._l2_cache.popitem(last=False)
@@ -570,6 +578,39 @@ class QedImage:
             self._l2_cache[l2_offset] = table
             if len(self._l2_cache) > self._l2_cache_max:
                 self._l2_cache.popitem(last=False)
+
+    # -- repairs (for the consistency check) ------------------------------------------------------
+
+    def write_l1_entry(self, index: int, value: int) -> None:
+        with self._alloc_lock, self._table_lock:
+            _pwrite_all(self.fd, array.array("Q", [value]).tobytes(),
+                        self.header.l1_table_offset + index * TABLE_ENTRY_SIZE)
+            os.fdatasync(self.fd)
+            self._l2_offsets.discard(self.l1[index])
+            self._l2_cache.pop(self.l1[index], None)
+            self.l1[index] = value
+
+    def write_l2_entries(self, l2_offset: int, entries: dict[int, int]) -> None:
+        with self._alloc_lock:
+            self._update_l2_table(l2_offset, entries)
+            os.fdatasync(self.fd)
+
+    def truncate_file(self, size: int) -> None:
+        """Cut clusters nothing references off the end of the file."""
+        with self._alloc_lock:
+            os.ftruncate(self.fd, size)
+            os.fdatasync(self.fd)
+            self.file_size = size
+
+    def mark_clean(self) -> None:
+        """Clear QED_F_NEED_CHECK after a check found the image consistent."""
+        with self._alloc_lock:
+            if self.header.features & QED_F_NEED_CHECK:
+                os.fdatasync(self.fd)
+                self.header.features &= ~QED_F_NEED_CHECK
+                self._write_header()
+                os.fdatasync(self.fd)
+            self._we_set_need_check = False
 
     # -- the backing file ------------------------------------------------------------------------
 

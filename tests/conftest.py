@@ -20,6 +20,11 @@ FUSESTREAM = str(BIN / "fusestream")
 MOUNT_TIMEOUT = 15.0
 
 
+def pytest_addoption(parser):
+    parser.addoption("--crash-rounds", type=int, default=3,
+                     help="kill -9 rounds in test_crash.py (the long tier runs 20 or more)")
+
+
 def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if check and result.returncode:

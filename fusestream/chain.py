@@ -25,22 +25,19 @@ MAX_CHAIN_DEPTH = 64
 # Magic numbers of the image formats QEMU probes. A backing file that carries one of these must
 # never be read as raw: that would serve the format's own metadata as disk data.
 IMAGE_MAGICS = {
-    b"QFI\xfb": "qcow2",  # also qcow (version 1)
     b"KDMV": "vmdk",
     b"# Disk Descriptor": "vmdk",
     b"conectix": "vpc",
     b"vhdxfile": "vhdx",
-    b"<<< Oracle VM VirtualBox Disk Image >>>": "vdi",
-    b"<<< Sun xVM VirtualBox Disk Image >>>": "vdi",
-    b"<<< Sun VirtualBox Disk Image >>>": "vdi",
-    b"<<< innotek VirtualBox Disk Image >>>": "vdi",
     b"LUKS\xba\xbe": "luks",
     b"WithoutFreeSpace": "parallels",
     b"WithouFreSpacExt": "parallels",
-    b"cloop": "cloop",
-    b"\x6c\xdb\xf3\x01": "bochs",
+    b"#!/bin/sh\n#V2.0 Format\n": "cloop",
+    b"Bochs Virtual HD Image": "bochs",
 }
-PROBE_BYTES = 64
+QCOW_MAGIC = b"QFI\xfb"
+VDI_SIGNATURE = (64, b"\x7f\x10\xda\xbe")  # VDI keeps its magic after a 64-byte text banner
+PROBE_BYTES = 512
 
 
 def probe_format(path: str) -> str:
@@ -52,6 +49,11 @@ def probe_format(path: str) -> str:
         raise BackingFileError(describe_os_error(path, err)) from None
     if head.startswith(QED_MAGIC):
         return qed.FORMAT_NAME
+    if head.startswith(QCOW_MAGIC):  # qcow and qcow2 share it; the version follows
+        return "qcow" if int.from_bytes(head[4:8], "big") == 1 else "qcow2"
+    at, signature = VDI_SIGNATURE
+    if head[at : at + len(signature)] == signature:
+        return "vdi"
     return next((fmt for magic, fmt in IMAGE_MAGICS.items() if head.startswith(magic)), "raw")
 
 
@@ -70,7 +72,7 @@ def open_layer(path: str, fmt: str | None = None, lock: bool = True) -> Layer:
         return RawLayer(path, lock=lock)
     if fmt == qed.FORMAT_NAME:
         return qed.QedImage(path, writable=False, lock=lock)
-    raise BackingFileError(f"{path}: unsupported backing format '{fmt}'")
+    raise BackingFileError(f"{path}: unsupported image format '{fmt}' (raw and qed layers are supported)")
 
 
 class LayersInUse:

@@ -32,9 +32,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         if os.path.realpath(backing_path) == os.path.realpath(args.image):
             raise FusestreamError(f"{args.image}: an image cannot be its own backing file")
         fmt = args.backing_format or probe_format(backing_path)
-        if fmt not in SUPPORTED_BACKING_FORMATS:
-            raise FusestreamError(f"{backing_path}: unsupported backing format '{fmt}'")
-        backing = open_layer(backing_path, fmt)
+        backing = open_layer(backing_path, fmt)  # refuses formats we cannot read
         try:
             size = size if size is not None else backing.size
         finally:

@@ -226,6 +226,10 @@ def run(args: argparse.Namespace) -> int:
         chain.close()
         raise FusestreamError(f"base {opts.base} is not in the backing chain of {image}")
     ops = Operations(chain, read_only=opts.ro)
+    # From the mount on, SIGTERM and SIGINT must never kill the process half-way: the loop's own
+    # receiver takes them while it runs; before and after it (mounting, closing) they are ignored.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         pyfuse3.init(ops, args.mountpoint, fuse_options(image, opts))
     except RuntimeError as err:

@@ -24,7 +24,7 @@ from .formats.layer import BlockStatus, Layer
 log = logging.getLogger(__name__)
 
 MAX_COPY = 8 * 1024 * 1024  # bytes copied per step at most (one read, one write, one fdatasync)
-MAX_SCAN = 1024 * 1024 * 1024  # bytes of the virtual disk looked at per step (metadata only)
+MAX_SCAN_CLUSTERS = 16384  # clusters of the top image looked up per step (1 GiB at 64 KiB clusters)
 RATE_WINDOW = 3.0  # seconds of progress history behind the measured rate
 
 IDLE, RUNNING, PAUSED, COMPLETED, CANCELLED, FAILED = "idle", "running", "paused", "completed", "cancelled", "failed"
@@ -67,9 +67,9 @@ class Copier:
 
     def copy_step(self, offset: int, end: int, max_read: int) -> tuple[int, int]:
         """Stream from `offset` (cluster-aligned) towards `end`, stopping once `max_read` bytes
-        have been read from the backing chain or MAX_SCAN bytes looked at. Returns (where it
+        have been read from the backing chain or MAX_SCAN_CLUSTERS looked up. Returns (where it
         stopped, bytes read): empty space is crossed quickly and one step's work stays bounded."""
-        scan_end = min(end, offset + MAX_SCAN)
+        scan_end = min(end, offset + MAX_SCAN_CLUSTERS * self.chain.top.cluster_size)
         transferred = 0
         for extent in self.chain.top.extents(offset, scan_end - offset):
             if extent.status is not BlockStatus.UNALLOCATED:

@@ -217,7 +217,7 @@ class QedImage:
         self._l2_cache_max = max(1, l2_cache_bytes // self.table_bytes)
         if self.writable:
             self._clear_unknown_autoclear_bits()
-        if h.features & QED_F_NEED_CHECK and self.writable:
+        if h.features & QED_F_NEED_CHECK and self.writable and check_tables:
             log.warning("%s: QED_F_NEED_CHECK is set (not closed cleanly); it stays set until checked", self.path)
 
     def _read_backing_filename(self) -> str | None:
@@ -331,7 +331,8 @@ class QedImage:
 
     def _pieces(self, offset: int, length: int) -> Iterator[Extent]:
         """Lookups of [offset, offset+length), a cluster at a time, or a whole L2 table's span at
-        once where the L1 entry is unallocated. Call with _table_lock held."""
+        once where the L1 entry is unallocated. The table lock is taken per lookup, so that a
+        long walk (the stream job's) never holds up a guest read for long."""
         cs = self.cluster_size
         span = cs * self.nelems  # guest bytes behind one L2 table
         end = offset + length
@@ -344,7 +345,8 @@ class QedImage:
                 continue
             cluster, within = divmod(pos, cs)
             run = min(cs - within, end - pos)
-            entry = self._cluster_entry(cluster)
+            with self._table_lock:
+                entry = self._cluster_entry(cluster)
             if entry == QED_UNALLOCATED:
                 yield Extent(BlockStatus.UNALLOCATED, pos, run)
             elif entry == QED_ZERO_CLUSTER:
@@ -357,17 +359,16 @@ class QedImage:
         """Map a guest range to runs of FOUND (contiguous in the file), ZERO and UNALLOCATED;
         with `limit`, only the first `limit` runs (the last one whole)."""
         result: list[Extent] = []
-        with self._table_lock:
-            for piece in self._pieces(offset, length):
-                last = result[-1] if result else None
-                if last and last.status is piece.status and (
-                    piece.file_offset is None or last.file_offset + last.length == piece.file_offset
-                ):
-                    result[-1] = dataclasses.replace(last, length=last.length + piece.length)
-                elif limit is not None and len(result) == limit:
-                    break
-                else:
-                    result.append(piece)
+        for piece in self._pieces(offset, length):
+            last = result[-1] if result else None
+            if last and last.status is piece.status and (
+                piece.file_offset is None or last.file_offset + last.length == piece.file_offset
+            ):
+                result[-1] = dataclasses.replace(last, length=last.length + piece.length)
+            elif limit is not None and len(result) == limit:
+                break
+            else:
+                result.append(piece)
         return result
 
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:

@@ -23,6 +23,8 @@ MOUNT_TIMEOUT = 15.0
 def pytest_addoption(parser):
     parser.addoption("--crash-rounds", type=int, default=3,
                      help="kill -9 rounds in test_crash.py (the long tier runs 20 or more)")
+    parser.addoption("--replay-cuts", type=int, default=25,
+                     help="power cuts replayed per scenario in test_power_loss.py (the long tier: 100000 = all)")
 
 
 def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:

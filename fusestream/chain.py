@@ -13,9 +13,9 @@ import os
 import threading
 from collections.abc import Iterator
 
-from .errors import BackingFileError, FusestreamError, InvalidImageError, describe_os_error
+from .errors import BackingFileError, FusestreamError, describe_os_error
 from .formats import qed
-from .formats.layer import BlockStatus, Layer, read_from
+from .formats.layer import BlockStatus, Layer, open_regular_file, read_from
 from .formats.qed_structs import QED_MAGIC
 from .formats.raw import RawLayer
 
@@ -43,8 +43,11 @@ PROBE_BYTES = 512
 def probe_format(path: str) -> str:
     """The format of a file by its magic: 'qed', another image format's name, or 'raw'."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(PROBE_BYTES)
+        fd = open_regular_file(path, os.O_RDONLY)
+        try:
+            head = os.pread(fd, PROBE_BYTES, 0)
+        finally:
+            os.close(fd)
     except OSError as err:
         raise BackingFileError(describe_os_error(path, err)) from None
     if head.startswith(QED_MAGIC):
@@ -225,7 +228,7 @@ def _open_backing(layers: list[Layer], max_depth: int, lock: bool) -> None:
         fmt = "raw" if current.backing_format_is_raw else None
         try:
             layer = open_layer(backing_path, fmt, lock)
-        except InvalidImageError as err:
+        except FusestreamError as err:  # say which image names the file at fault
             raise BackingFileError(f"{current.path}: backing file {err}") from None
         seen.add(real)
         layers.append(layer)

@@ -13,6 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Fuzzing (test_fuzz.py): a quick set on every run; `--hypothesis-profile long` for the long tier.
+settings.register_profile("default", max_examples=150, deadline=2000,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.register_profile("long", max_examples=3000, deadline=2000,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.load_profile("default")
 
 BIN = Path(sys.executable).parent
 MOUNT_HELPER = str(BIN / "mount.fusestream")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 from conftest import qemu_convert, qemu_img, qemu_io
@@ -135,4 +136,19 @@ def test_a_backing_file_in_another_image_format_is_refused_not_read_as_raw(tmp_p
     qemu_img("create", "-f", fmt, str(tmp_path / "b.img"), "16M")
     qed.create(str(tmp_path / "top.qed"), 16 << 20, backing_filename="b.img")
     with pytest.raises(BackingFileError, match=f"unsupported image format '{fmt}'"):
+        open_chain(str(tmp_path / "top.qed"))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "socket"])
+def test_a_backing_name_naming_a_special_file_is_refused_without_hanging(tmp_path, kind):
+    special = tmp_path / "special"
+    if kind == "fifo":
+        os.mkfifo(special)  # opening it for reading would block forever without O_NONBLOCK
+    elif kind == "directory":
+        special.mkdir()
+    else:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(special))
+    qed.create(str(tmp_path / "top.qed"), 1 << 20, backing_filename="special", backing_raw=kind != "directory")
+    with pytest.raises(BackingFileError, match="not a regular file|No such device"):
         open_chain(str(tmp_path / "top.qed"))

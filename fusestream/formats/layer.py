@@ -7,6 +7,9 @@ and the stream job only ever use what is here, so a slow or failing source fits 
 from __future__ import annotations
 
 import enum
+import errno
+import os
+import stat
 from typing import Protocol
 
 
@@ -39,3 +42,16 @@ def read_from(layer: Layer | None, offset: int, length: int) -> bytes:
     inside = min(length, layer.size - offset)
     data = layer.read(offset, inside)
     return data if inside == length else data + bytes(length - inside)
+
+
+def open_regular_file(path: str, flags: int) -> int:
+    """Open an image file, refusing anything but a regular file: a directory, device, FIFO or
+    socket named by a (possibly hostile) image is an error, and O_NONBLOCK keeps a FIFO from
+    hanging the open."""
+    fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "a device, FIFO or socket"
+        raise OSError(errno.EINVAL, f"is {kind}, not a regular file")
+    return fd

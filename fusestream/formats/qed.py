@@ -22,7 +22,6 @@ import dataclasses
 import fcntl
 import logging
 import os
-import stat
 import sys
 import threading
 import time
@@ -37,7 +36,7 @@ from ..errors import (
     UnsupportedImageError,
     describe_os_error,
 )
-from .layer import BlockStatus, Layer, read_from
+from .layer import BlockStatus, Layer, open_regular_file, read_from
 from .qed_structs import (
     QED_AUTOCLEAR_FEATURE_MASK,
     QED_DEFAULT_CLUSTER_SIZE,
@@ -164,9 +163,8 @@ class QedImage:
         self.path = path
         self.writable = writable
         self.backing: Layer | None = None
-        flags = os.O_RDWR if writable else os.O_RDONLY
         try:
-            self.fd = os.open(path, flags | os.O_CLOEXEC)
+            self.fd = open_regular_file(path, os.O_RDWR if writable else os.O_RDONLY)
         except OSError as err:
             raise InvalidImageError(describe_os_error(path, err)) from None
         try:
@@ -187,10 +185,7 @@ class QedImage:
     # -- opening -------------------------------------------------------------------------------
 
     def _load(self, l2_cache_bytes: int, check_tables: bool) -> None:
-        st = os.fstat(self.fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _fail(self.path, "not a regular file")
-        file_size = st.st_size
+        file_size = os.fstat(self.fd).st_size
         raw = os.pread(self.fd, QED_HEADER_SIZE, 0)
         if len(raw) < QED_HEADER_SIZE or not raw.startswith(QED_MAGIC):
             if file_size == 0:

@@ -6,7 +6,7 @@ import fcntl
 import os
 
 from ..errors import BackingFileError, describe_os_error
-from .layer import BlockStatus
+from .layer import BlockStatus, open_regular_file
 
 FORMAT_NAME = "raw"
 
@@ -19,7 +19,7 @@ class RawLayer:
     def __init__(self, path: str, lock: bool = True):
         self.path = path
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self.fd = open_regular_file(path, os.O_RDONLY)
         except OSError as err:
             raise BackingFileError(describe_os_error(path, err)) from None
         try:
@@ -28,7 +28,7 @@ class RawLayer:
         except BlockingIOError:
             os.close(self.fd)
             raise BackingFileError(f"{path}: in use for writing by another fusestream process") from None
-        self.size = os.lseek(self.fd, 0, os.SEEK_END)  # also right for a block device
+        self.size = os.fstat(self.fd).st_size
 
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)

@@ -40,10 +40,10 @@ VDI_SIGNATURE = (64, b"\x7f\x10\xda\xbe")  # VDI keeps its magic after a 64-byte
 PROBE_BYTES = 512
 
 
-def probe_format(path: str) -> str:
+def probe_format(path: str, allow_device: bool = False) -> str:
     """The format of a file by its magic: 'qed', another image format's name, or 'raw'."""
     try:
-        fd = open_regular_file(path, os.O_RDONLY)
+        fd = open_regular_file(path, os.O_RDONLY, allow_block_device=allow_device)
         try:
             head = os.pread(fd, PROBE_BYTES, 0)
         finally:
@@ -67,12 +67,13 @@ def resolve_backing(image_path: str, backing_name: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), backing_name)
 
 
-def open_layer(path: str, fmt: str | None = None, lock: bool = True) -> Layer:
+def open_layer(path: str, fmt: str | None = None, lock: bool = True, allow_device: bool = False) -> Layer:
     """Open one read-only layer (without its own backing chain). With `lock`, it holds a shared
-    lock so that no fusestream mount writes it while it is in use."""
-    fmt = fmt or probe_format(path)
+    lock so that no fusestream mount writes it while it is in use; `allow_device` lets a block
+    device be a raw layer."""
+    fmt = fmt or probe_format(path, allow_device)
     if fmt == "raw":
-        return RawLayer(path, lock=lock)
+        return RawLayer(path, lock=lock, allow_device=allow_device)
     if fmt == qed.FORMAT_NAME:
         return qed.QedImage(path, writable=False, lock=lock)
     raise BackingFileError(f"{path}: unsupported image format '{fmt}' (raw and qed layers are supported)")
@@ -198,13 +199,30 @@ def backing_name(image_path: str, backing_path: str) -> str:
     return os.path.abspath(backing_path)
 
 
-def open_chain(path: str, writable: bool = True, lock: bool = True, max_depth: int = MAX_CHAIN_DEPTH) -> Chain:
+@dataclasses.dataclass(frozen=True)
+class Confinement:
+    """What a possibly hostile image may make us open as its backing chain."""
+
+    backing_dir: str | None = None  # backing files only inside this directory (links resolved)
+    allow_devices: bool = False  # a block device may be a raw layer
+    max_depth: int = MAX_CHAIN_DEPTH
+
+    def check(self, image: str, backing_path: str) -> None:
+        if self.backing_dir is None:
+            return
+        inside = os.path.realpath(self.backing_dir)
+        real = os.path.realpath(backing_path)
+        if os.path.commonpath([inside, real]) != inside:
+            raise BackingFileError(f"{image}: backing file {backing_path} is outside backing_dir {self.backing_dir}")
+
+
+def open_chain(path: str, writable: bool = True, lock: bool = True, confinement: Confinement = Confinement()) -> Chain:
     """Open a QED image and its whole backing chain; on any error nothing stays open."""
     path = os.path.abspath(path)
     top = qed.QedImage(path, writable=writable, lock=lock)
     layers: list[Layer] = [top]
     try:
-        _open_backing(layers, max_depth, lock)
+        _open_backing(layers, confinement, lock)
     except BaseException:
         for layer in layers:
             layer.close()
@@ -212,7 +230,7 @@ def open_chain(path: str, writable: bool = True, lock: bool = True, max_depth: i
     return Chain(top, layers)
 
 
-def _open_backing(layers: list[Layer], max_depth: int, lock: bool) -> None:
+def _open_backing(layers: list[Layer], confinement: Confinement, lock: bool) -> None:
     """Follow backing names down from layers[-1], appending each opened layer."""
     seen = {os.path.realpath(layers[0].path)}
     current = layers[0]
@@ -221,13 +239,14 @@ def _open_backing(layers: list[Layer], max_depth: int, lock: bool) -> None:
         real = os.path.realpath(backing_path)
         if real in seen:
             raise BackingFileError(f"{current.path}: backing file loop: {backing_path} is already in the chain")
-        if len(layers) > max_depth:
-            raise BackingFileError(f"{current.path}: backing chain deeper than {max_depth} layers")
+        if len(layers) > confinement.max_depth:
+            raise BackingFileError(f"{current.path}: backing chain deeper than {confinement.max_depth} layers")
+        confinement.check(current.path, backing_path)
         if not os.path.exists(backing_path):
             raise BackingFileError(f"{current.path}: backing file {backing_path} does not exist")
         fmt = "raw" if current.backing_format_is_raw else None
         try:
-            layer = open_layer(backing_path, fmt, lock)
+            layer = open_layer(backing_path, fmt, lock, confinement.allow_devices)
         except FusestreamError as err:  # say which image names the file at fault
             raise BackingFileError(f"{current.path}: backing file {err}") from None
         seen.add(real)

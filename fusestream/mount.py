@@ -21,7 +21,7 @@ import time
 import pyfuse3
 import trio
 
-from .chain import Chain, open_chain
+from .chain import Chain, Confinement, open_chain
 from .control import Control, EventLog
 from .errors import FusestreamError
 from .formats import qed_check
@@ -53,6 +53,8 @@ class MountOptions:
     copy_on_read: bool = False
     allow_other: bool = False
     debug: bool = False
+    backing_dir: str | None = None
+    allow_devices: bool = False
     kernel_flags: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -62,9 +64,9 @@ def parse_options(texts: list[str]) -> MountOptions:
     for text in texts:
         for item in filter(None, text.split(",")):
             name, has_value, value = item.partition("=")
-            if has_value and name in ("base", "speed"):
+            if has_value and name in ("base", "speed", "backing_dir"):
                 _set_valued(opts, name, value)
-            elif not has_value and name in ("ro", "nostream", "copy_on_read", "allow_other", "debug"):
+            elif not has_value and name in ("ro", "nostream", "copy_on_read", "allow_other", "debug", "allow_devices"):
                 setattr(opts, name, True)
             elif not has_value and name in KERNEL_FLAGS:
                 opts.kernel_flags.append(name)
@@ -78,8 +80,8 @@ def parse_options(texts: list[str]) -> MountOptions:
 def _set_valued(opts: MountOptions, name: str, value: str) -> None:
     if not value:
         raise UsageError(f"mount option '{name}=' needs a value")
-    if name == "base":
-        opts.base = os.path.abspath(value)
+    if name in ("base", "backing_dir"):
+        setattr(opts, name, os.path.abspath(value))
     else:
         try:
             opts.speed = parse_size(value)
@@ -110,7 +112,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("mountpoint", help="an existing directory")
     parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
-                        help="ro, nostream, base=PATH, speed=RATE, copy_on_read, allow_other, debug")
+                        help="ro, nostream, base=PATH, speed=RATE, copy_on_read, allow_other, debug, "
+                             "backing_dir=DIR, allow_devices")
     # Flags that mount(8) passes to helpers: sloppy, no-mtab, verbose, and the type.
     parser.add_argument("-s", "-n", "-v", dest="mount_helper_flags", action="count", help=argparse.SUPPRESS)
     parser.add_argument("-t", dest="fstype", help=argparse.SUPPRESS)
@@ -136,7 +139,8 @@ def open_image(image: str, opts: MountOptions) -> Chain:
         log.info("%s is not writable: serving read-only", image)
     if writable:
         repair_before_use(image)
-    return open_chain(image, writable=writable)
+    return open_chain(image, writable=writable,
+                      confinement=Confinement(backing_dir=opts.backing_dir, allow_devices=opts.allow_devices))
 
 
 def repair_before_use(image: str) -> None:

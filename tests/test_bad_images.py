@@ -164,3 +164,13 @@ def test_unknown_autoclear_bits_are_cleared_on_a_read_write_open_only(tmp_path):
     assert QED_HEADER.parse(image.read_bytes()[:QED_HEADER_SIZE]).autoclear_features == 0x8
     qed.QedImage(str(image), writable=True).close()
     assert QED_HEADER.parse(image.read_bytes()[:QED_HEADER_SIZE]).autoclear_features == 0
+
+
+def test_backing_dir_and_allow_devices_mount_options(tmp_path, mount):
+    image = make_image(tmp_path)
+    (tmp_path / "jail").mkdir()
+    (tmp_path / "mnt").mkdir()
+    line = mount_fails(image, tmp_path / "mnt", "-o", f"backing_dir={tmp_path / 'jail'}")
+    assert "is outside backing_dir" in line
+    m = mount(image, f"backing_dir={tmp_path}", "allow_devices", "nostream")
+    m.umount()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 
 import pytest
 from conftest import qemu_convert, qemu_img, qemu_io
 
-from fusestream.chain import open_chain
+from fusestream.chain import Confinement, open_chain
 from fusestream.errors import BackingFileError, ImageBusyError
 from fusestream.formats import qed
 from fusestream.formats.qed_structs import QED_MAGIC
@@ -96,9 +97,9 @@ def test_too_deep_a_chain_is_refused(tmp_path):
     qed.create(str(tmp_path / "l1.qed"), 4096, backing_filename="l0.raw", backing_raw=True)
     for i in range(2, 8):
         qed.create(str(tmp_path / f"l{i}.qed"), 4096, backing_filename=f"l{i - 1}.qed")
-    open_chain(str(tmp_path / "l7.qed"), max_depth=7).close()
+    open_chain(str(tmp_path / "l7.qed"), confinement=Confinement(max_depth=7)).close()
     with pytest.raises(BackingFileError, match="deeper than 6"):
-        open_chain(str(tmp_path / "l7.qed"), max_depth=6)
+        open_chain(str(tmp_path / "l7.qed"), confinement=Confinement(max_depth=6))
 
 
 def test_unreadable_backing_file_names_it(tmp_path):
@@ -152,3 +153,37 @@ def test_a_backing_name_naming_a_special_file_is_refused_without_hanging(tmp_pat
     qed.create(str(tmp_path / "top.qed"), 1 << 20, backing_filename="special", backing_raw=kind != "directory")
     with pytest.raises(BackingFileError, match="not a regular file|No such device"):
         open_chain(str(tmp_path / "top.qed"))
+
+
+def test_backing_dir_confines_the_chain(tmp_path):
+    confined = Confinement(backing_dir=str(tmp_path / "images"))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "secret.raw").write_bytes(b"not yours" * 1000)
+    os.symlink("../secret.raw", tmp_path / "images" / "link.raw")
+    for name in ("../secret.raw", str(tmp_path / "secret.raw"), "link.raw"):
+        qed.create(str(tmp_path / "images" / "top.qed"), 1 << 20, backing_filename=name, backing_raw=True,
+                   overwrite=True)
+        with pytest.raises(BackingFileError, match="outside backing_dir"):
+            open_chain(str(tmp_path / "images" / "top.qed"), confinement=confined)
+    (tmp_path / "images" / "base.raw").write_bytes(bytes(4096))
+    qed.create(str(tmp_path / "images" / "top.qed"), 1 << 20, backing_filename="base.raw", backing_raw=True,
+               overwrite=True)
+    open_chain(str(tmp_path / "images" / "top.qed"), confinement=confined).close()
+
+
+def test_a_block_device_is_a_raw_layer_only_when_allowed(tmp_path):
+    (tmp_path / "disk.img").write_bytes(b"\x5a" * (1 << 20))
+    device = subprocess.run(["losetup", "--find", "--show", "--read-only", str(tmp_path / "disk.img")],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        qed.create(str(tmp_path / "top.qed"), 1 << 20, backing_filename=device, backing_raw=True)
+        with pytest.raises(BackingFileError, match="block device .allowed only with -o allow_devices."):
+            open_chain(str(tmp_path / "top.qed"))
+        chain = open_chain(str(tmp_path / "top.qed"), confinement=Confinement(allow_devices=True))
+        try:
+            assert chain.layers[1].size == 1 << 20
+            assert chain.read(4096, 16) == b"\x5a" * 16
+        finally:
+            chain.close()
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)

@@ -44,14 +44,19 @@ def read_from(layer: Layer | None, offset: int, length: int) -> bytes:
     return data if inside == length else data + bytes(length - inside)
 
 
-def open_regular_file(path: str, flags: int) -> int:
-    """Open an image file, refusing anything but a regular file: a directory, device, FIFO or
-    socket named by a (possibly hostile) image is an error, and O_NONBLOCK keeps a FIFO from
-    hanging the open."""
+def open_regular_file(path: str, flags: int, allow_block_device: bool = False) -> int:
+    """Open an image file, refusing anything but a regular file (or, when the user asked for
+    it, a block device): a directory, device, FIFO or socket named by a possibly hostile image is
+    an error, and O_NONBLOCK keeps a FIFO from hanging the open."""
     fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK)
     mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    if not (stat.S_ISREG(mode) or (allow_block_device and stat.S_ISBLK(mode))):
         os.close(fd)
-        kind = "a directory" if stat.S_ISDIR(mode) else "a device, FIFO or socket"
-        raise OSError(errno.EINVAL, f"is {kind}, not a regular file")
+        if stat.S_ISDIR(mode):
+            problem = "is a directory, not a regular file"
+        elif stat.S_ISBLK(mode):
+            problem = "is a block device (allowed only with -o allow_devices)"
+        else:
+            problem = "is a device, FIFO or socket, not a regular file"
+        raise OSError(errno.EINVAL, problem)
     return fd

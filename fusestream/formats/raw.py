@@ -16,10 +16,10 @@ class RawLayer:
 
     format_name = FORMAT_NAME
 
-    def __init__(self, path: str, lock: bool = True):
+    def __init__(self, path: str, lock: bool = True, allow_device: bool = False):
         self.path = path
         try:
-            self.fd = open_regular_file(path, os.O_RDONLY)
+            self.fd = open_regular_file(path, os.O_RDONLY, allow_block_device=allow_device)
         except OSError as err:
             raise BackingFileError(describe_os_error(path, err)) from None
         try:
@@ -28,7 +28,7 @@ class RawLayer:
         except BlockingIOError:
             os.close(self.fd)
             raise BackingFileError(f"{path}: in use for writing by another fusestream process") from None
-        self.size = os.fstat(self.fd).st_size
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)  # st_size is 0 for a block device
 
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)

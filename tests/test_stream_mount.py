@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import signal
 import stat
 import subprocess
 import time
@@ -278,3 +279,21 @@ def test_ext4_on_a_loop_device_while_streaming(tmp_path, mount, loop_device):
         run("umount", str(fsdir))
         run("losetup", "-d", device)
     m.umount()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_a_stream_stops_cleanly_and_the_next_mount_resumes(tmp_path, chain, mount, sig):
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    m = mount(chain.top, "speed=1M")
+    time.sleep(0.7)
+    assert status_json(m)["stream"]["state"] == "running"
+    m.proc.send_signal(sig)
+    m.proc.wait(timeout=30)
+    assert m.proc.returncode == 0
+    assert not os.path.ismount(m.mountpoint)
+    assert qemu_check(chain.top).returncode == 0
+    assert json.loads(qemu_img("info", "--output=json", str(chain.top)))["backing-filename"] == "mid.qed"
+    m = mount(chain.top)
+    assert fusestream("wait", str(m.mountpoint)).returncode == 0
+    m.umount()
+    assert qemu_convert(chain.top, tmp_path / "after.raw") == expected

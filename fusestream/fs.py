@@ -93,6 +93,8 @@ class Operations(pyfuse3.Operations):
         self.read_only = read_only or not chain.top.writable
         self.raw_name = raw_name(chain.top.path).encode()
         self.uid, self.gid = os.getuid(), os.getgid()
+        self.raw_mode = 0o444 if self.read_only else 0o644  # chmod/chown change these (libvirt does)
+        self.raw_uid, self.raw_gid = self.uid, self.gid
         now = time.time_ns()
         self.mtime_ns = self.ctime_ns = self.atime_ns = now
         self.control: Control | None = None
@@ -119,7 +121,8 @@ class Operations(pyfuse3.Operations):
             attr.st_mode = stat.S_IFDIR | 0o755
             attr.st_nlink = 2
         elif inode == RAW_INODE:
-            attr.st_mode = stat.S_IFREG | (0o444 if self.read_only else 0o644)
+            attr.st_mode = stat.S_IFREG | self.raw_mode
+            attr.st_uid, attr.st_gid = self.raw_uid, self.raw_gid
             attr.st_nlink = 1
             attr.st_size = self.chain.size
             attr.st_blocks = self.chain.top.allocated_bytes() // 512
@@ -159,8 +162,16 @@ class Operations(pyfuse3.Operations):
         truncating_ctl = inode == CTL_INODE and attr.st_size == 0  # `echo cmd > ctl` opens with O_TRUNC
         if fields.update_size and not truncating_ctl and (inode != RAW_INODE or attr.st_size != self.chain.size):
             raise pyfuse3.FUSEError(errno.EPERM)  # a disk's size does not change through the mount
-        if fields.update_mode or fields.update_uid or fields.update_gid:
+        if (fields.update_mode or fields.update_uid or fields.update_gid) and inode != RAW_INODE:
             raise pyfuse3.FUSEError(errno.EPERM)
+        # The kernel has checked the caller's right to chmod/chown (default_permissions). The
+        # change lasts as long as the mount, as with qemu-storage-daemon's export.
+        if fields.update_mode:
+            self.raw_mode = stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            self.raw_uid = attr.st_uid
+        if fields.update_gid:
+            self.raw_gid = attr.st_gid
         if fields.update_atime:
             self.atime_ns = attr.st_atime_ns
         if fields.update_mtime:

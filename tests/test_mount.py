@@ -9,11 +9,12 @@ import random
 import shutil
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from conftest import MOUNT_HELPER, MOUNT_TIMEOUT, build_chain, qemu_check, qemu_convert, run, sha256
+from conftest import MOUNT_HELPER, MOUNT_TIMEOUT, Mount, build_chain, qemu_check, qemu_convert, run, sha256
 from test_qed import random_writes
 
 from fusestream.formats import qed
@@ -258,3 +259,29 @@ def test_sigterm_right_after_unmount_still_closes_cleanly(tmp_path, mount):
     assert m.proc.returncode == 0
     assert not QED_HEADER.parse(image.read_bytes()[:64]).features & QED_F_NEED_CHECK
     assert qemu_check(image).returncode == 0
+
+
+def test_the_raw_file_can_be_handed_to_another_user(chain):
+    """libvirt chowns a disk to the QEMU user; the mount keeps the change while mounted."""
+    public = Path(tempfile.mkdtemp(prefix="fusestream-public-"))  # pytest's own tmp is root-only
+    public.chmod(0o755)
+    (public / "mnt").mkdir(mode=0o755)
+    m = Mount(chain.top, public / "mnt", ["nostream", "allow_other"])
+    try:
+        hand_over_and_write(m)
+        m.umount()
+    finally:
+        m.cleanup()
+        shutil.rmtree(public)
+
+
+def hand_over_and_write(m) -> None:
+    os.chown(m.raw, 65534, 65534)
+    os.chmod(m.raw, 0o600)
+    st = m.raw.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o600)
+    writer = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "dd", "if=/dev/zero",
+                             f"of={m.raw}", "bs=4096", "count=1", "conv=notrunc"], capture_output=True, text=True)
+    assert writer.returncode == 0, writer.stderr
+    with pytest.raises(OSError):
+        os.chmod(m.mountpoint / "status", 0o666)

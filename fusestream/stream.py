@@ -104,11 +104,13 @@ class Copier:
         return ranges
 
     def _copy(self, start: int, end: int) -> None:
-        size = self.chain.size
+        length = min(end, self.chain.size) - start
         try:
-            data = self.chain.read_backing(start, min(end, size) - start)
+            data = self.chain.read_backing(start, length)
         except OSError as err:
             raise StreamError(f"read error in the backing chain at offset {start}: {err.strerror or err}") from None
+        if len(data) != length:  # never let a misbehaving layer's short read become zeros on disk
+            raise StreamError(f"short read from the backing chain at offset {start}: {len(data)} of {length} bytes")
         try:
             self.chain.top.populate(start, data, zero_clusters=self.base is not None)
         except OSError as err:

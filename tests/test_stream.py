@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import random
+import time
 
 import pytest
 import trio
@@ -293,15 +294,21 @@ def test_a_new_job_resumes_where_the_allocation_says_and_copies_nothing_twice(tm
 
 
 class FaultyLayer:
-    """Wraps a layer; reads overlapping [fail_start, fail_end) fail with `err` while `failing`."""
+    """Wraps a layer; reads overlapping [fail_start, fail_end) fail with `err` (or come back short
+    when `short`) while `failing`; every read takes `delay` seconds."""
 
-    def __init__(self, layer, fail_start: int, fail_end: int, err: int = errno.EIO):
+    def __init__(self, layer, fail_start: int, fail_end: int, err: int = errno.EIO, short: bool = False,
+                 delay: float = 0.0):
         self.layer, self.fail_start, self.fail_end, self.err = layer, fail_start, fail_end, err
+        self.short, self.delay = short, delay
         self.failing = True
         self.path, self.format_name, self.size = layer.path, layer.format_name, layer.size
 
     def read(self, offset, length):
+        time.sleep(self.delay)
         if self.failing and offset < self.fail_end and offset + length > self.fail_start:
+            if self.short:
+                return self.layer.read(offset, length)[: length // 2]
             raise OSError(self.err, "Input/output error")
         return self.layer.read(offset, length)
 
@@ -338,6 +345,51 @@ def test_a_backing_read_error_fails_the_job_and_a_later_stream_completes(tmp_pat
     assert c.read(0, chain.size) == expected
     c.close()
     assert qemu_check(chain.top).returncode == 0
+
+
+def test_a_short_read_from_a_layer_fails_the_job_and_is_never_written_as_zeros(tmp_path, chain):
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    c = open_chain(str(chain.top))
+    faulty = FaultyLayer(c.layers[2], 0, chain.size, short=True)
+    c.layers[2] = c.layers[1].backing = faulty
+
+    async def body(streamer, events):
+        job = await stream_to_end(streamer, events)
+        assert job.state == FAILED and "short read from the backing chain" in job.error
+        faulty.failing = False
+        assert (await stream_to_end(streamer, events)).state == COMPLETED
+
+    run_with_streamer(c, body)
+    assert c.read(0, chain.size) == expected
+    c.close()
+
+
+def test_a_slow_layer_streams_correctly_and_cancel_is_prompt(tmp_path, chain):
+    """Real worker threads and real time: each backing read takes 20 ms."""
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    c = open_chain(str(chain.top))
+    slow = FaultyLayer(c.layers[2], 0, 0, delay=0.02)
+    c.layers[2] = c.layers[1].backing = slow
+    events = EventLog("top.raw")
+
+    async def main():
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                streamer = Streamer(c, nursery, events.emit)
+                job = streamer.start(speed=1 << 20)
+                await trio.sleep(0.3)
+                assert job.state == RUNNING
+                streamer.cancel()
+                cancelled_at = trio.current_time()
+                await job.wait_finished()
+                assert job.state == CANCELLED and trio.current_time() - cancelled_at < 1.0
+                job = streamer.start()
+                await job.wait_finished()
+                assert job.state == COMPLETED
+
+    trio.run(main)
+    assert c.read(0, chain.size) == expected
+    c.close()
 
 
 def test_enospc_on_the_top_image_fails_the_job_without_corruption(tmp_path, chain, monkeypatch):

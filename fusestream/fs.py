@@ -35,6 +35,7 @@ CONTROL_FILES = {  # name -> (inode, mode)
     b"events": (EVENTS_INODE, 0o444),
 }
 CONTROL_MODES = {inode: mode for inode, mode in CONTROL_FILES.values()}
+FIRST_SNAPSHOT_FH = 1000  # file handles of open status files; inode numbers serve as the others
 T = TypeVar("T")
 
 
@@ -100,7 +101,7 @@ class Operations(pyfuse3.Operations):
         self.control: Control | None = None
         self.read_raw: Callable[[int, int], bytes] = chain.read
         self._snapshots: dict[int, bytes] = {}  # open status files: what that open() saw
-        self._next_fh = CTL_INODE + 1000
+        self._next_fh = FIRST_SNAPSHOT_FH
 
     def attach(self, control: Control, read_raw: Callable[[int, int], bytes] | None = None) -> None:
         """Connect the control files (they need the running trio loop) and, for copy-on-read,

@@ -66,23 +66,27 @@ class Copier:
         return transferred
 
     def copy_step(self, offset: int, end: int, max_read: int) -> tuple[int, int]:
-        """Stream from `offset` (cluster-aligned) towards `end`, stopping once `max_read` bytes
-        have been read from the backing chain or MAX_SCAN_CLUSTERS looked up. Returns (where it
-        stopped, bytes read): empty space is crossed quickly and one step's work stays bounded."""
+        """Stream from `offset` (cluster-aligned) towards `end`: plan up to `max_read` bytes of
+        backing data to copy, looking up at most MAX_SCAN_CLUSTERS of the top image (and only as
+        far as needed), then read it and install it with one flush. Returns (where it stopped,
+        bytes read): empty space is crossed quickly and one step's work stays bounded."""
         scan_end = min(end, offset + MAX_SCAN_CLUSTERS * self.chain.top.cluster_size)
-        transferred = 0
-        for extent in self.chain.top.extents(offset, scan_end - offset):
+        plan: list[tuple[int, int]] = []
+        planned = 0
+        for extent in self.chain.top.iter_extents(offset, scan_end - offset):
             if extent.status is not BlockStatus.UNALLOCATED:
                 continue
             for start, stop in self._ranges_to_copy(extent.offset, extent.length):
                 while start < stop:
-                    piece_end = min(stop, start + max_read - transferred)
-                    self._copy(start, piece_end)
-                    transferred += piece_end - start
+                    piece_end = min(stop, start + max_read - planned)
+                    plan.append((start, piece_end))
+                    planned += piece_end - start
                     start = piece_end
-                    if transferred >= max_read:
-                        return piece_end, transferred
-        return scan_end, transferred
+                    if planned >= max_read:
+                        self._copy(plan)
+                        return piece_end, planned
+        self._copy(plan)
+        return scan_end, planned
 
     def _ranges_to_copy(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Cluster-aligned ranges of [offset, offset+length) that the merged layers say something
@@ -103,19 +107,25 @@ class Copier:
             pos += run
         return ranges
 
-    def _copy(self, start: int, end: int) -> None:
-        length = min(end, self.chain.size) - start
+    def _copy(self, plan: list[tuple[int, int]]) -> None:
+        """Read the planned ranges from the backing chain and install them in the top image."""
+        pieces = []
+        for start, end in plan:
+            length = min(end, self.chain.size) - start
+            try:
+                data = self.chain.read_backing(start, length)
+            except OSError as err:
+                raise StreamError(f"read error in the backing chain at offset {start}: {err.strerror or err}") from None
+            if len(data) != length:  # never let a misbehaving layer's short read become zeros on disk
+                raise StreamError(f"short read from the backing chain at offset {start}: {len(data)} of {length} bytes")
+            pieces.append((start, data))
+        if not pieces:
+            return
         try:
-            data = self.chain.read_backing(start, length)
-        except OSError as err:
-            raise StreamError(f"read error in the backing chain at offset {start}: {err.strerror or err}") from None
-        if len(data) != length:  # never let a misbehaving layer's short read become zeros on disk
-            raise StreamError(f"short read from the backing chain at offset {start}: {len(data)} of {length} bytes")
-        try:
-            self.chain.top.populate(start, data, zero_clusters=self.base is not None)
+            self.chain.top.populate(pieces, zero_clusters=self.base is not None)
         except OSError as err:
             top = self.chain.top.path
-            raise StreamError(f"write error in {top} at offset {start}: {err.strerror or err}") from None
+            raise StreamError(f"write error in {top} at offset {pieces[0][0]}: {err.strerror or err}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,8 @@ def recorder(monkeypatch):
 
     def pwrite(fd, data, offset):
         if fd == recording.fd:
-            recording.ops.append(("write", offset, bytes(data)))
+            whole = b"".join(bytes(b) for b in data) if isinstance(data, list) else bytes(data)
+            recording.ops.append(("write", offset, whole))
         real_pwrite(fd, data, offset)
 
     def fdatasync(fd):

@@ -400,7 +400,7 @@ def test_enospc_on_the_top_image_fails_the_job_without_corruption(tmp_path, chai
 
     def append_until_full(data):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 1:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_append(data)
 

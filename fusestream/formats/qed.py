@@ -20,6 +20,7 @@ import array
 import collections
 import dataclasses
 import fcntl
+import itertools
 import logging
 import os
 import sys
@@ -129,12 +130,21 @@ def _pread_exact(fd: int, offset: int, length: int) -> bytes:
     return b"".join(chunks)
 
 
+IOV_MAX = 1024  # buffers per pwritev call (Linux's UIO_MAXIOV)
+
+
 def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
+    """Write all of `data` (one buffer, or a list of buffers written back to back with pwritev,
+    so that nothing is copied into one piece first) at `offset`, however many calls it takes."""
+    buffers = [memoryview(b).cast("B") for b in data] if isinstance(data, list) else [memoryview(data).cast("B")]
+    while buffers:
+        batch = buffers[:IOV_MAX]
+        written = os.pwritev(fd, batch, offset)
         offset += written
+        while buffers and written >= len(buffers[0]):
+            written -= len(buffers.pop(0))
+        if written:
+            buffers[0] = buffers[0][written:]
 
 
 def _lock_file(fd: int, path: str, exclusive: bool) -> None:
@@ -324,10 +334,11 @@ class QedImage:
             return "lies in an L2 table"
         return None
 
-    def _pieces(self, offset: int, length: int) -> Iterator[Extent]:
-        """Lookups of [offset, offset+length), a cluster at a time, or a whole L2 table's span at
-        once where the L1 entry is unallocated. The table lock is taken per lookup, so that a
-        long walk (the stream job's) never holds up a guest read for long."""
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[BlockStatus, int, int, int | None]]:
+        """(status, offset, length, file offset) of [offset, offset+length), a cluster at a time,
+        or a whole L2 table's span at once where the L1 entry is unallocated. Plain tuples: this
+        is the innermost loop of every walk. The table lock is taken per lookup, so a long walk
+        (the stream job's) never holds up a guest read for long."""
         cs = self.cluster_size
         span = cs * self.nelems  # guest bytes behind one L2 table
         end = offset + length
@@ -335,7 +346,7 @@ class QedImage:
         while pos < end:
             if self.l1[pos // span] == QED_UNALLOCATED:
                 run = min(end, (pos // span + 1) * span) - pos
-                yield Extent(BlockStatus.UNALLOCATED, pos, run)
+                yield BlockStatus.UNALLOCATED, pos, run, None
                 pos += run
                 continue
             cluster, within = divmod(pos, cs)
@@ -343,28 +354,30 @@ class QedImage:
             with self._table_lock:
                 entry = self._cluster_entry(cluster)
             if entry == QED_UNALLOCATED:
-                yield Extent(BlockStatus.UNALLOCATED, pos, run)
+                yield BlockStatus.UNALLOCATED, pos, run, None
             elif entry == QED_ZERO_CLUSTER:
-                yield Extent(BlockStatus.ZERO, pos, run)
+                yield BlockStatus.ZERO, pos, run, None
             else:
-                yield Extent(BlockStatus.FOUND, pos, run, entry + within)
+                yield BlockStatus.FOUND, pos, run, entry + within
             pos += run
 
+    def iter_extents(self, offset: int, length: int) -> Iterator[Extent]:
+        """Runs of FOUND (contiguous in the file), ZERO and UNALLOCATED over a guest range,
+        looked up only as far as the caller reads."""
+        current = None  # [status, offset, length, file offset] of the run being merged
+        for status, pos, run, file_offset in self._pieces(offset, length):
+            if current and current[0] is status and (file_offset is None or current[3] + current[2] == file_offset):
+                current[2] += run
+                continue
+            if current:
+                yield Extent(*current)
+            current = [status, pos, run, file_offset]
+        if current:
+            yield Extent(*current)
+
     def extents(self, offset: int, length: int, limit: int | None = None) -> list[Extent]:
-        """Map a guest range to runs of FOUND (contiguous in the file), ZERO and UNALLOCATED;
-        with `limit`, only the first `limit` runs (the last one whole)."""
-        result: list[Extent] = []
-        for piece in self._pieces(offset, length):
-            last = result[-1] if result else None
-            if last and last.status is piece.status and (
-                piece.file_offset is None or last.file_offset + last.length == piece.file_offset
-            ):
-                result[-1] = dataclasses.replace(last, length=last.length + piece.length)
-            elif limit is not None and len(result) == limit:
-                break
-            else:
-                result.append(piece)
-        return result
+        """The runs of iter_extents as a list; with `limit`, only the first `limit` (each whole)."""
+        return list(itertools.islice(self.iter_extents(offset, length), limit))
 
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         first = self.extents(offset, length, limit=1)[0]
@@ -432,40 +445,47 @@ class QedImage:
         contents = {cluster: self._cluster_content(cluster, extent, piece) for cluster in range(first, last + 1)}
         self._install_clusters(contents)
 
-    def _install_clusters(self, contents: dict[int, bytes | None]) -> None:
+    def _install_clusters(self, contents: dict[int, bytes | memoryview | None]) -> None:
         """Point each cluster at its new content (None: a zero cluster), appending the data
         clusters in one write, durable before the tables point to them. Needs _alloc_lock."""
         entries = {cluster: QED_ZERO_CLUSTER for cluster, data in contents.items() if data is None}
         data_clusters = [(cluster, data) for cluster, data in contents.items() if data is not None]
         if data_clusters:
-            start = self._append_clusters(b"".join(data for _, data in data_clusters))
+            start = self._append_clusters([data for _, data in data_clusters])
             for i, (cluster, _) in enumerate(data_clusters):
                 entries[cluster] = start + i * self.cluster_size
         if entries:
             self._set_l2_entries(entries)
 
-    def populate(self, offset: int, data: bytes, zero_clusters: bool) -> int:
-        """Copy data that the caller read from the backing chain into the clusters of
-        [offset, offset + len(data)) that are still unallocated; returns the bytes allocated.
+    def populate(self, pieces: list[tuple[int, bytes]], zero_clusters: bool) -> int:
+        """Copy data that the caller read from the backing chain, as (offset, data) pieces, into
+        the clusters they cover that are still unallocated; returns the bytes allocated. All
+        pieces go in with one append and one flush.
 
-        Clusters the guest has written meanwhile are left alone: guest writes win. `offset` is
-        cluster-aligned and `data` covers whole clusters (or runs to the end of the image). An
-        all-zero cluster becomes a zero cluster when `zero_clusters`, else stays unallocated.
+        Clusters the guest has written meanwhile are left alone: guest writes win. Each offset is
+        cluster-aligned and each piece covers whole clusters (or runs to the end of the image).
+        An all-zero cluster becomes a zero cluster when `zero_clusters`, else stays unallocated.
         """
         if not self.writable:
             raise PermissionError(f"{self.path}: image is open read-only")
         cs = self.cluster_size
+        zeros = bytes(cs)
         with self._alloc_lock:
-            contents: dict[int, bytes | None] = {}
-            for extent in self.extents(offset, len(data)):
-                if extent.status is not BlockStatus.UNALLOCATED:
-                    continue
-                for pos in range(extent.offset, extent.offset + extent.length, cs):
-                    chunk = data[pos - offset : pos - offset + cs]
-                    if not is_zero(chunk):
-                        contents[pos // cs] = chunk.ljust(cs, b"\0")
-                    elif zero_clusters:
-                        contents[pos // cs] = None
+            contents: dict[int, bytes | memoryview | None] = {}
+            for offset, data in pieces:
+                view = memoryview(data)
+                for extent in self.iter_extents(offset, len(data)):
+                    if extent.status is not BlockStatus.UNALLOCATED:
+                        continue
+                    for at in range(extent.offset - offset, extent.offset - offset + extent.length, cs):
+                        size = min(cs, len(data) - at)
+                        if data.startswith(zeros if size == cs else zeros[:size], at):  # memcmp, no copy
+                            if zero_clusters:
+                                contents[(offset + at) // cs] = None
+                        elif size == cs:
+                            contents[(offset + at) // cs] = view[at : at + cs]
+                        else:  # the image's last, partial cluster
+                            contents[(offset + at) // cs] = data[at:] + bytes(cs - size)
             self._install_clusters(contents)
         return sum(cs for data in contents.values() if data is not None)
 
@@ -493,12 +513,12 @@ class QedImage:
         inside = min(length, self.size - offset)
         return read_from(self.backing, offset, inside) + bytes(length - inside)
 
-    def _append_clusters(self, data: bytes) -> int:
+    def _append_clusters(self, clusters: list[bytes | memoryview]) -> int:
         """Write whole clusters at the end of the file; durable before any table points there."""
         start = self.file_size
-        self.file_size += len(data)
+        self.file_size += len(clusters) * self.cluster_size
         try:
-            _pwrite_all(self.fd, data, start)
+            _pwrite_all(self.fd, clusters, start)
             if self.backing is not None:
                 os.fdatasync(self.fd)
             else:

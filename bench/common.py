@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -277,3 +279,211 @@ def run_fio(path: Path, params: dict[str, str]) -> FioResult:
     read = job["read"]
     percentiles = read["clat_ns"]["percentile"]
     return FioResult(read["bw_bytes"], read["iops"], percentiles["50.000000"] / 1e3, percentiles["99.000000"] / 1e3)
+
+
+# -- streaming: fresh copies, qemu-storage-daemon over QMP, checking a streamed image ---------------
+
+
+def copy_image(source: Path, dest: Path) -> Path:
+    """A private copy of an image file, holes kept; never a reflink, whose first writes would pay
+    for unsharing extents."""
+    dest.unlink(missing_ok=True)
+    subprocess.run(["cp", "--reflink=never", "--sparse=auto", str(source), str(dest)], check=True)
+    return dest
+
+
+def relocated_copy(chain: Chain, dest: Path) -> Path:
+    """A copy of the chain's top that names its backing file by absolute path, so that it works
+    from any directory (`qemu-img rebase -u` changes only the header)."""
+    copy_image(chain.top, dest)
+    _run(["qemu-img", "rebase", "-u", "-f", "qed", "-b", str(chain.mid.resolve()), "-F", "qed", str(dest)])
+    return dest
+
+
+def warm_up_and_drop_caches(files: Sequence[Path]) -> None:
+    """Read `files` (untimed), then empty the page cache: the run that follows starts cold but
+    finds memory the VM has just used (see run_fio_cold for why that history matters)."""
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(8 * MiB):
+                pass
+    drop_caches()
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes allocated to a file (st_blocks), as du counts them."""
+    return path.stat().st_blocks * 512
+
+
+def nonzero_clusters(path: Path, cluster: int = CLUSTER) -> int:
+    """How many `cluster`-sized pieces of a raw file hold anything but zeros: the data an image
+    with that cluster size cannot do without."""
+    zero = bytes(cluster)
+    count = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(cluster):
+            count += chunk != zero[: len(chunk)]
+    return count
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedImage:
+    """What the qemu-img checks say about an image after a stream (or rebase) into it."""
+
+    backing_file: str | None  # qemu-img info's backing-filename; None when there is none
+    check_ok: bool  # qemu-img check exit status 0: no corruption, no leaks
+    check_output: str
+    same_bytes: bool  # qemu-img convert -O raw is byte-identical to the chain's reference
+    disk_usage: int
+
+    @property
+    def problems(self) -> list[str]:
+        found = []
+        if self.backing_file is not None:
+            found.append(f"still has backing file {self.backing_file}")
+        if not self.check_ok:
+            found.append(f"qemu-img check: {self.check_output}")
+        if not self.same_bytes:
+            found.append("reads differently from reference.raw")
+        return found
+
+
+def check_streamed(image: Path, reference: Path, scratch: Path) -> StreamedImage:
+    """Run qemu-img info, check and convert on a (closed) image and compare with the reference."""
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", "-f", "qed", str(image)], check=True, capture_output=True, text=True
+        ).stdout
+    )
+    check = subprocess.run(["qemu-img", "check", "-f", "qed", str(image)], capture_output=True, text=True)
+    converted = scratch / f"{image.stem}-converted.raw"
+    try:
+        _run(["qemu-img", "convert", "-f", "qed", "-O", "raw", str(image), str(converted)])
+        same = subprocess.run(["cmp", "-s", str(converted), str(reference)]).returncode == 0
+    finally:
+        converted.unlink(missing_ok=True)
+    output = " | ".join((check.stdout + check.stderr).strip().splitlines())
+    return StreamedImage(info.get("backing-filename"), check.returncode == 0, output, same, disk_usage(image))
+
+
+def qsd_stream_argv(image: Path, qmp_socket: Path, export_file: Path | None = None) -> list[str]:
+    """qemu-storage-daemon with a writable QED node (backing files opened from its header) and a
+    QMP monitor; optionally a read-only FUSE export of the node. A writable export would hold the
+    'resize' permission that block-stream's job refuses to share, and the job would not start."""
+    argv = [
+        "qemu-storage-daemon",
+        "--blockdev", f"driver=file,node-name=file0,filename={image}",
+        "--blockdev", "driver=qed,node-name=disk0,file=file0",
+        "--chardev", f"socket,path={qmp_socket},server=on,wait=off,id=qmp0",
+        "--monitor", "chardev=qmp0",
+    ]  # fmt: skip
+    if export_file is not None:
+        argv += ["--export", f"type=fuse,id=exp0,node-name=disk0,mountpoint={export_file},writable=off"]
+    return argv
+
+
+class Qmp:
+    """A minimal QMP client: commands and their replies, and the events that arrive meanwhile."""
+
+    def __init__(self, path: Path, timeout: float = MOUNT_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while True:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self._sock.connect(str(path))
+                break
+            except OSError:
+                self._sock.close()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"QMP: cannot connect to {path} after {timeout:.0f} s") from None
+                time.sleep(0.05)
+        self._reader = self._sock.makefile("rb")
+        self._events: list[dict] = []
+        self._receive(timeout)  # the greeting
+        self.command("qmp_capabilities")
+
+    def command(self, name: str, timeout: float = STOP_TIMEOUT, **arguments: object) -> object:
+        """Run one command and return its "return" value; a QMP error raises RuntimeError."""
+        self._sock.sendall(json.dumps({"execute": name, "arguments": arguments}).encode() + b"\n")
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self._receive(deadline - time.monotonic())
+            if "event" in message:
+                self._events.append(message)
+            elif "error" in message:
+                raise RuntimeError(f"QMP {name}: {message['error'].get('desc', message['error'])}")
+            elif "return" in message:
+                return message["return"]
+
+    def wait_event(self, name: str, timeout: float) -> dict:
+        """The first event called `name` (including those that came during earlier commands)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, event in enumerate(self._events):
+                if event["event"] == name:
+                    return self._events.pop(i)
+            self._events.append(self._receive(deadline - time.monotonic()))
+
+    def _receive(self, timeout: float) -> dict:
+        if timeout <= 0:
+            raise TimeoutError("QMP: no answer in time")
+        self._sock.settimeout(timeout)
+        line = self._reader.readline()
+        if not line:
+            raise RuntimeError("QMP: qemu-storage-daemon closed the connection")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self._reader.close()
+        self._sock.close()
+
+
+@contextlib.contextmanager
+def qsd_qmp(image: Path, qmp_socket: Path, export_file: Path | None = None) -> Iterator[Qmp]:
+    """Run qemu-storage-daemon (qsd_stream_argv) and yield a QMP connection to it; the daemon is
+    stopped with SIGTERM and any export unmounted, whatever happens."""
+    argv = qsd_stream_argv(image, qmp_socket, export_file)
+    log_path = qmp_socket.with_suffix(".log")
+    if export_file is not None:
+        export_file.touch()
+        with _daemon(argv, export_file, log_path):
+            qmp = Qmp(qmp_socket)
+            try:
+                yield qmp
+            finally:
+                qmp.close()
+        return
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    try:
+        qmp = Qmp(qmp_socket)
+    except BaseException:
+        _stop(proc, qmp_socket)  # nothing is mounted there: this only stops the daemon
+        raise
+    try:
+        yield qmp
+    finally:
+        qmp.close()
+        _stop(proc, qmp_socket)
+        if proc.returncode != 0:
+            print(f"warning: {argv[0]} exited with {proc.returncode}: {_tail(log_path)}", file=sys.stderr)
+
+
+def run_fio_latencies(path: Path, params: dict[str, str], log_prefix: Path) -> list[int]:
+    """One fio run that logs every I/O; returns each completion latency (clat), in ns, so that
+    percentiles can be taken exactly over several runs together."""
+    logged = {**params, "write_lat_log": str(log_prefix), "log_avg_msec": "0"}
+    run_fio(path, logged)
+    log_files = [Path(f"{log_prefix}_{kind}.1.log") for kind in ("clat", "lat", "slat")]
+    try:
+        with open(log_files[0]) as log:
+            return [int(line.split(",")[1]) for line in log]
+    finally:
+        for log_file in log_files:
+            log_file.unlink(missing_ok=True)
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile (fraction 0.99 for p99)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(len(ordered) * fraction) - 1)] if ordered else float("nan")

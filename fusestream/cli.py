@@ -19,7 +19,7 @@ from .units import format_size, parse_size
 
 # `fusestream wait` exit status: how the stream job ended (2 stays argparse's usage error).
 WAIT_EXIT = {"completed": 0, "failed": 1, "cancelled": 3, "idle": 4}
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.05
 
 SUPPORTED_BACKING_FORMATS = ("raw", "qed")
 

@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import trio
 
@@ -46,9 +47,13 @@ class Copier:
     a base remains below that they must hide; with no base, unallocated already reads as zeros.
     """
 
-    def __init__(self, chain: Chain, base: Layer | None):
+    def __init__(self, chain: Chain, base: Layer | None, pipelined: bool = False):
         self.chain = chain
         self.base = base
+        # Pipelined: a step's install (write and flush) runs in a second thread while the next
+        # step is planned and read. At most one install is in flight.
+        self._installer = ThreadPoolExecutor(1, thread_name_prefix="fusestream-install") if pipelined else None
+        self._pending: Future | None = None
 
     @property
     def stop(self) -> int:
@@ -63,13 +68,21 @@ class Copier:
         while offset < end:
             offset, step = self.copy_step(offset, end, MAX_COPY)
             transferred += step
+        self.drain()
         return transferred
 
     def copy_step(self, offset: int, end: int, max_read: int) -> tuple[int, int]:
         """Stream from `offset` (cluster-aligned) towards `end`: plan up to `max_read` bytes of
         backing data to copy, looking up at most MAX_SCAN_CLUSTERS of the top image (and only as
-        far as needed), then read it and install it with one flush. Returns (where it stopped,
-        bytes read): empty space is crossed quickly and one step's work stays bounded."""
+        far as needed), read it, and install it with one flush (in the background when
+        pipelined: drain() waits for it). Returns (where it stopped, bytes read): empty space is
+        crossed quickly and one step's work stays bounded."""
+        plan, stop = self._plan(offset, end, max_read)
+        pieces = self._read(plan)
+        self._install(pieces)
+        return stop, sum(len(data) for _, data in pieces)
+
+    def _plan(self, offset: int, end: int, max_read: int) -> tuple[list[tuple[int, int]], int]:
         scan_end = min(end, offset + MAX_SCAN_CLUSTERS * self.chain.top.cluster_size)
         plan: list[tuple[int, int]] = []
         planned = 0
@@ -83,10 +96,31 @@ class Copier:
                     planned += piece_end - start
                     start = piece_end
                     if planned >= max_read:
-                        self._copy(plan)
-                        return piece_end, planned
-        self._copy(plan)
-        return scan_end, planned
+                        return plan, piece_end
+        return plan, scan_end
+
+    def _install(self, pieces: list[tuple[int, bytes]]) -> None:
+        self.drain()  # the previous step first: errors surface in order, memory stays bounded
+        if not pieces:
+            return
+        if self._installer is None:
+            self._populate(pieces)
+        else:
+            self._pending = self._installer.submit(self._populate, pieces)
+
+    def drain(self) -> None:
+        """Wait for the install in flight, if any; its error, if any, is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the install in flight and stop the installer thread."""
+        try:
+            self.drain()
+        finally:
+            if self._installer is not None:
+                self._installer.shutdown()
 
     def _ranges_to_copy(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Cluster-aligned ranges of [offset, offset+length) that the merged layers say something
@@ -107,8 +141,8 @@ class Copier:
             pos += run
         return ranges
 
-    def _copy(self, plan: list[tuple[int, int]]) -> None:
-        """Read the planned ranges from the backing chain and install them in the top image."""
+    def _read(self, plan: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+        """The planned ranges, read from the backing chain."""
         pieces = []
         for start, end in plan:
             length = min(end, self.chain.size) - start
@@ -119,8 +153,9 @@ class Copier:
             if len(data) != length:  # never let a misbehaving layer's short read become zeros on disk
                 raise StreamError(f"short read from the backing chain at offset {start}: {len(data)} of {length} bytes")
             pieces.append((start, data))
-        if not pieces:
-            return
+        return pieces
+
+    def _populate(self, pieces: list[tuple[int, bytes]]) -> None:
         try:
             self.chain.top.populate(pieces, zero_clusters=self.base is not None)
         except OSError as err:
@@ -178,7 +213,7 @@ class StreamJob:
                  run_sync: RunSync = trio.to_thread.run_sync):
         self.chain = chain
         self.run_sync = run_sync  # how blocking copy steps run: worker threads, or inline in tests
-        self.copier = Copier(chain, base)
+        self.copier = Copier(chain, base, pipelined=True)
         self.base_path = base.path if base is not None else None
         self.speed = speed
         self.emit = emit
@@ -231,11 +266,22 @@ class StreamJob:
         try:
             await self._run()
         finally:
+            # Even when the mount is going away (cancelled), the install in flight must finish
+            # before anyone may close the image.
+            with trio.CancelScope(shield=True):
+                await self._close_copier()
             self._finished.set()
+
+    async def _close_copier(self) -> None:
+        try:
+            await self.run_sync(self.copier.close)
+        except (OSError, FusestreamError) as err:  # an install that failed after the job ended
+            log.error("stream of %s: %s", self.chain.top.path, err)
 
     async def _run(self) -> None:
         try:
             await self._copy_all()
+            await self.run_sync(self.copier.drain)
             if self._cancel_requested:
                 self.state = CANCELLED
                 self.emit("STREAM_CANCELLED", {"offset": self.offset, "len": self.len})

@@ -79,6 +79,7 @@ def run_workload(top, recording: Recording, rng: random.Random, stream: bool) ->
                 chain.flush()
                 recording.acked_at[len(recording.ops) - 1] = len(recording.issued)
         if stream:
+            copier.drain()
             chain.rebase(len(chain.layers))
     finally:
         recording.fd = -1

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from .errors import BackingFileError, FusestreamError, describe_os_error
 from .formats import qed
-from .formats.layer import BlockStatus, Layer, open_regular_file, read_from
+from .formats.layer import BlockStatus, Layer, open_regular_file, read_into_from
 from .formats.qed_structs import QED_MAGIC
 from .formats.raw import RawLayer
 
@@ -132,10 +132,11 @@ class Chain:
         with self.in_use:
             return self.top.read(offset, length)
 
-    def read_backing(self, offset: int, length: int) -> bytes:
-        """What the chain below the top image holds for a range (zeros past its end)."""
+    def read_backing_into(self, view: memoryview, offset: int) -> int:
+        """Fill a zero-filled view with what the chain below the top image holds at `offset`;
+        returns how many bytes are right (len(view) unless a layer's read was short)."""
         with self.in_use:
-            return read_from(self.top.backing, offset, length)
+            return read_into_from(self.top.backing, view, offset)
 
     def write(self, offset: int, data: bytes) -> int:
         """Write guest data into the top image; returns how many bytes fit in the virtual size."""

@@ -99,7 +99,7 @@ class Copier:
                         return plan, piece_end
         return plan, scan_end
 
-    def _install(self, pieces: list[tuple[int, bytes]]) -> None:
+    def _install(self, pieces: list[tuple[int, bytearray]]) -> None:
         self.drain()  # the previous step first: errors surface in order, memory stays bounded
         if not pieces:
             return
@@ -141,21 +141,22 @@ class Copier:
             pos += run
         return ranges
 
-    def _read(self, plan: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
-        """The planned ranges, read from the backing chain."""
+    def _read(self, plan: list[tuple[int, int]]) -> list[tuple[int, bytearray]]:
+        """The planned ranges, read from the backing chain straight into fresh buffers (preadv
+        copies without holding the GIL, so guest requests on the event loop are not held up)."""
         pieces = []
         for start, end in plan:
-            length = min(end, self.chain.size) - start
+            data = bytearray(min(end, self.chain.size) - start)
             try:
-                data = self.chain.read_backing(start, length)
+                filled = self.chain.read_backing_into(memoryview(data), start)
             except OSError as err:
                 raise StreamError(f"read error in the backing chain at offset {start}: {err.strerror or err}") from None
-            if len(data) != length:  # never let a misbehaving layer's short read become zeros on disk
-                raise StreamError(f"short read from the backing chain at offset {start}: {len(data)} of {length} bytes")
+            if filled != len(data):  # never let a short read become zeros on disk
+                raise StreamError(f"short read from the backing chain at offset {start}: {filled} of {len(data)} bytes")
             pieces.append((start, data))
         return pieces
 
-    def _populate(self, pieces: list[tuple[int, bytes]]) -> None:
+    def _populate(self, pieces: list[tuple[int, bytearray]]) -> None:
         try:
             self.chain.top.populate(pieces, zero_clusters=self.base is not None)
         except OSError as err:

@@ -239,17 +239,17 @@ def test_a_guest_write_racing_the_copy_wins(tmp_path, chain):
     """The guest writes into a range after the job has read it from the backing chain and before
     it installs it: the guest's data must survive."""
     c = open_chain(str(chain.top))
-    read_backing = c.read_backing
+    read_backing_into = c.read_backing_into
     raced: list[int] = []
 
-    def read_then_guest_writes(offset, length):
-        data = read_backing(offset, length)
+    def read_then_guest_writes(view, offset):
+        filled = read_backing_into(view, offset)
         if not raced:
             c.write(offset + 100, b"guest" * 1000)
             raced.append(offset + 100)
-        return data
+        return filled
 
-    c.read_backing = read_then_guest_writes
+    c.read_backing_into = read_then_guest_writes
     run_with_streamer(c, stream_to_end)
     assert raced and c.read(raced[0], 5000) == b"guest" * 1000
     c.close()
@@ -311,6 +311,14 @@ class FaultyLayer:
                 return self.layer.read(offset, length)[: length // 2]
             raise OSError(self.err, "Input/output error")
         return self.layer.read(offset, length)
+
+    def read_into(self, view, offset):
+        time.sleep(self.delay)
+        if self.failing and offset < self.fail_end and offset + len(view) > self.fail_start:
+            if self.short:
+                return self.layer.read_into(view[: len(view) // 2], offset)
+            raise OSError(self.err, "Input/output error")
+        return self.layer.read_into(view, offset)
 
     def block_status(self, offset, length):
         return self.layer.block_status(offset, length)

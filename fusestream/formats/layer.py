@@ -29,10 +29,24 @@ class Layer(Protocol):
     def read(self, offset: int, length: int) -> bytes:
         """Return exactly `length` bytes of a range that lies within `size`."""
 
+    def read_into(self, view: memoryview, offset: int) -> int:
+        """Fill `view` (zero-filled by the caller) from a range within `size`; returns how many
+        bytes were filled, fewer only on a short read. For bulk reads: no copies under the GIL."""
+
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         """Status of the run starting at `offset` and how many bytes (<= length) share it."""
 
     def close(self) -> None: ...
+
+
+def read_into_from(layer: Layer | None, view: memoryview, offset: int) -> int:
+    """read_into through an optional backing layer; past its end (or with none) the zero-filled
+    view is already right. Returns how many bytes are right, len(view) unless a read was short."""
+    if layer is None or offset >= layer.size:
+        return len(view)
+    inside = min(len(view), layer.size - offset)
+    filled = layer.read_into(view[:inside], offset)
+    return filled if filled < inside else len(view)
 
 
 def read_from(layer: Layer | None, offset: int, length: int) -> bytes:

@@ -37,7 +37,7 @@ from ..errors import (
     UnsupportedImageError,
     describe_os_error,
 )
-from .layer import BlockStatus, Layer, open_regular_file, read_from
+from .layer import BlockStatus, Layer, open_regular_file, read_from, read_into_from
 from .qed_structs import (
     QED_AUTOCLEAR_FEATURE_MASK,
     QED_DEFAULT_CLUSTER_SIZE,
@@ -404,6 +404,28 @@ class QedImage:
             else:
                 parts.append(read_from(self.backing, extent.offset, extent.length))
         return b"".join(parts)
+
+    def read_into(self, view: memoryview, offset: int) -> int:
+        """Fill `view` (zero-filled by the caller: ZERO clusters are left as they are) with the
+        guest data at `offset`, with preadv straight into it; returns len(view) unless a backing
+        layer's read was short."""
+        for extent in self.iter_extents(offset, len(view)):
+            part = view[extent.offset - offset : extent.offset - offset + extent.length]
+            if extent.status is BlockStatus.FOUND:
+                self._read_data_into(part, extent.file_offset)
+            elif extent.status is BlockStatus.UNALLOCATED:
+                filled = read_into_from(self.backing, part, extent.offset)
+                if filled < len(part):
+                    return extent.offset - offset + filled
+        return len(view)
+
+    def _read_data_into(self, view: memoryview, file_offset: int) -> None:
+        filled = 0
+        while filled < len(view):
+            n = os.preadv(self.fd, [view[filled:]], file_offset + filled)
+            if n == 0:
+                raise CorruptionError(f"{self.path}: data cluster: unexpected end of file at {file_offset + filled}")
+            filled += n
 
     def _read_data(self, file_offset: int, length: int) -> bytes:
         try:

@@ -36,6 +36,15 @@ class RawLayer:
             data += bytes(length - len(data))
         return data
 
+    def read_into(self, view: memoryview, offset: int) -> int:
+        filled = 0
+        while filled < len(view):
+            n = os.preadv(self.fd, [view[filled:]], offset + filled)
+            if n == 0:  # the file is shorter than it was: a short read, for the caller to judge
+                break
+            filled += n
+        return filled
+
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         """FOUND for data, ZERO for a hole (SEEK_DATA/SEEK_HOLE, as QEMU's file driver does)."""
         end = min(offset + length, self.size)

@@ -15,11 +15,13 @@ daemon 7.2 spins at 100% CPU if its export is unmounted under it, so it is never
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
 import math
 import os
+import platform
 import random
 import re
 import shutil
@@ -29,6 +31,8 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from fusestream.units import format_size, parse_size
 
 BENCH_DIR = Path(__file__).resolve().parent
 CACHE_DIR = BENCH_DIR / ".cache"
@@ -487,3 +491,48 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile (fraction 0.99 for p99)."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(len(ordered) * fraction) - 1)] if ordered else float("nan")
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How big and how long a benchmark runs."""
+
+    size: int
+    rounds: int
+    runtime: float
+
+
+def chain_size(text: str) -> int:
+    try:
+        size = parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if size <= 0 or size % CLUSTER:
+        raise argparse.ArgumentTypeError(f"size must be a positive multiple of {format_size(CLUSTER)}")
+    return size
+
+
+def settings_from_argv(argv: list[str], doc: str, full: Settings, quick: Settings, rounds_help: str,
+                       runtime_help: str) -> Settings:
+    """The --size/--rounds/--runtime/--quick command line both benchmarks share."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--size", type=chain_size, help=f"virtual size of the chain (default {format_size(full.size)})")
+    parser.add_argument("--rounds", type=int, help=f"{rounds_help}; the median counts (default {full.rounds})")
+    parser.add_argument("--runtime", type=float, help=f"{runtime_help} (default {full.runtime:g})")
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {format_size(quick.size)}, {quick.rounds} "
+                        f"round, {quick.runtime:g} s (explicit options still win)")
+    args = parser.parse_args(argv)
+    defaults = quick if args.quick else full
+    return Settings(args.size or defaults.size, args.rounds or defaults.rounds, args.runtime or defaults.runtime)
+
+def describe_setup() -> str:
+    """One line naming what was measured, so figures from different runs can be compared."""
+    rev = subprocess.run(
+        ["git", "-C", str(BENCH_DIR), "describe", "--always", "--dirty"], capture_output=True, text=True
+    ).stdout.strip()
+    qsd = subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    fio = subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip()
+    return f"fusestream {rev or '?'}; {qsd}; {fio}; {os.cpu_count()} CPUs; Linux {platform.release()}"

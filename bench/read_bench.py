@@ -19,15 +19,12 @@ Tests (buffered I/O, as a VM or dd would do it on the raw file):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
-import platform
 import shlex
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,21 +32,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common import (
-    BENCH_DIR,
-    CLUSTER,
     FioResult,
     MiB,
+    Settings,
     build_chain,
     check_same_bytes,
+    describe_setup,
     fio_argv,
     fusestream_argv,
     fusestream_mount,
     qsd_argv,
     qsd_export,
     run_fio_cold,
+    settings_from_argv,
 )
 
-from fusestream.units import format_size, parse_size
+from fusestream.units import format_size
 
 GOAL = 1.0  # issue 2: fusestream reads at least as fast as qemu-storage-daemon
 FUSESTREAM, QSD = "fusestream", "qemu-storage-daemon"
@@ -62,12 +60,6 @@ class Test:
     params: dict[str, str]
     metric: Callable[[FioResult], float]
 
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    size: int
-    rounds: int
-    runtime: int
 
 
 FULL = Settings(size=1 << 30, rounds=3, runtime=10)
@@ -87,43 +79,12 @@ def make_tests(runtime: int) -> list[Test]:
     ]
 
 
-def chain_size(text: str) -> int:
-    try:
-        size = parse_size(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    if size <= 0 or size % CLUSTER:
-        raise argparse.ArgumentTypeError(f"size must be a positive multiple of {format_size(CLUSTER)}")
-    return size
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=chain_size, help=f"virtual size of the chain (default {format_size(FULL.size)})")
-    parser.add_argument("--rounds", type=int, help=f"runs per test and peer; the median counts (default {FULL.rounds})")
-    parser.add_argument("--runtime", type=int, help=f"seconds per random-read run (default {FULL.runtime})")
-    parser.add_argument(
-        "--quick", action="store_true", help=f"smoke run: {format_size(QUICK.size)}, {QUICK.rounds} round, "
-        f"{QUICK.runtime} s (explicit options still win)"
-    )  # fmt: skip
-    return parser.parse_args(argv)
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    defaults = QUICK if args.quick else FULL
-    return Settings(
-        size=args.size or defaults.size, rounds=args.rounds or defaults.rounds, runtime=args.runtime or defaults.runtime
-    )
 
 
-def describe_setup() -> str:
-    """One line naming what was measured, so figures from different runs can be compared."""
-    rev = subprocess.run(
-        ["git", "-C", str(BENCH_DIR), "describe", "--always", "--dirty"], capture_output=True, text=True
-    ).stdout.strip()
-    qsd = subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    fio = subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip()
-    return f"fusestream {rev or '?'}; {qsd}; {fio}; {os.cpu_count()} CPUs; Linux {platform.release()}"
 
 
 def print_commands(settings: Settings, tests: list[Test], top: Path, tmp: Path) -> None:
@@ -198,7 +159,8 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = settings_from(parse_args(sys.argv[1:] if argv is None else argv))
+    settings = settings_from_argv(sys.argv[1:] if argv is None else argv, __doc__, FULL, QUICK,
+                                  "runs per test and peer", "seconds per random-read run")
     if os.geteuid() != 0:
         print("read_bench: must run as root (it drops the page cache and mounts FUSE filesystems)", file=sys.stderr)
         return 1

@@ -44,7 +44,6 @@ that figure is a smoke test, not a result.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -65,10 +64,12 @@ from common import (
     VENV_BIN,
     Chain,
     MiB,
+    Settings,
     StreamedImage,
     build_chain,
     check_streamed,
     copy_image,
+    describe_setup,
     disk_usage,
     fio_argv,
     fusestream_argv,
@@ -79,9 +80,9 @@ from common import (
     qsd_stream_argv,
     relocated_copy,
     run_fio_latencies,
+    settings_from_argv,
     warm_up_and_drop_caches,
 )
-from read_bench import chain_size, describe_setup
 
 from fusestream.units import format_size
 
@@ -99,12 +100,6 @@ GOAL_P99 = 3.0  # p99 during a stream / p99 idle, at most
 FUSESTREAM, QSD, QSD_EXPORT, REBASE = "fusestream stream", "block-stream", "block-stream, ro export", "qemu-img rebase"
 QMP_STREAM = {"job-id": "stream0", "device": "disk0"}
 
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    size: int
-    rounds: int
-    runtime: float
 
 
 FULL = Settings(size=1 << 30, rounds=3, runtime=10)
@@ -416,23 +411,8 @@ def spread(values) -> str:
 # -- main ------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=chain_size, help=f"virtual size of the chain (default {format_size(FULL.size)})")
-    parser.add_argument("--rounds", type=int, help=f"runs per peer; the median counts (default {FULL.rounds})")
-    parser.add_argument("--runtime", type=float, help=f"seconds of fio per latency figure (default {FULL.runtime:g})")
-    parser.add_argument(
-        "--quick", action="store_true", help=f"smoke run: {format_size(QUICK.size)}, {QUICK.rounds} round, "
-        f"{QUICK.runtime:g} s of fio (explicit options still win)"
-    )  # fmt: skip
-    return parser.parse_args(argv)
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    defaults = QUICK if args.quick else FULL
-    return Settings(
-        size=args.size or defaults.size, rounds=args.rounds or defaults.rounds, runtime=args.runtime or defaults.runtime
-    )
 
 
 def run(settings: Settings) -> int:
@@ -471,7 +451,8 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = settings_from(parse_args(sys.argv[1:] if argv is None else argv))
+    settings = settings_from_argv(sys.argv[1:] if argv is None else argv, __doc__, FULL, QUICK,
+                                  "runs per peer", "seconds of fio per latency figure")
     if os.geteuid() != 0:
         print("stream_bench: must run as root (it drops the page cache and mounts FUSE filesystems)", file=sys.stderr)
         return 1

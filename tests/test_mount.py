@@ -285,3 +285,43 @@ def hand_over_and_write(m) -> None:
     assert writer.returncode == 0, writer.stderr
     with pytest.raises(OSError):
         os.chmod(m.mountpoint / "status", 0o666)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 4 MiB tmpfs, unmounted after the test."""
+    directory = tmp_path / "small"
+    directory.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(directory))
+    yield directory
+    run("umount", "-l", str(directory), check=False)
+
+
+def test_a_full_disk_under_the_top_image_is_enospc_for_the_guest(tmp_path, mount, small_filesystem):
+    """ENOSPC reaches the guest as ENOSPC (not EIO), the image stays consistent, and the same
+    write succeeds once there is room again."""
+    (tmp_path / "base.raw").write_bytes(bytes(16 << 20))
+    top = small_filesystem / "top.qed"
+    qed.create(str(top), 16 << 20, backing_filename=str(tmp_path / "base.raw"), backing_raw=True)
+    m = mount(top, "nostream")
+    chunk = os.urandom(1 << 20)
+    fd = os.open(m.raw, os.O_RDWR)
+    try:
+        failed_at = None
+        for offset in range(0, 16 << 20, 1 << 20):
+            try:
+                os.pwrite(fd, chunk, offset)
+            except OSError as err:
+                assert err.errno == errno.ENOSPC
+                failed_at = offset
+                break
+        assert failed_at is not None, "the 4 MiB filesystem never filled up"
+        run("mount", "-o", "remount,size=64m", str(small_filesystem))
+        assert os.pwrite(fd, chunk, failed_at) == len(chunk)
+        os.fsync(fd)
+        assert os.pread(fd, len(chunk), failed_at) == chunk
+    finally:
+        os.close(fd)
+    m.umount()
+    assert qemu_check(top).returncode in (0, 3)  # leaks allowed: a cluster written but not linked
+    assert qemu_convert(top, tmp_path / "after.raw")[failed_at : failed_at + len(chunk)] == chunk

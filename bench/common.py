@@ -153,9 +153,18 @@ def fusestream_argv(image: Path, mountdir: Path, options: Sequence[str] = ("ro",
 @contextlib.contextmanager
 def fusestream_mount(image: Path, mountdir: Path, options: Sequence[str] = ("ro",)) -> Iterator[Path]:
     """Mount `image` with mount.fusestream; yield the path of its raw file."""
+    with fusestream_daemon(image, mountdir, options) as (raw, _):
+        yield raw
+
+
+@contextlib.contextmanager
+def fusestream_daemon(
+    image: Path, mountdir: Path, options: Sequence[str] = ("ro",)
+) -> Iterator[tuple[Path, subprocess.Popen]]:
+    """Mount `image` with mount.fusestream; yield its raw file and the daemon process."""
     mountdir.mkdir(exist_ok=True)
-    with _daemon(fusestream_argv(image, mountdir, options), mountdir, mountdir.with_suffix(".log")):
-        yield mountdir / (image.stem + ".raw")
+    with _daemon(fusestream_argv(image, mountdir, options), mountdir, mountdir.with_suffix(".log")) as proc:
+        yield mountdir / (image.stem + ".raw"), proc
 
 
 def qsd_argv(image: Path, export_file: Path, writable: bool = False) -> list[str]:
@@ -179,7 +188,7 @@ def qsd_export(image: Path, export_file: Path, writable: bool = False) -> Iterat
 
 
 @contextlib.contextmanager
-def _daemon(argv: Sequence[str], mountpoint: Path, log_path: Path) -> Iterator[None]:
+def _daemon(argv: Sequence[str], mountpoint: Path, log_path: Path) -> Iterator[subprocess.Popen]:
     """Run a FUSE daemon until the block ends; whatever happens, leave no process or mount behind."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
@@ -189,7 +198,7 @@ def _daemon(argv: Sequence[str], mountpoint: Path, log_path: Path) -> Iterator[N
         _stop(proc, mountpoint)
         raise
     try:
-        yield
+        yield proc
     finally:
         _stop(proc, mountpoint)
         if proc.returncode != 0:
@@ -203,7 +212,7 @@ def _wait_for_mount(proc: subprocess.Popen, mountpoint: Path, log_path: Path) ->
             raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}: {_tail(log_path)}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"{proc.args[0]}: {mountpoint} not mounted after {MOUNT_TIMEOUT:.0f} s")
-        time.sleep(0.05)
+        time.sleep(0.005)
 
 
 def _stop(proc: subprocess.Popen, mountpoint: Path) -> None:

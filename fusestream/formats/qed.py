@@ -395,15 +395,9 @@ class QedImage:
             if entry == QED_ZERO_CLUSTER:
                 return bytes(length)
             return self._read_data(entry + within, length)
-        parts = []
-        for extent in self.extents(offset, length):
-            if extent.status is BlockStatus.FOUND:
-                parts.append(self._read_data(extent.file_offset, extent.length))
-            elif extent.status is BlockStatus.ZERO:
-                parts.append(bytes(extent.length))
-            else:
-                parts.append(read_from(self.backing, extent.offset, extent.length))
-        return b"".join(parts)
+        buf = bytearray(length)
+        self.read_into(memoryview(buf), offset)  # a short backing read leaves zeros, as read_from pads
+        return bytes(buf)
 
     def read_into(self, view: memoryview, offset: int) -> int:
         """Fill `view` (zero-filled by the caller: ZERO clusters are left as they are) with the

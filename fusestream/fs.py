@@ -100,6 +100,7 @@ class Operations(pyfuse3.Operations):
         self.mtime_ns = self.ctime_ns = self.atime_ns = now
         self.control: Control | None = None
         self.read_raw: Callable[[int, int], bytes] = chain.read
+        self.inline_small_reads = True  # not with copy-on-read: such a read may write
         self._snapshots: dict[int, bytes] = {}  # open status files: what that open() saw
         self._next_fh = FIRST_SNAPSHOT_FH
 
@@ -109,6 +110,7 @@ class Operations(pyfuse3.Operations):
         self.control = control
         if read_raw is not None:
             self.read_raw = read_raw
+            self.inline_small_reads = False
 
     # -- attributes ----------------------------------------------------------------------------
 
@@ -233,7 +235,7 @@ class Operations(pyfuse3.Operations):
             return self._snapshots[fh][off : off + size]
         if fh == EVENTS_INODE:
             return self.control.events.read(off, size)
-        if size <= INLINE_READ_MAX and self.read_raw == self.chain.read:
+        if size <= INLINE_READ_MAX and self.inline_small_reads:
             return run_inline(self.chain.read, off, size)
         return await run_io(self.read_raw, off, size)
 

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import threading
+import time
 from collections.abc import Iterator
 
 from .errors import BackingFileError, FusestreamError, describe_os_error
@@ -115,6 +116,7 @@ class Chain:
     top: qed.QedImage
     layers: list[Layer]
     in_use: LayersInUse = dataclasses.field(default_factory=LayersInUse)
+    last_guest_io: float = -1e9  # time.monotonic() of the last read or write of the guest view
 
     @property
     def size(self) -> int:
@@ -126,20 +128,23 @@ class Chain:
 
     def read(self, offset: int, length: int) -> bytes:
         """Read the guest view of [offset, offset+length), clamped to the virtual size."""
+        self.last_guest_io = time.monotonic()
         length = max(0, min(length, self.size - offset))
         if not length:
             return b""
         with self.in_use:
             return self.top.read(offset, length)
 
-    def read_backing_into(self, view: memoryview, offset: int) -> int:
-        """Fill a zero-filled view with what the chain below the top image holds at `offset`;
-        returns how many bytes are right (len(view) unless a layer's read was short)."""
+    def read_backing_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
+        """Fill `view` with what the chain below the top image holds at `offset`; returns how
+        many bytes are right (len(view) unless a layer's read was short). `direct`: see
+        Layer.read_into."""
         with self.in_use:
-            return read_into_from(self.top.backing, view, offset)
+            return read_into_from(self.top.backing, view, offset, direct)
 
     def write(self, offset: int, data: bytes) -> int:
         """Write guest data into the top image; returns how many bytes fit in the virtual size."""
+        self.last_guest_io = time.monotonic()
         length = max(0, min(len(data), self.size - offset))
         if length:
             with self.in_use:

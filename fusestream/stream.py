@@ -13,6 +13,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import mmap
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -25,6 +27,12 @@ from .formats.layer import BlockStatus, Layer
 log = logging.getLogger(__name__)
 
 MAX_COPY = 8 * 1024 * 1024  # bytes copied per step at most (one read, one write, one fdatasync)
+# While the guest is busy (it read or wrote within GUEST_BUSY_SECONDS), the job gives way:
+# gentle steps of at most GENTLE_COPY, read exactly (no readahead) and installed before the next
+# read, so the guest's next request finds at most one small I/O of the stream ahead of it at the
+# device, not megabytes. Measured with bench/stream_bench.py (docs/performance.md).
+GENTLE_COPY = 128 * 1024
+GUEST_BUSY_SECONDS = 0.1
 MAX_SCAN_CLUSTERS = 16384  # clusters of the top image looked up per step (1 GiB at 64 KiB clusters)
 RATE_WINDOW = 3.0  # seconds of progress history behind the measured rate
 
@@ -54,6 +62,9 @@ class Copier:
         # step is planned and read. At most one install is in flight.
         self._installer = ThreadPoolExecutor(1, thread_name_prefix="fusestream-install") if pipelined else None
         self._pending: Future | None = None
+        # One read buffer per step in flight, reused: fresh memory would cost a page fault per
+        # page on every step. Anonymous mmaps are page-aligned, as O_DIRECT wants.
+        self._buffers = [mmap.mmap(-1, MAX_COPY) for _ in range(2 if pipelined else 1)]
 
     @property
     def stop(self) -> int:
@@ -66,20 +77,25 @@ class Copier:
         transferred = 0
         end = offset + length
         while offset < end:
-            offset, step = self.copy_step(offset, end, MAX_COPY)
+            offset, step = self.copy_step(offset, end)
             transferred += step
         self.drain()
         return transferred
 
-    def copy_step(self, offset: int, end: int, max_read: int) -> tuple[int, int]:
+    def copy_step(self, offset: int, end: int, max_read: int = MAX_COPY, gentle: bool = False) -> tuple[int, int]:
         """Stream from `offset` (cluster-aligned) towards `end`: plan up to `max_read` bytes of
         backing data to copy, looking up at most MAX_SCAN_CLUSTERS of the top image (and only as
         far as needed), read it, and install it with one flush (in the background when
         pipelined: drain() waits for it). Returns (where it stopped, bytes read): empty space is
-        crossed quickly and one step's work stays bounded."""
-        plan, stop = self._plan(offset, end, max_read)
-        pieces = self._read(plan)
+        crossed quickly and one step's work stays bounded.
+
+        `gentle`: give way to a busy guest, with one I/O at a time and no more than asked for:
+        the reads bypass readahead (see Layer.read_into) and the install finishes here."""
+        plan, stop = self._plan(offset, end, min(max_read, MAX_COPY))
+        pieces = self._read(plan, direct=gentle)
         self._install(pieces)
+        if gentle:
+            self.drain()
         return stop, sum(len(data) for _, data in pieces)
 
     def _plan(self, offset: int, end: int, max_read: int) -> tuple[list[tuple[int, int]], int]:
@@ -99,7 +115,7 @@ class Copier:
                         return plan, piece_end
         return plan, scan_end
 
-    def _install(self, pieces: list[tuple[int, bytearray]]) -> None:
+    def _install(self, pieces: list[tuple[int, memoryview]]) -> None:
         self.drain()  # the previous step first: errors surface in order, memory stays bounded
         if not pieces:
             return
@@ -141,14 +157,19 @@ class Copier:
             pos += run
         return ranges
 
-    def _read(self, plan: list[tuple[int, int]]) -> list[tuple[int, bytearray]]:
-        """The planned ranges, read from the backing chain straight into fresh buffers (preadv
-        copies without holding the GIL, so guest requests on the event loop are not held up)."""
+    def _read(self, plan: list[tuple[int, int]], direct: bool) -> list[tuple[int, memoryview]]:
+        """The planned ranges (MAX_COPY bytes at most), read from the backing chain straight into
+        the next page-aligned buffer: preadv copies without holding the GIL, so guest requests on
+        the event loop are not held up, and the alignment lets the install bypass the page
+        cache."""
+        self._buffers.append(buffer := self._buffers.pop(0))  # not the one an install may be using
         pieces = []
+        used = 0
         for start, end in plan:
-            data = bytearray(min(end, self.chain.size) - start)
+            data = memoryview(buffer)[used : used + min(end, self.chain.size) - start]
+            used += len(data)
             try:
-                filled = self.chain.read_backing_into(memoryview(data), start)
+                filled = self.chain.read_backing_into(data, start, direct)
             except OSError as err:
                 raise StreamError(f"read error in the backing chain at offset {start}: {err.strerror or err}") from None
             if filled != len(data):  # never let a short read become zeros on disk
@@ -156,7 +177,7 @@ class Copier:
             pieces.append((start, data))
         return pieces
 
-    def _populate(self, pieces: list[tuple[int, bytearray]]) -> None:
+    def _populate(self, pieces: list[tuple[int, memoryview]]) -> None:
         try:
             self.chain.top.populate(pieces, zero_clusters=self.base is not None)
         except OSError as err:
@@ -304,16 +325,23 @@ class StreamJob:
             await self._wait_while_paused()
             if self._cancel_requested:
                 return
+            gentle = self._guest_busy()
             self.offset, transferred = await self.run_sync(
-                self.copier.copy_step, self.offset, self.len, self._max_read())
+                self.copier.copy_step, self.offset, self.len, self._max_read(gentle), gentle)
             self._progress.record(trio.current_time(), self.offset)
             await self._throttle(transferred)
 
-    def _max_read(self) -> int:
+    def _guest_busy(self) -> bool:
+        return time.monotonic() - self.chain.last_guest_io < GUEST_BUSY_SECONDS
+
+    def _max_read(self, gentle: bool) -> int:
         """Read at most a tenth of a second's worth per step at the speed limit, in whole
-        clusters, so that pause, cancel and speed changes take effect quickly."""
+        clusters, so that pause, cancel and speed changes take effect quickly; less while the
+        guest is busy."""
         cs = self.chain.top.cluster_size
-        limit = MAX_COPY if not self.speed else min(MAX_COPY, self.speed // 10)
+        limit = GENTLE_COPY if gentle else MAX_COPY
+        if self.speed:
+            limit = min(limit, self.speed // 10)
         return max(cs, limit - limit % cs)
 
     async def _wait_while_paused(self) -> None:

@@ -24,7 +24,7 @@ from fusestream.stream import Copier
 
 @dataclass
 class Recording:
-    fd: int
+    fds: set[int]  # the top image's descriptors: ordinary and O_DIRECT
     ops: list[tuple] = field(default_factory=list)  # ("write", offset, bytes) | ("flush",) | ("truncate", size)
     issued: list[tuple[int, bytes]] = field(default_factory=list)  # every guest write, in order
     acked_at: dict[int, int] = field(default_factory=dict)  # flush index -> how many of `issued` it acked
@@ -33,22 +33,22 @@ class Recording:
 @pytest.fixture
 def recorder(monkeypatch):
     """Record the top image's writes, flushes and truncates (and still perform them)."""
-    recording = Recording(fd=-1)
+    recording = Recording(fds=set())
     real_pwrite, real_fdatasync, real_ftruncate = qed._pwrite_all, os.fdatasync, os.ftruncate
 
     def pwrite(fd, data, offset):
-        if fd == recording.fd:
+        if fd in recording.fds:
             whole = b"".join(bytes(b) for b in data) if isinstance(data, list) else bytes(data)
             recording.ops.append(("write", offset, whole))
         real_pwrite(fd, data, offset)
 
     def fdatasync(fd):
-        if fd == recording.fd:
+        if fd in recording.fds:
             recording.ops.append(("flush",))
         real_fdatasync(fd)
 
     def ftruncate(fd, size):
-        if fd == recording.fd:
+        if fd in recording.fds:
             recording.ops.append(("truncate", size))
         real_ftruncate(fd, size)
 
@@ -61,7 +61,7 @@ def recorder(monkeypatch):
 def run_workload(top, recording: Recording, rng: random.Random, stream: bool) -> None:
     """Interleave stream steps and guest writes; every few writes the guest fsyncs."""
     chain = open_chain(str(top))
-    recording.fd = chain.top.fd
+    recording.fds = {chain.top.fd, chain.top.direct.fd}
     copier = Copier(chain, base=None)
     offset = 0
     try:
@@ -82,7 +82,7 @@ def run_workload(top, recording: Recording, rng: random.Random, stream: bool) ->
             copier.drain()
             chain.rebase(len(chain.layers))
     finally:
-        recording.fd = -1
+        recording.fds = set()
         chain.close()
 
 

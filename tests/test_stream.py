@@ -16,6 +16,7 @@ import trio
 import trio.testing
 from conftest import qemu_check, qemu_convert, qemu_img, qemu_io, run
 
+from fusestream import stream
 from fusestream.chain import open_chain
 from fusestream.control import Control, EventLog, parse_command, render_status
 from fusestream.formats.layer import BlockStatus
@@ -23,6 +24,8 @@ from fusestream.stream import (
     CANCELLED,
     COMPLETED,
     FAILED,
+    GENTLE_COPY,
+    MAX_COPY,
     PAUSED,
     RUNNING,
     CommandError,
@@ -242,8 +245,8 @@ def test_a_guest_write_racing_the_copy_wins(tmp_path, chain):
     read_backing_into = c.read_backing_into
     raced: list[int] = []
 
-    def read_then_guest_writes(view, offset):
-        filled = read_backing_into(view, offset)
+    def read_then_guest_writes(view, offset, direct=False):
+        filled = read_backing_into(view, offset, direct)
         if not raced:
             c.write(offset + 100, b"guest" * 1000)
             raced.append(offset + 100)
@@ -254,6 +257,48 @@ def test_a_guest_write_racing_the_copy_wins(tmp_path, chain):
     assert raced and c.read(raced[0], 5000) == b"guest" * 1000
     c.close()
     assert qemu_check(chain.top).returncode == 0
+
+
+@pytest.mark.parametrize("busy", [True, False], ids=["guest-busy", "guest-quiet"])
+def test_the_job_gives_way_to_a_busy_guest(tmp_path, chain, monkeypatch, busy):
+    """While the guest reads or writes, each step is small, read exactly (O_DIRECT, no
+    readahead) and installed before the next read starts; when it is quiet, full steps."""
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    monkeypatch.setattr(stream, "GUEST_BUSY_SECONDS", 3600.0 if busy else 0.0)
+    c = open_chain(str(chain.top))
+    c.read(0, 512)  # the guest
+    steps: list[tuple[int, bool, bool]] = []  # (max_read, gentle, an install still pending after it)
+    direct_reads: set[bool] = set()
+    read_backing_into = c.read_backing_into
+
+    def recording_read(view, offset, direct=False):
+        direct_reads.add(direct)
+        return read_backing_into(view, offset, direct)
+
+    async def recording_run_sync(fn, *args):
+        result = fn(*args)
+        if fn.__name__ == "copy_step":
+            steps.append((args[2], args[3], fn.__self__._pending is not None))
+        return result
+
+    c.read_backing_into = recording_read
+    events = EventLog("top.raw")
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            job = Streamer(c, nursery, events.emit, run_sync=recording_run_sync).start()
+            await job.wait_finished()
+            assert job.state == COMPLETED
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert c.read(0, chain.size) == expected
+    c.close()
+    if busy:
+        assert steps and all(step == (GENTLE_COPY, True, False) for step in steps)
+        assert direct_reads == {True}
+    else:
+        assert steps and all(max_read == MAX_COPY and not gentle for max_read, gentle, _ in steps)
+        assert direct_reads == {False}
 
 
 def test_a_new_job_resumes_where_the_allocation_says_and_copies_nothing_twice(tmp_path, chain):
@@ -312,13 +357,13 @@ class FaultyLayer:
             raise OSError(self.err, "Input/output error")
         return self.layer.read(offset, length)
 
-    def read_into(self, view, offset):
+    def read_into(self, view, offset, direct=False):
         time.sleep(self.delay)
         if self.failing and offset < self.fail_end and offset + len(view) > self.fail_start:
             if self.short:
-                return self.layer.read_into(view[: len(view) // 2], offset)
+                return self.layer.read_into(view[: len(view) // 2], offset, direct)
             raise OSError(self.err, "Input/output error")
-        return self.layer.read_into(view, offset)
+        return self.layer.read_into(view, offset, direct)
 
     def block_status(self, offset, length):
         return self.layer.block_status(offset, length)

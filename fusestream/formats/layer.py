@@ -6,6 +6,7 @@ and the stream job only ever use what is here, so a slow or failing source fits 
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import errno
 import os
@@ -29,9 +30,11 @@ class Layer(Protocol):
     def read(self, offset: int, length: int) -> bytes:
         """Return exactly `length` bytes of a range that lies within `size`."""
 
-    def read_into(self, view: memoryview, offset: int) -> int:
-        """Fill `view` (zero-filled by the caller) from a range within `size`; returns how many
-        bytes were filled, fewer only on a short read. For bulk reads: no copies under the GIL."""
+    def read_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
+        """Fill `view`, zeros included, from a range within `size`; returns how many bytes were
+        filled, fewer only on a short read. For bulk reads: no copies under the GIL. `direct`:
+        read exactly this, bypassing the page cache and its readahead where the alignment of
+        `view` allows (the stream, while it gives way to the guest)."""
 
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         """Status of the run starting at `offset` and how many bytes (<= length) share it."""
@@ -39,14 +42,27 @@ class Layer(Protocol):
     def close(self) -> None: ...
 
 
-def read_into_from(layer: Layer | None, view: memoryview, offset: int) -> int:
-    """read_into through an optional backing layer; past its end (or with none) the zero-filled
-    view is already right. Returns how many bytes are right, len(view) unless a read was short."""
-    if layer is None or offset >= layer.size:
-        return len(view)
-    inside = min(len(view), layer.size - offset)
-    filled = layer.read_into(view[:inside], offset)
-    return filled if filled < inside else len(view)
+def read_into_from(layer: Layer | None, view: memoryview, offset: int, direct: bool = False) -> int:
+    """read_into through an optional backing layer; past its end (or with none) zeros. Returns
+    how many bytes are right, len(view) unless a read was short."""
+    inside = 0 if layer is None else max(0, min(len(view), layer.size - offset))
+    if inside:
+        filled = layer.read_into(view[:inside], offset, direct)
+        if filled < inside:
+            return filled
+    fill_zeros(view[inside:])
+    return len(view)
+
+
+ZEROS = bytes(1 << 20)
+_ZEROS_VIEW = memoryview(ZEROS)
+
+
+def fill_zeros(view: memoryview) -> None:
+    """Zero `view` in place (buffers are reused, so nothing can count on them being zeroed)."""
+    for start in range(0, len(view), len(ZEROS)):
+        chunk = view[start : start + len(ZEROS)]
+        chunk[:] = _ZEROS_VIEW[: len(chunk)]
 
 
 def read_from(layer: Layer | None, offset: int, length: int) -> bytes:
@@ -74,3 +90,62 @@ def open_regular_file(path: str, flags: int, allow_block_device: bool = False) -
             problem = "is a device, FIFO or socket, not a regular file"
         raise OSError(errno.EINVAL, problem)
     return fd
+
+
+DIRECT_ALIGNMENT = 4096  # O_DIRECT offsets, lengths and buffer addresses that any common device takes
+
+
+class DirectTwin:
+    """A second descriptor with O_DIRECT for the file of `fd`, opened on first use (reopened
+    through /proc, so it cannot be another file by now); -1 where the filesystem refuses
+    O_DIRECT.
+
+    For the stream's bulk I/O. Its writes: each byte is written once, and through the page cache
+    it only costs a copy, dirty pages to write back at the step's flush, and pages pushed out
+    that the guest may still want (QEMU's cache=none, for the stream alone). Its reads, only
+    while the guest is busy: then the stream reads exactly its small steps, where readahead
+    would put megabytes in the device's queue ahead of the guest's next read.
+    """
+
+    def __init__(self, fd: int, writable: bool):
+        self._fd = fd
+        self._flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_DIRECT | os.O_CLOEXEC
+        self._direct: int | None = None
+
+    @property
+    def fd(self) -> int:
+        if self._direct is None:
+            try:
+                self._direct = os.open(f"/proc/self/fd/{self._fd}", self._flags)
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                self._direct = -1
+        return self._direct
+
+    def close(self) -> None:
+        if self._direct is not None and self._direct >= 0:
+            os.close(self._direct)
+        self._direct = -1
+
+
+def direct_io_allowed(view: memoryview, offset: int) -> bool:
+    """Whether O_DIRECT takes `view` at file `offset`: every one of them aligned."""
+    if view.readonly or not len(view) or (offset | len(view)) % DIRECT_ALIGNMENT:
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGNMENT == 0
+
+
+def pread_into(fd: int, view: memoryview, offset: int, direct_fd: int = -1) -> int:
+    """Fill `view` from file `offset` until it is full or the file ends; returns the bytes read.
+    With a `direct_fd`, each aligned read goes through it; the rest (a file end that is not
+    block-aligned) through `fd`."""
+    filled = 0
+    while filled < len(view):
+        part = view[filled:]
+        aligned = direct_fd >= 0 and direct_io_allowed(part, offset + filled)
+        n = os.preadv(direct_fd if aligned else fd, [part], offset + filled)
+        if n == 0:
+            break
+        filled += n
+    return filled

@@ -22,6 +22,7 @@ import dataclasses
 import fcntl
 import itertools
 import logging
+import mmap
 import os
 import sys
 import threading
@@ -37,7 +38,18 @@ from ..errors import (
     UnsupportedImageError,
     describe_os_error,
 )
-from .layer import BlockStatus, Layer, open_regular_file, read_from, read_into_from
+from .layer import (
+    ZEROS,
+    BlockStatus,
+    DirectTwin,
+    Layer,
+    direct_io_allowed,
+    fill_zeros,
+    open_regular_file,
+    pread_into,
+    read_from,
+    read_into_from,
+)
 from .qed_structs import (
     QED_AUTOCLEAR_FEATURE_MASK,
     QED_DEFAULT_CLUSTER_SIZE,
@@ -113,8 +125,11 @@ def validate_header(path: str, h, file_size: int) -> None:
 
 
 def is_zero(data: bytes | memoryview) -> bool:
-    """True if every byte is zero; a memcmp against zeros, not a Python loop over bytes."""
-    return bytes(data) == bytes(len(data))
+    """True if every byte is zero; a memcmp against zeros, not a Python loop over bytes (nor
+    memoryview's comparison, which goes item by item)."""
+    if len(data) > len(ZEROS):
+        return bytes(data) == bytes(len(data))
+    return ZEROS.startswith(bytes(data))
 
 
 def _pread_exact(fd: int, offset: int, length: int) -> bytes:
@@ -187,6 +202,7 @@ class QedImage:
         except BaseException:
             os.close(self.fd)
             raise
+        self.direct = DirectTwin(self.fd, writable)  # for the stream's bulk I/O
         self._table_lock = threading.RLock()
         self._alloc_lock = threading.Lock()
         self._we_set_need_check = False
@@ -399,27 +415,25 @@ class QedImage:
         self.read_into(memoryview(buf), offset)  # a short backing read leaves zeros, as read_from pads
         return bytes(buf)
 
-    def read_into(self, view: memoryview, offset: int) -> int:
-        """Fill `view` (zero-filled by the caller: ZERO clusters are left as they are) with the
-        guest data at `offset`, with preadv straight into it; returns len(view) unless a backing
-        layer's read was short."""
+    def read_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
+        """Fill `view` with the guest data at `offset`, with preadv straight into it; returns
+        len(view) unless a backing layer's read was short."""
         for extent in self.iter_extents(offset, len(view)):
             part = view[extent.offset - offset : extent.offset - offset + extent.length]
             if extent.status is BlockStatus.FOUND:
-                self._read_data_into(part, extent.file_offset)
-            elif extent.status is BlockStatus.UNALLOCATED:
-                filled = read_into_from(self.backing, part, extent.offset)
+                self._read_data_into(part, extent.file_offset, direct)
+            elif extent.status is BlockStatus.ZERO:
+                fill_zeros(part)
+            else:
+                filled = read_into_from(self.backing, part, extent.offset, direct)
                 if filled < len(part):
                     return extent.offset - offset + filled
         return len(view)
 
-    def _read_data_into(self, view: memoryview, file_offset: int) -> None:
-        filled = 0
-        while filled < len(view):
-            n = os.preadv(self.fd, [view[filled:]], file_offset + filled)
-            if n == 0:
-                raise CorruptionError(f"{self.path}: data cluster: unexpected end of file at {file_offset + filled}")
-            filled += n
+    def _read_data_into(self, view: memoryview, file_offset: int, direct: bool) -> None:
+        filled = pread_into(self.fd, view, file_offset, self.direct.fd if direct else -1)
+        if filled < len(view):
+            raise CorruptionError(f"{self.path}: data cluster: unexpected end of file at {file_offset + filled}")
 
     def _read_data(self, file_offset: int, length: int) -> bytes:
         try:
@@ -473,7 +487,7 @@ class QedImage:
         if entries:
             self._set_l2_entries(entries)
 
-    def populate(self, pieces: list[tuple[int, bytes]], zero_clusters: bool) -> int:
+    def populate(self, pieces: list[tuple[int, bytes | memoryview]], zero_clusters: bool) -> int:
         """Copy data that the caller read from the backing chain, as (offset, data) pieces, into
         the clusters they cover that are still unallocated; returns the bytes allocated. All
         pieces go in with one append and one flush.
@@ -485,23 +499,24 @@ class QedImage:
         if not self.writable:
             raise PermissionError(f"{self.path}: image is open read-only")
         cs = self.cluster_size
-        zeros = bytes(cs)
         with self._alloc_lock:
             contents: dict[int, bytes | memoryview | None] = {}
             for offset, data in pieces:
                 view = memoryview(data)
-                for extent in self.iter_extents(offset, len(data)):
+                for extent in self.iter_extents(offset, len(view)):
                     if extent.status is not BlockStatus.UNALLOCATED:
                         continue
                     for at in range(extent.offset - offset, extent.offset - offset + extent.length, cs):
-                        size = min(cs, len(data) - at)
-                        if data.startswith(zeros if size == cs else zeros[:size], at):  # memcmp, no copy
+                        cluster = view[at : at + cs]
+                        if is_zero(cluster):
                             if zero_clusters:
                                 contents[(offset + at) // cs] = None
-                        elif size == cs:
-                            contents[(offset + at) // cs] = view[at : at + cs]
-                        else:  # the image's last, partial cluster
-                            contents[(offset + at) // cs] = data[at:] + bytes(cs - size)
+                        elif len(cluster) == cs:
+                            contents[(offset + at) // cs] = cluster
+                        else:  # the image's last, partial cluster: padded, still page-aligned
+                            padded = memoryview(mmap.mmap(-1, cs))
+                            padded[: len(cluster)] = cluster
+                            contents[(offset + at) // cs] = padded
             self._install_clusters(contents)
         return sum(cs for data in contents.values() if data is not None)
 
@@ -534,7 +549,7 @@ class QedImage:
         start = self.file_size
         self.file_size += len(clusters) * self.cluster_size
         try:
-            _pwrite_all(self.fd, clusters, start)
+            _pwrite_all(self._append_fd(clusters, start), clusters, start)
             if self.backing is not None:
                 os.fdatasync(self.fd)
             else:
@@ -543,6 +558,13 @@ class QedImage:
             self.file_size = start  # nothing points there: the next allocation reuses the space
             raise
         return start
+
+    def _append_fd(self, clusters: list[bytes | memoryview], start: int) -> int:
+        """The O_DIRECT descriptor for clusters that all allow it (the stream's aligned buffers),
+        else the ordinary one (guest writes: they may be read again soon)."""
+        if self.direct.fd >= 0 and all(direct_io_allowed(memoryview(data), start) for data in clusters):
+            return self.direct.fd
+        return self.fd
 
     def _set_need_check(self) -> None:
         self.last_allocation = time.monotonic()
@@ -706,6 +728,7 @@ class QedImage:
                 os.fdatasync(self.fd)
                 self.clear_need_check()
         finally:
+            self.direct.close()
             os.close(self.fd)
             self.fd = -1
 

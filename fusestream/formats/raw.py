@@ -6,7 +6,7 @@ import fcntl
 import os
 
 from ..errors import BackingFileError, describe_os_error
-from .layer import BlockStatus, open_regular_file
+from .layer import BlockStatus, DirectTwin, open_regular_file, pread_into
 
 FORMAT_NAME = "raw"
 
@@ -29,6 +29,7 @@ class RawLayer:
             os.close(self.fd)
             raise BackingFileError(f"{path}: in use for writing by another fusestream process") from None
         self.size = os.lseek(self.fd, 0, os.SEEK_END)  # st_size is 0 for a block device
+        self.direct = DirectTwin(self.fd, writable=False)
 
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
@@ -36,14 +37,9 @@ class RawLayer:
             data += bytes(length - len(data))
         return data
 
-    def read_into(self, view: memoryview, offset: int) -> int:
-        filled = 0
-        while filled < len(view):
-            n = os.preadv(self.fd, [view[filled:]], offset + filled)
-            if n == 0:  # the file is shorter than it was: a short read, for the caller to judge
-                break
-            filled += n
-        return filled
+    def read_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
+        # Fewer bytes than asked: the file is shorter than it was, for the caller to judge.
+        return pread_into(self.fd, view, offset, self.direct.fd if direct else -1)
 
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         """FOUND for data, ZERO for a hole (SEEK_DATA/SEEK_HOLE, as QEMU's file driver does)."""
@@ -58,6 +54,7 @@ class RawLayer:
         return BlockStatus.FOUND, min(hole_start, end) - offset
 
     def close(self) -> None:
+        self.direct.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -167,6 +167,16 @@ def fusestream_daemon(
         yield mountdir / (image.stem + ".raw"), proc
 
 
+@contextlib.contextmanager
+def pyfuse3_floor_mount(raw_file: Path, mountdir: Path) -> Iterator[Path]:
+    """bench/pyfuse3_floor.py serving `raw_file` (pyfuse3 and trio with nothing of ours); yield
+    the file it serves."""
+    mountdir.mkdir(exist_ok=True)
+    argv = [sys.executable, str(BENCH_DIR / "pyfuse3_floor.py"), str(raw_file), str(mountdir)]
+    with _daemon(argv, mountdir, mountdir.with_suffix(".log")):
+        yield mountdir / "floor.raw"
+
+
 def qsd_argv(image: Path, export_file: Path, writable: bool = False) -> list[str]:
     """qemu-storage-daemon exporting a QED image over FUSE; backing files open from its header."""
     ro = "off" if writable else "on"

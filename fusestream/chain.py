@@ -142,13 +142,14 @@ class Chain:
         with self.in_use:
             return read_into_from(self.top.backing, view, offset, direct)
 
-    def write(self, offset: int, data: bytes) -> int:
-        """Write guest data into the top image; returns how many bytes fit in the virtual size."""
+    def write(self, offset: int, data: bytes, wait: bool = True) -> int:
+        """Write guest data into the top image; returns how many bytes fit in the virtual size.
+        `wait`: see QedImage.write."""
         self.last_guest_io = time.monotonic()
         length = max(0, min(len(data), self.size - offset))
         if length:
             with self.in_use:
-                self.top.write(offset, data[:length])
+                self.top.write(offset, data[:length], wait)
         return length
 
     def flush(self) -> None:

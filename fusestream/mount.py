@@ -195,20 +195,24 @@ async def serve(ops: Operations, opts: MountOptions) -> None:
             streamer.start()
         nursery.start_soon(_unmount_on_signal, nursery.cancel_scope)
         if not ops.read_only:
-            nursery.start_soon(_clear_need_check_when_idle, chain)
+            nursery.start_soon(_write_back_tables, chain)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
 NEED_CHECK_IDLE = 5.0  # seconds without allocating writes before QED_F_NEED_CHECK is cleared (QEMU's)
+WRITE_BACK_INTERVAL = 1.0  # seconds that allocations' L2 entries may wait in memory, at most
 
 
-async def _clear_need_check_when_idle(chain: Chain) -> None:
-    """Without a backing file, allocating writes set QED_F_NEED_CHECK; clear it once they pause,
-    so that the image on disk is marked clean long before the unmount."""
+async def _write_back_tables(chain: Chain) -> None:
+    """Allocations write their L2 entries in batches (QedImage.write_back): every second, and
+    at every fsync. Without a backing file they also set QED_F_NEED_CHECK; clear it once they
+    pause, so that the image on disk is marked clean long before the unmount."""
     top = chain.top
     while True:
-        await trio.sleep(1.0)
+        await trio.sleep(WRITE_BACK_INTERVAL)
+        if top.has_unwritten_tables:
+            await trio.to_thread.run_sync(top.write_back)
         if top.need_check_set_by_us and time.monotonic() - top.last_allocation >= NEED_CHECK_IDLE:
             await trio.to_thread.run_sync(top.clear_need_check)
 

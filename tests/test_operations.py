@@ -4,6 +4,8 @@ for the failing range only."""
 from __future__ import annotations
 
 import errno
+import threading
+import time
 
 import pyfuse3
 import pytest
@@ -33,5 +35,59 @@ def test_a_failing_backing_range_is_eio_for_that_range_only(chain, size):
 
     try:
         trio.run(main)
+    finally:
+        c.close()
+
+
+def test_an_allocating_write_that_would_wait_goes_to_a_thread(chain):
+    """Small writes run on the event loop, but never wait there: while another allocation (or a
+    write-back's flush) holds the allocation lock, the write waits in a worker thread, and the
+    event loop keeps serving reads."""
+    c = open_chain(str(chain.top))
+    ops = Operations(c, read_only=False)
+    unallocated = next(e for e in c.top.extents(0, chain.size) if e.status.value == "unallocated")
+    held, release = threading.Event(), threading.Event()
+
+    def another_allocation():
+        with c.top._alloc_lock:
+            held.set()
+            release.wait(5)
+
+    other = threading.Thread(target=another_allocation)
+    other.start()
+    held.wait()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ops.write, RAW_INODE, unallocated.offset, b"guest data")
+            await trio.sleep(0.1)
+            started = time.monotonic()
+            assert len(await ops.read(RAW_INODE, 0, 4096)) == 4096
+            assert time.monotonic() - started < 1, "the event loop waited for the allocation lock"
+            assert c.read(unallocated.offset, 10) != b"guest data"  # the write is still waiting
+            release.set()
+        assert c.read(unallocated.offset, 10) == b"guest data"
+
+    try:
+        trio.run(main)
+    finally:
+        release.set()
+        other.join()
+        c.close()
+
+
+def test_write_without_waiting_writes_nothing_when_it_would_wait(chain):
+    c = open_chain(str(chain.top))
+    try:
+        extents = c.top.extents(0, chain.size)
+        unallocated = next(e for e in extents if e.status.value == "unallocated")
+        found = next(e for e in extents if e.status.value == "found")
+        before = c.read(unallocated.offset, 10)
+        with c.top._alloc_lock:
+            with pytest.raises(BlockingIOError):
+                c.write(unallocated.offset, b"guest data", wait=False)
+            c.write(found.offset, b"in place", wait=False)  # no allocation: never waits
+        assert c.read(unallocated.offset, 10) == before
+        assert c.read(found.offset, 8) == b"in place"
     finally:
         c.close()

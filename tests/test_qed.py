@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import concurrent.futures
+import os
 import random
 
 import pytest
@@ -187,3 +188,74 @@ def test_l2_cache_stays_within_its_bound(tmp_path):
     finally:
         image.close()
     assert qemu_check(path).returncode == 0
+
+
+def _l2_entry_on_disk(image_path, cluster: int) -> int:
+    """What the file itself says about a cluster, bypassing any cache of an open image."""
+    on_disk = qed.QedImage(str(image_path), lock=False)
+    try:
+        return on_disk._cluster_entry(cluster)
+    finally:
+        on_disk.close()
+
+
+def test_allocating_writes_batch_their_table_updates_behind_one_flush(tmp_path, monkeypatch):
+    """QEMU's order (data durable before the L2 entry that points to it) at the price of one
+    fdatasync per write-back, not one per allocating write."""
+    c = build_chain(tmp_path, size=4 << 20, cluster_size=4096)
+    calls: list[str | int] = []  # "fdatasync", or the offset of a write
+    real_fdatasync, real_pwrite = os.fdatasync, qed._pwrite_all
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append("fdatasync"), real_fdatasync(fd))[1])
+    monkeypatch.setattr(qed, "_pwrite_all", lambda fd, data, offset: (calls.append(offset),
+                                                                       real_pwrite(fd, data, offset))[1])
+    chain = open_chain(str(c.top))
+    try:
+        clusters = [cluster for cluster in range(0, 1024, 37) if chain.top._cluster_entry(cluster) == 0][:5]
+        assert len(clusters) == 5 and chain.top.l1[0] != 0  # unallocated clusters, in an existing table
+        calls.clear()
+        for cluster in clusters:
+            chain.write(cluster * 4096 + 100, b"new data")
+        assert "fdatasync" not in calls  # five allocating writes, no flush
+        assert all(_l2_entry_on_disk(c.top, cluster) == 0 for cluster in clusters)  # nothing points there yet
+        assert all(chain.read(cluster * 4096 + 100, 8) == b"new data" for cluster in clusters)
+        assert chain.top.has_unwritten_tables
+        calls.clear()
+        chain.flush()
+        table = range(chain.top.l1[0], chain.top.l1[0] + chain.top.table_bytes)
+        l2_writes = [i for i, call in enumerate(calls) if call != "fdatasync" and call in table]
+        assert calls[0] == "fdatasync" and l2_writes and l2_writes[0] > 0 and calls[-1] == "fdatasync"
+        assert all(_l2_entry_on_disk(c.top, cluster) > 1 for cluster in clusters)
+        assert not chain.top.has_unwritten_tables
+    finally:
+        chain.close()
+    qemu_check(c.top)
+
+
+def test_a_table_with_unwritten_entries_is_never_evicted(tmp_path):
+    # 4 KiB clusters and two-cluster tables: one table is 8 KiB and maps 4 MiB. A cache of four
+    # tables; two tables with unwritten entries stay below the write-back threshold, and
+    # reading ten other tables must not evict them.
+    image = tmp_path / "top.qed"
+    base = tmp_path / "base.raw"
+    base.write_bytes(os.urandom(48 << 20))
+    qed.create(str(image), 48 << 20, backing_filename="base.raw", backing_raw=True, cluster_size=4096, table_size=2)
+    chain = open_chain(str(image))
+    small = qed.QedImage(str(image), writable=True, lock=False, l2_cache_bytes=4 * 8192)
+    small.backing = chain.top.backing
+    chain.top.close()
+    chain.top, chain.layers[0] = small, small
+    try:
+        for region in range(12):  # a table for every 4 MiB, so the reads below have tables to load
+            chain.write(region * (4 << 20), b"x")
+        chain.flush()
+        chain.write(1 << 20, b"first")
+        chain.write((5 << 20) + 7, b"second")
+        assert len(small._unwritten) == 2
+        for region in range(2, 12):
+            chain.read(region * (4 << 20), 4096)
+        assert len(small._l2_cache) >= 2 and set(small._unwritten) <= set(small._l2_cache)
+        assert chain.read(1 << 20, 5) == b"first" and chain.read((5 << 20) + 7, 6) == b"second"
+    finally:
+        chain.close()
+    assert qemu_convert(image, tmp_path / "out.raw")[1 << 20 : (1 << 20) + 5] == b"first"
+    qemu_check(image)

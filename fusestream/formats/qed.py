@@ -19,6 +19,7 @@ from __future__ import annotations
 import array
 import collections
 import dataclasses
+import errno
 import fcntl
 import itertools
 import logging
@@ -236,6 +237,9 @@ class QedImage:
             self._check_l1()
         self._l2_cache: collections.OrderedDict[int, array.array] = collections.OrderedDict()
         self._l2_cache_max = max(1, l2_cache_bytes // self.table_bytes)
+        # L2 table offset -> [lo, hi): entries changed in the cached table and not yet written.
+        # Such a table stays cached until write_back() has written them (see _write_back).
+        self._unwritten: dict[int, tuple[int, int]] = {}
         if self.writable:
             self._clear_unknown_autoclear_bits()
         if h.features & QED_F_NEED_CHECK and self.writable and check_tables:
@@ -310,12 +314,19 @@ class QedImage:
         table = self._l2_cache.get(offset)
         if table is None:
             table = self.read_table(offset)
-            self._l2_cache[offset] = table
-            if len(self._l2_cache) > self._l2_cache_max:
-                self._l2_cache.popitem(last=False)
+            self._cache_table(offset, table)
         else:
             self._l2_cache.move_to_end(offset)
         return table
+
+    def _cache_table(self, offset: int, table: array.array) -> None:
+        """Add a table to the L2 cache, evicting the least recently used one that has nothing
+        unwritten (the cache may stay over its bound until a write-back: see _set_l2_entries)."""
+        self._l2_cache[offset] = table
+        if len(self._l2_cache) > self._l2_cache_max:
+            victim = next((o for o in self._l2_cache if o not in self._unwritten), None)
+            if victim is not None:
+                del self._l2_cache[victim]
 
     def _cluster_entry(self, cluster: int) -> int:
         """The L2 entry of a cluster (0 unallocated, 1 zero, else its file offset), validated."""
@@ -443,15 +454,19 @@ class QedImage:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def write(self, offset: int, data: bytes) -> None:
-        """Write guest data; clusters not yet allocated are allocated in QEMU's crash-safe order."""
+    def write(self, offset: int, data: bytes, wait: bool = True) -> None:
+        """Write guest data; clusters not yet allocated are allocated in QEMU's crash-safe order.
+        With wait=False, an allocation that would have to wait for another one (or for a
+        write-back's flush) raises BlockingIOError instead, having written nothing."""
         if not self.writable:
             raise PermissionError(f"{self.path}: image is open read-only")
         extents = self.extents(offset, len(data))
         if all(e.status is BlockStatus.FOUND for e in extents):
             self._write_found(extents, offset, data)
             return
-        with self._alloc_lock:
+        if not self._alloc_lock.acquire(blocking=wait):
+            raise BlockingIOError(errno.EAGAIN, "an allocation is in progress")
+        try:
             # Look again: another writer may have allocated these clusters while we waited.
             for extent in self.extents(offset, len(data)):
                 piece = memoryview(data)[extent.offset - offset : extent.offset - offset + extent.length]
@@ -459,6 +474,8 @@ class QedImage:
                     _pwrite_all(self.fd, piece, extent.file_offset)
                 else:
                     self._allocating_write(extent, piece)
+        finally:
+            self._alloc_lock.release()
 
     def _write_found(self, extents: list[Extent], offset: int, data: bytes) -> None:
         view = memoryview(data)
@@ -545,14 +562,13 @@ class QedImage:
         return read_from(self.backing, offset, inside) + bytes(length - inside)
 
     def _append_clusters(self, clusters: list[bytes | memoryview]) -> int:
-        """Write whole clusters at the end of the file; durable before any table points there."""
+        """Write whole clusters at the end of the file. No table on disk points there before
+        they are durable: the entries are written by _write_back, after an fdatasync."""
         start = self.file_size
         self.file_size += len(clusters) * self.cluster_size
         try:
             _pwrite_all(self._append_fd(clusters, start), clusters, start)
-            if self.backing is not None:
-                os.fdatasync(self.fd)
-            else:
+            if self.backing is None:
                 self._set_need_check()
         except BaseException:
             self.file_size = start  # nothing points there: the next allocation reuses the space
@@ -580,6 +596,7 @@ class QedImage:
         with self._alloc_lock:
             if not self._we_set_need_check:
                 return
+            self._write_back()
             os.fdatasync(self.fd)
             self.header.features &= ~QED_F_NEED_CHECK
             self._write_header()
@@ -596,21 +613,42 @@ class QedImage:
                 self._new_l2_table(l1_index, updates)
             else:
                 self._update_l2_table(self.l1[l1_index], updates)
+        if len(self._unwritten) > self._l2_cache_max // 2:
+            self._write_back()  # keeps the tables that must stay cached well within the cache
 
     def _update_l2_table(self, l2_offset: int, updates: dict[int, int]) -> None:
-        # Under the table lock, so that no reader evicts and reloads the table half-updated.
+        """Change entries in the cached table, where lookups see them at once; they reach the
+        disk at the next write-back. Under the table lock, so that no reader sees the table
+        half-updated."""
         with self._table_lock:
             table = self._l2_table(l2_offset)
-            previous = {index: table[index] for index in updates}
             for index, entry in updates.items():
                 table[index] = entry
-            lo, hi = min(updates), max(updates) + 1
-            try:
+            lo, hi = self._unwritten.get(l2_offset, (len(table), 0))
+            self._unwritten[l2_offset] = (min(lo, *updates), max(hi, max(updates) + 1))
+
+    def write_back(self) -> None:
+        """Write the L2 entries that allocations changed since the last write-back."""
+        with self._alloc_lock:
+            self._write_back()
+
+    @property
+    def has_unwritten_tables(self) -> bool:
+        return bool(self._unwritten)
+
+    def _write_back(self) -> None:
+        """QEMU's order, batched: one fdatasync makes every cluster appended so far durable, and
+        only then are the L2 entries that point to them written (they become durable at the
+        next fdatasync). So an entry on disk never points at data that may not be there, and an
+        allocating write costs no flush of its own. Needs _alloc_lock."""
+        if not self._unwritten:
+            return
+        os.fdatasync(self.fd)
+        with self._table_lock:
+            for l2_offset, (lo, hi) in sorted(self._unwritten.items()):
+                table = self._l2_cache[l2_offset]
                 _pwrite_all(self.fd, table[lo:hi].tobytes(), l2_offset + lo * TABLE_ENTRY_SIZE)
-            except BaseException:
-                for index, entry in previous.items():
-                    table[index] = entry
-                raise
+                del self._unwritten[l2_offset]
 
     def _new_l2_table(self, l1_index: int, updates: dict[int, int]) -> None:
         table = array.array("Q", bytes(self.table_bytes))
@@ -620,7 +658,7 @@ class QedImage:
         self.file_size += self.table_bytes
         try:
             _pwrite_all(self.fd, table.tobytes(), l2_offset)
-            os.fdatasync(self.fd)
+            os.fdatasync(self.fd)  # the table, and the data its entries point to, before the L1 entry
         except BaseException:
             self.file_size = l2_offset
             raise
@@ -629,9 +667,7 @@ class QedImage:
             _pwrite_all(self.fd, entry, self.header.l1_table_offset + l1_index * TABLE_ENTRY_SIZE)
             self.l1[l1_index] = l2_offset
             self._l2_offsets.add(l2_offset)
-            self._l2_cache[l2_offset] = table
-            if len(self._l2_cache) > self._l2_cache_max:
-                self._l2_cache.popitem(last=False)
+            self._cache_table(l2_offset, table)
 
     # -- repairs (for the consistency check) ------------------------------------------------------
 
@@ -647,6 +683,7 @@ class QedImage:
     def write_l2_entries(self, l2_offset: int, entries: dict[int, int]) -> None:
         with self._alloc_lock:
             self._update_l2_table(l2_offset, entries)
+            self._write_back()
             os.fdatasync(self.fd)
 
     def truncate_file(self, size: int) -> None:
@@ -659,6 +696,7 @@ class QedImage:
     def mark_clean(self) -> None:
         """Clear QED_F_NEED_CHECK after a check found the image consistent."""
         with self._alloc_lock:
+            self._write_back()
             if self.header.features & QED_F_NEED_CHECK:
                 os.fdatasync(self.fd)
                 self.header.features &= ~QED_F_NEED_CHECK
@@ -679,6 +717,7 @@ class QedImage:
             raise PermissionError(f"{self.path}: image is open read-only")
         h = self.header
         with self._alloc_lock:
+            self._write_back()
             os.fdatasync(self.fd)
             if name is None:
                 h.features &= ~(QED_F_BACKING_FILE | QED_F_BACKING_FORMAT_NO_PROBE)
@@ -713,7 +752,9 @@ class QedImage:
     def flush(self) -> None:
         """Make everything written so far durable (what fsync on the raw file asks for)."""
         if self.writable:
-            os.fdatasync(self.fd)
+            with self._alloc_lock:
+                self._write_back()
+                os.fdatasync(self.fd)
 
     def allocated_bytes(self) -> int:
         """Disk space the image file really uses (for st_blocks)."""
@@ -725,7 +766,7 @@ class QedImage:
             return
         try:
             if self.writable:
-                os.fdatasync(self.fd)
+                self.flush()
                 self.clear_need_check()
         finally:
             self.direct.close()

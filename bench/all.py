@@ -19,6 +19,8 @@ BENCHES = [
     ("Reads: fusestream against qemu-storage-daemon's FUSE export", "read_bench.py", []),
     ("Streaming: against block-stream and qemu-img rebase; guest read latency during a stream",
      "stream_bench.py", ["--runtime", "4"]),
+    ("Writes: random 4 KiB writes into unallocated clusters, then fsync, against a writable export",
+     "write_bench.py", []),
     ("Scale: a 1 TiB disk", "scale_bench.py", []),
 ]
 

@@ -24,12 +24,15 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from fusestream.units import format_size, parse_size
@@ -546,6 +549,32 @@ def settings_from_argv(argv: list[str], doc: str, full: Settings, quick: Setting
     args = parser.parse_args(argv)
     defaults = quick if args.quick else full
     return Settings(args.size or defaults.size, args.rounds or defaults.rounds, args.runtime or defaults.runtime)
+
+def spread(values: Iterable[float], decimals: int = 0) -> str:
+    """A benchmark figure: the median, then [min-max]."""
+    values = list(values)
+    return f"{statistics.median(values):.{decimals}f} [{min(values):.{decimals}f}-{max(values):.{decimals}f}]"
+
+
+def start_run(size: int) -> Chain:
+    """Print what runs (the command and the setup) and get the cached chain of `size`."""
+    started = time.monotonic()
+    print("command:", shlex.join([sys.executable, *sys.argv]))
+    print("setup:  ", describe_setup())
+    chain = build_chain(size)
+    print(f"chain:   {chain.top} ({format_size(size)}), ready after {time.monotonic() - started:.0f} s")
+    return chain
+
+
+@contextlib.contextmanager
+def scratch_dirs(name: str) -> Iterator[tuple[Path, Path]]:
+    """(scratch, tmp): image copies beside the chain (same filesystem), mount points in /tmp."""
+    with (
+        tempfile.TemporaryDirectory(prefix=f"{name}-", dir=CACHE_DIR, ignore_cleanup_errors=True) as scratch,
+        tempfile.TemporaryDirectory(prefix="fusestream-bench-", ignore_cleanup_errors=True) as tmp,
+    ):
+        yield Path(scratch), Path(tmp)
+
 
 def describe_setup() -> str:
     """One line naming what was measured, so figures from different runs can be compared."""

@@ -39,9 +39,7 @@ from common import (
     FioResult,
     MiB,
     Settings,
-    build_chain,
     check_same_bytes,
-    describe_setup,
     fio_argv,
     fusestream_argv,
     fusestream_mount,
@@ -50,9 +48,9 @@ from common import (
     qsd_export,
     run_fio_cold,
     settings_from_argv,
+    spread,
+    start_run,
 )
-
-from fusestream.units import format_size
 
 GOAL = 1.0  # issue 2: fusestream reads at least as fast as qemu-storage-daemon
 FUSESTREAM, QSD, FLOOR, RAW = "fusestream", "qemu-storage-daemon", "pyfuse3 floor", "raw file"
@@ -64,7 +62,6 @@ class Test:
     unit: str
     params: dict[str, str]
     metric: Callable[[FioResult], float]
-
 
 
 FULL = Settings(size=1 << 30, rounds=3, runtime=10)
@@ -82,14 +79,6 @@ def make_tests(runtime: int) -> list[Test]:
             lambda r: r.iops,
         ),
     ]
-
-
-
-
-
-
-
-
 
 
 def print_commands(settings: Settings, tests: list[Test], top: Path, tmp: Path) -> None:
@@ -128,27 +117,20 @@ def print_table(tests: list[Test], results: dict[tuple[str, str], list[float]], 
         ratio = statistics.median(ours) / statistics.median(peer)
         verdict = "met" if ratio >= GOAL else "NOT met"
         label = f"{test.name} ({test.unit})"
-        print(f"{label:<30} {_spread(ours):>22} {_spread(peer):>22} {ratio:5.2f}x  >= {GOAL:.1f}x {verdict}")
+        print(f"{label:<30} {spread(ours):>22} {spread(peer):>22} {ratio:5.2f}x  >= {GOAL:.1f}x {verdict}")
     print(f"\n{'the limits':<30} {FLOOR:>22} {RAW:>22}  {FLOOR} / {QSD}, {FUSESTREAM} / {RAW}")
     for test in tests:
         floor, raw = results[test.name, FLOOR], results[test.name, RAW]
         label = f"{test.name} ({test.unit})"
-        print(f"{label:<30} {_spread(floor):>22} {_spread(raw):>22}  "
+        print(f"{label:<30} {spread(floor):>22} {spread(raw):>22}  "
               f"{statistics.median(floor) / statistics.median(results[test.name, QSD]):.2f}x, "
               f"{statistics.median(results[test.name, FUSESTREAM]) / statistics.median(raw):.2f}x")
 
 
-def _spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.0f} [{min(values):.0f}-{max(values):.0f}]"
-
-
 def run(settings: Settings) -> None:
     started = time.monotonic()
-    print("command:", shlex.join([sys.executable, *sys.argv]))
-    print("setup:  ", describe_setup())
     tests = make_tests(settings.runtime)
-    chain = build_chain(settings.size)
-    print(f"chain:   {chain.top} ({format_size(settings.size)}), ready after {time.monotonic() - started:.0f} s")
+    chain = start_run(settings.size)
     with (
         tempfile.TemporaryDirectory(prefix="fusestream-bench-", ignore_cleanup_errors=True) as tmpname,
         contextlib.ExitStack() as mounts,

@@ -55,23 +55,19 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from common import (
-    CACHE_DIR,
     CLUSTER,
     VENV_BIN,
     Chain,
     MiB,
     Settings,
     StreamedImage,
-    build_chain,
     check_streamed,
     copy_image,
-    describe_setup,
     disk_usage,
     fio_argv,
     fusestream_argv,
@@ -82,7 +78,10 @@ from common import (
     qsd_stream_argv,
     relocated_copy,
     run_fio_latencies,
+    scratch_dirs,
     settings_from_argv,
+    spread,
+    start_run,
     warm_up_and_drop_caches,
 )
 
@@ -105,7 +104,6 @@ GOAL_P99 = 3.0  # p99 during a stream / p99 idle, at most
 
 FUSESTREAM, QSD, QSD_EXPORT, REBASE = "fusestream stream", "block-stream", "block-stream, ro export", "qemu-img rebase"
 QMP_STREAM = {"job-id": "stream0", "device": "disk0"}
-
 
 
 FULL = Settings(size=1 << 30, rounds=3, runtime=10)
@@ -370,8 +368,8 @@ def print_table(
     ours = median(r.seconds for r in results[FUSESTREAM])
     ours_job = median(r.job_seconds for r in results[FUSESTREAM])
     print(f"\n{f'stream time, median of {rounds} [min-max]':<44} {'seconds':>20} {'/ fusestream':>13}  goal")
-    print(f"{FUSESTREAM + ' (stream .. wait)':<44} {spread(r.seconds for r in results[FUSESTREAM]):>20}")
-    print(f"{'  its job alone (events file)':<44} {spread(r.job_seconds for r in results[FUSESTREAM]):>20}")
+    print(f"{FUSESTREAM + ' (stream .. wait)':<44} {spread((r.seconds for r in results[FUSESTREAM]), 2):>20}")
+    print(f"{'  its job alone (events file)':<44} {spread((r.job_seconds for r in results[FUSESTREAM]), 2):>20}")
     for name, label, goal in (
         (QSD, "qemu-storage-daemon block-stream", GOAL_QSD),
         (QSD_EXPORT, "  the same, with a read-only FUSE export", GOAL_QSD),
@@ -381,7 +379,8 @@ def print_table(
         ratio = theirs / ours
         verdict = "met" if ratio >= goal else "NOT met"
         print(
-            f"{label:<44} {spread(r.seconds for r in results[name]):>20} {ratio:12.2f}x  >= {goal:.1f}x {verdict}"
+            f"{label:<44} {spread((r.seconds for r in results[name]), 2):>20} {ratio:12.2f}x"
+            f"  >= {goal:.1f}x {verdict}"
             f"  (against the job alone: {theirs / ours_job:.2f}x)"
         )
 
@@ -413,29 +412,14 @@ def median(values) -> float:
     return statistics.median(list(values))
 
 
-def spread(values) -> str:
-    values = list(values)
-    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
-
-
 # -- main ------------------------------------------------------------------------------------------
-
-
-
-
 
 
 def run(settings: Settings) -> int:
     started = time.monotonic()
-    print("command:", shlex.join([sys.executable, *sys.argv]))
-    print("setup:  ", describe_setup())
-    chain = build_chain(settings.size)
-    print(f"chain:   {chain.top} ({format_size(settings.size)}), ready after {time.monotonic() - started:.0f} s")
-    with (
-        tempfile.TemporaryDirectory(prefix="stream-bench-", dir=CACHE_DIR, ignore_cleanup_errors=True) as scratch,
-        tempfile.TemporaryDirectory(prefix="fusestream-bench-", ignore_cleanup_errors=True) as tmp,
-    ):
-        bench = StreamBench(chain, Path(scratch), Path(tmp))
+    chain = start_run(settings.size)
+    with scratch_dirs("stream-bench") as (scratch, tmp):
+        bench = StreamBench(chain, scratch, tmp)
         print_commands(settings, bench)
         data = chain_data(chain, bench.scratch)
         results = measure_streams(bench, settings.rounds)

@@ -25,28 +25,25 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from common import (
-    CACHE_DIR,
     Chain,
     MiB,
     Settings,
-    build_chain,
     copy_image,
-    describe_setup,
     fusestream_argv,
     fusestream_mount,
     qsd_argv,
     qsd_export,
     relocated_copy,
+    scratch_dirs,
     settings_from_argv,
+    spread,
+    start_run,
     warm_up_and_drop_caches,
 )
-
-from fusestream.units import format_size
 
 GOAL = 2.0  # issue 5: at least twice the writable qemu-storage-daemon export's IOPS
 FUSESTREAM, QSD = "fusestream", "qemu-storage-daemon"
@@ -135,25 +132,15 @@ def print_table(results: dict[str, list[WriteRun]], rounds: int) -> None:
     ratio = statistics.median(ours) / statistics.median(peer)
     verdict = "met" if ratio >= GOAL else "NOT met"
     print(f"\n{f'median of {rounds} [min-max]':<36} {FUSESTREAM:>20} {QSD:>20} {'ratio':>6}  goal")
-    print(f"{'random write 4 KiB + fsync (IOPS)':<36} {_spread(ours):>20} {_spread(peer):>20} {ratio:5.2f}x"
+    print(f"{'random write 4 KiB + fsync (IOPS)':<36} {spread(ours):>20} {spread(peer):>20} {ratio:5.2f}x"
           f"  >= {GOAL:.1f}x {verdict}")
-
-
-def _spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.0f} [{min(values):.0f}-{max(values):.0f}]"
 
 
 def run(settings: Settings) -> int:
     started = time.monotonic()
-    print("command:", shlex.join([sys.executable, *sys.argv]))
-    print("setup:  ", describe_setup())
-    chain = build_chain(settings.size)
-    print(f"chain:   {chain.top} ({format_size(settings.size)}), ready after {time.monotonic() - started:.0f} s")
-    with (
-        tempfile.TemporaryDirectory(prefix="write-bench-", dir=CACHE_DIR, ignore_cleanup_errors=True) as scratch,
-        tempfile.TemporaryDirectory(prefix="fusestream-bench-", ignore_cleanup_errors=True) as tmp,
-    ):
-        bench = WriteBench(chain, Path(scratch), Path(tmp))
+    chain = start_run(settings.size)
+    with scratch_dirs("write-bench") as (scratch, tmp):
+        bench = WriteBench(chain, scratch, tmp)
         print("peers:  ", shlex.join(fusestream_argv(bench.copies[FUSESTREAM], bench.tmp / "mnt", ("nostream",))))
         print("        ", shlex.join(qsd_argv(bench.copies[QSD], bench.tmp / "qsd.raw", writable=True)))
         print("fio:    ", shlex.join(fio_write_argv("FILE", settings.runtime)), "; then fsync(FILE)")

@@ -26,7 +26,7 @@ from .formats.layer import BlockStatus, Layer
 
 log = logging.getLogger(__name__)
 
-MAX_COPY = 8 * 1024 * 1024  # bytes copied per step at most (one read, one write, one fdatasync)
+MAX_COPY = 8 * 1024 * 1024  # bytes copied per step at most (one read, one write)
 # While the guest is busy (it read or wrote within GUEST_BUSY_SECONDS), the job gives way:
 # gentle steps of at most GENTLE_COPY, read exactly (no readahead) and installed before the next
 # read, so the guest's next request finds at most one small I/O of the stream ahead of it at the
@@ -85,7 +85,7 @@ class Copier:
     def copy_step(self, offset: int, end: int, max_read: int = MAX_COPY, gentle: bool = False) -> tuple[int, int]:
         """Stream from `offset` (cluster-aligned) towards `end`: plan up to `max_read` bytes of
         backing data to copy, looking up at most MAX_SCAN_CLUSTERS of the top image (and only as
-        far as needed), read it, and install it with one flush (in the background when
+        far as needed), read it, and install it with one populate (in the background when
         pipelined: drain() waits for it). Returns (where it stopped, bytes read): empty space is
         crossed quickly and one step's work stays bounded.
 

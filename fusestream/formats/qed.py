@@ -507,7 +507,7 @@ class QedImage:
     def populate(self, pieces: list[tuple[int, bytes | memoryview]], zero_clusters: bool) -> int:
         """Copy data that the caller read from the backing chain, as (offset, data) pieces, into
         the clusters they cover that are still unallocated; returns the bytes allocated. All
-        pieces go in with one append and one flush.
+        pieces go in with one append; the L2 entries wait for the next write-back.
 
         Clusters the guest has written meanwhile are left alone: guest writes win. Each offset is
         cluster-aligned and each piece covers whole clusters (or runs to the end of the image).

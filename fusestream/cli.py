@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 # `fusestream wait` exit status: how the stream job ended (2 stays argparse's usage error).
 WAIT_EXIT = {"completed": 0, "failed": 1, "cancelled": 3, "idle": 4}
 POLL_SECONDS = 0.05
+# `wait` polls status.json often near the job's end and rarely far from it, so that it returns
+# soon after a short stream ends and costs the daemon little during a long one.
+WAIT_POLL_MIN, WAIT_POLL_MAX = 0.01, 0.5
 
 SUPPORTED_BACKING_FORMATS = ("raw", "qed")
 
@@ -239,7 +242,18 @@ def cmd_wait(args: argparse.Namespace) -> int:
             if stream["error"]:
                 print(f"fusestream: stream failed: {stream['error']}", file=sys.stderr)
             return WAIT_EXIT[stream["state"]]
-        time.sleep(POLL_SECONDS)
+        time.sleep(wait_poll_seconds(stream))
+
+
+def wait_poll_seconds(stream: dict) -> float:
+    """A quarter of the time the job has left at its measured rate, within [WAIT_POLL_MIN,
+    WAIT_POLL_MAX]; POLL_SECONDS while the rate is still being measured."""
+    if stream["state"] == "paused":
+        return WAIT_POLL_MAX
+    if not stream["rate"]:
+        return POLL_SECONDS
+    seconds_left = (stream["len"] - stream["offset"]) / stream["rate"]
+    return min(WAIT_POLL_MAX, max(WAIT_POLL_MIN, seconds_left / 4))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ import pytest
 from conftest import FUSESTREAM, qemu_check, qemu_img, qemu_io, run
 
 from fusestream.chain import open_chain
+from fusestream.cli import POLL_SECONDS, WAIT_POLL_MAX, WAIT_POLL_MIN, wait_poll_seconds
 
 
 def fusestream(*args: str, check: bool = True):
@@ -114,3 +115,14 @@ def test_create_never_destroys_an_image_in_use(tmp_path):
 def test_a_zero_sized_image_like_qemu_img(tmp_path):
     fusestream("create", "-s", "0", str(tmp_path / "empty.qed"))
     assert qemu_info(tmp_path / "empty.qed")["virtual-size"] == 0
+
+
+def test_wait_polls_often_near_the_end_of_a_stream_and_rarely_far_from_it():
+    def stream(state="running", offset=0, rate=0):
+        return {"state": state, "offset": offset, "len": 1 << 30, "rate": rate}
+
+    assert wait_poll_seconds(stream(offset=(1 << 30) - (1 << 20), rate=1 << 30)) == WAIT_POLL_MIN
+    assert wait_poll_seconds(stream(offset=0, rate=1 << 20)) == WAIT_POLL_MAX  # 17 minutes left
+    assert wait_poll_seconds(stream(offset=0, rate=1 << 30)) == pytest.approx(0.25)
+    assert wait_poll_seconds(stream(rate=0)) == POLL_SECONDS  # the rate is still being measured
+    assert wait_poll_seconds(stream(state="paused", rate=1 << 30)) == WAIT_POLL_MAX

@@ -107,6 +107,14 @@ class Operations(pyfuse3.Operations):
         self.inline_small_reads = True  # not with copy-on-read: such a read may write
         self._snapshots: dict[int, bytes] = {}  # open status files: what that open() saw
         self._next_fh = FIRST_SNAPSHOT_FH
+        self.after_init: Callable[[], None] | None = None  # see init()
+
+    def init(self) -> None:
+        """The kernel's FUSE_INIT request, answered as soon as this returns. The kernel applies
+        its answer then (the readahead window, for one), so after_init runs on the event loop's
+        next turn, once the answer is in."""
+        if self.after_init is not None:
+            trio.lowlevel.current_trio_token().run_sync_soon(self.after_init)
 
     def attach(self, control: Control, read_raw: Callable[[int, int], bytes] | None = None) -> None:
         """Connect the control files (they need the running trio loop) and, for copy-on-read,

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import functools
 import logging
 import logging.handlers
 import os
+import re
 import signal
 import stat
 import sys
@@ -168,6 +170,49 @@ def check_mountpoint(mountpoint: str) -> None:
         raise FusestreamError(f"{mountpoint}: something is already mounted there")
 
 
+# The kernel's readahead window on the raw file. FUSE's default, 128 KiB, turns a sequential
+# read into 128 KiB requests; with 4 MiB they are 1 MiB (FUSE's largest), several at a time:
+# sequential 1 MiB reads of the 1 GiB bench chain went from 741 to 1125 MiB/s. Random reads do
+# not trigger readahead, so they are unchanged.
+READAHEAD_KIB = 4096
+
+
+def widen_readahead(mountpoint: str) -> None:
+    """Set the mount's readahead window: the read_ahead_kb of its backing device info, which
+    libfuse would negotiate as max_readahead but pyfuse3 does not. Needs root; without it the
+    kernel's default stays, and the mount works the same, only slower at sequential reads.
+    Runs on the event loop once FUSE_INIT is answered (the kernel sets the window from that
+    answer), so nothing here may touch the mount: `mountpoint` is already resolved."""
+    device = mounted_device(mountpoint)
+    if device is None:
+        log.info("%s: readahead left at the kernel's default (not in /proc/self/mountinfo)", mountpoint)
+        return
+    path = f"/sys/class/bdi/{device}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(f"{READAHEAD_KIB}\n")
+    except OSError as err:
+        log.info("%s: readahead left at the kernel's default (%s: %s)", mountpoint, path, err.strerror)
+
+
+def mounted_device(mountpoint: str) -> str | None:
+    """"major:minor" of what is mounted on `mountpoint` (a resolved path), from
+    /proc/self/mountinfo. Not from stat(): before the event loop runs, a stat of our own mount
+    would wait for ourselves."""
+    device = None
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            if _unescape_mount_path(fields[4]) == mountpoint:
+                device = fields[2]  # the last one listed is the one on top
+    return device
+
+
+def _unescape_mount_path(path: str) -> str:
+    """/proc's mount paths write space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), path)
+
+
 def daemonize() -> None:
     """Detach after a successful mount: the parent exits 0, the child serves."""
     if os.fork():
@@ -238,11 +283,13 @@ def run(args: argparse.Namespace) -> int:
     # receiver takes them while it runs; before and after it (mounting, closing) they are ignored.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    mountpoint = os.path.realpath(args.mountpoint)  # now: once mounted, lstat() would ask ourselves
     try:
         pyfuse3.init(ops, args.mountpoint, fuse_options(image, opts))
     except RuntimeError as err:
         chain.close()
         raise FusestreamError(f"{args.mountpoint}: cannot mount: {err}") from None
+    ops.after_init = functools.partial(widen_readahead, mountpoint)
     if not args.foreground:
         daemonize()
         setup_logging(False, opts.debug)

@@ -19,6 +19,7 @@ from test_qed import random_writes
 
 from fusestream.formats import qed
 from fusestream.formats.qed_structs import QED_F_NEED_CHECK, QED_HEADER
+from fusestream.mount import READAHEAD_KIB
 
 pytestmark = pytest.mark.mount
 
@@ -266,6 +267,16 @@ def test_table_updates_reach_the_disk_within_seconds_without_fsync(chain, mount)
         assert time.monotonic() < deadline, "the L2 entry is still not on disk"
         time.sleep(0.2)
     m.umount()
+
+
+def test_the_raw_file_reads_ahead_in_megabytes(chain, mount):
+    """FUSE's default readahead (128 KiB) makes every sequential read a 128 KiB request; the
+    mount widens it so that they can be 1 MiB, FUSE's largest."""
+    m = mount(chain.top, "ro")
+    dev = os.stat(m.mountpoint).st_dev
+    bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    assert int(bdi.read_text()) == READAHEAD_KIB >= 1024
+    assert m.raw.read_bytes() == qemu_convert(chain.top, m.mountpoint.parent / "expected.raw")
 
 
 def test_sigterm_right_after_unmount_still_closes_cleanly(tmp_path, mount):

@@ -26,13 +26,14 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from fusestream.units import format_size, parse_size
@@ -574,6 +575,20 @@ def scratch_dirs(name: str) -> Iterator[tuple[Path, Path]]:
         tempfile.TemporaryDirectory(prefix="fusestream-bench-", ignore_cleanup_errors=True) as tmp,
     ):
         yield Path(scratch), Path(tmp)
+
+
+def run_as_root(name: str, run: Callable[[], int | None]) -> int:
+    """A benchmark's main: root only (it drops the page cache and mounts FUSE filesystems);
+    SIGTERM and ^C unwind through the finally blocks, so no mount, daemon or copy is left."""
+    if os.geteuid() != 0:
+        print(f"{name}: must run as root (it drops the page cache and mounts FUSE filesystems)", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return run() or 0
+    except KeyboardInterrupt:
+        print("\ninterrupted; mounts, daemons and copies cleaned up", file=sys.stderr)
+        return 130
 
 
 def describe_setup() -> str:

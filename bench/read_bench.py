@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import shlex
-import signal
 import statistics
 import sys
 import tempfile
@@ -46,6 +44,7 @@ from common import (
     pyfuse3_floor_mount,
     qsd_argv,
     qsd_export,
+    run_as_root,
     run_fio_cold,
     settings_from_argv,
     spread,
@@ -150,23 +149,10 @@ def run(settings: Settings) -> None:
     print(f"\ntotal time: {time.monotonic() - started:.0f} s")
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    sys.exit(128 + signum)  # unwinds through the finally blocks, so the mounts are cleaned up
-
-
 def main(argv: list[str] | None = None) -> int:
     settings = settings_from_argv(sys.argv[1:] if argv is None else argv, __doc__, FULL, QUICK,
                                   "runs per test and peer", "seconds per random-read run")
-    if os.geteuid() != 0:
-        print("read_bench: must run as root (it drops the page cache and mounts FUSE filesystems)", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        run(settings)
-    except KeyboardInterrupt:
-        print("\ninterrupted; mounts and daemons cleaned up", file=sys.stderr)
-        return 130
-    return 0
+    return run_as_root("read_bench", lambda: run(settings))
 
 
 if __name__ == "__main__":

@@ -49,9 +49,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -77,6 +75,7 @@ from common import (
     qsd_qmp,
     qsd_stream_argv,
     relocated_copy,
+    run_as_root,
     run_fio_latencies,
     scratch_dirs,
     settings_from_argv,
@@ -440,22 +439,10 @@ def run(settings: Settings) -> int:
     return 1 if bench.problems else 0
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    sys.exit(128 + signum)  # unwinds through the finally blocks, so mounts, daemons and copies go
-
-
 def main(argv: list[str] | None = None) -> int:
     settings = settings_from_argv(sys.argv[1:] if argv is None else argv, __doc__, FULL, QUICK,
                                   "runs per peer", "seconds of fio per latency figure")
-    if os.geteuid() != 0:
-        print("stream_bench: must run as root (it drops the page cache and mounts FUSE filesystems)", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        return run(settings)
-    except KeyboardInterrupt:
-        print("\ninterrupted; mounts, daemons and copies cleaned up", file=sys.stderr)
-        return 130
+    return run_as_root("stream_bench", lambda: run(settings))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from common import (
     qsd_argv,
     qsd_export,
     relocated_copy,
+    run_as_root,
     scratch_dirs,
     settings_from_argv,
     spread,
@@ -153,18 +153,10 @@ def run(settings: Settings) -> int:
     return 1 if failed else 0
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    sys.exit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     settings = settings_from_argv(sys.argv[1:] if argv is None else argv, __doc__, FULL, QUICK,
                                   "runs per peer", "seconds of fio per run")
-    if os.geteuid() != 0:
-        print("write_bench: must run as root (it drops the page cache and mounts FUSE filesystems)", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    return run(settings)
+    return run_as_root("write_bench", lambda: run(settings))
 
 
 if __name__ == "__main__":

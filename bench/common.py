@@ -23,7 +23,6 @@ import math
 import os
 import platform
 import random
-import re
 import shlex
 import shutil
 import signal
@@ -36,6 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+from fusestream.mount import unescape_mount_path
 from fusestream.units import format_size, parse_size
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -143,8 +143,7 @@ def is_mounted(path: Path) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mounts") as mounts:
         for line in mounts:
-            mountpoint = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[1])  # \040 etc.
-            if mountpoint == target:
+            if unescape_mount_path(line.split()[1]) == target:
                 return True
     return False
 

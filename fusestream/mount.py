@@ -203,12 +203,12 @@ def mounted_device(mountpoint: str) -> str | None:
     with open("/proc/self/mountinfo") as mountinfo:
         for line in mountinfo:
             fields = line.split()
-            if _unescape_mount_path(fields[4]) == mountpoint:
+            if unescape_mount_path(fields[4]) == mountpoint:
                 device = fields[2]  # the last one listed is the one on top
     return device
 
 
-def _unescape_mount_path(path: str) -> str:
+def unescape_mount_path(path: str) -> str:
     """/proc's mount paths write space, tab, newline and backslash as octal escapes."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), path)
 
@@ -283,13 +283,13 @@ def run(args: argparse.Namespace) -> int:
     # receiver takes them while it runs; before and after it (mounting, closing) they are ignored.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    mountpoint = os.path.realpath(args.mountpoint)  # now: once mounted, lstat() would ask ourselves
+    # Resolved now: once mounted, lstat() of the mount point would ask ourselves.
+    ops.after_init = functools.partial(widen_readahead, os.path.realpath(args.mountpoint))
     try:
         pyfuse3.init(ops, args.mountpoint, fuse_options(image, opts))
     except RuntimeError as err:
         chain.close()
         raise FusestreamError(f"{args.mountpoint}: cannot mount: {err}") from None
-    ops.after_init = functools.partial(widen_readahead, mountpoint)
     if not args.foreground:
         daemonize()
         setup_logging(False, opts.debug)

@@ -58,8 +58,8 @@ class Copier:
     def __init__(self, chain: Chain, base: Layer | None, pipelined: bool = False):
         self.chain = chain
         self.base = base
-        # Pipelined: a step's install (write and flush) runs in a second thread while the next
-        # step is planned and read. At most one install is in flight.
+        # Pipelined: a step's install (its write and table updates) runs in a second thread
+        # while the next step is planned and read. At most one install is in flight.
         self._installer = ThreadPoolExecutor(1, thread_name_prefix="fusestream-install") if pipelined else None
         self._pending: Future | None = None
         # One read buffer per step in flight, reused: fresh memory would cost a page fault per

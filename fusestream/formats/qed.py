@@ -578,7 +578,7 @@ class QedImage:
     def _append_fd(self, clusters: list[bytes | memoryview], start: int) -> int:
         """The O_DIRECT descriptor for clusters that all allow it (the stream's aligned buffers),
         else the ordinary one (guest writes: they may be read again soon)."""
-        if self.direct.fd >= 0 and all(direct_io_allowed(memoryview(data), start) for data in clusters):
+        if all(direct_io_allowed(memoryview(data), start) for data in clusters) and self.direct.fd >= 0:
             return self.direct.fd
         return self.fd
 

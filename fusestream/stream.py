@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import mmap
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import trio
@@ -47,6 +47,17 @@ class CommandError(FusestreamError):
     """A control command that is invalid now; nothing was changed."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One planned step of a copy: the cluster-aligned ranges to copy, and where it stops."""
+
+    offset: int
+    end: int
+    max_read: int
+    ranges: list[tuple[int, int]]
+    stop: int
+
+
 class Copier:
     """Copies what the merged layers hold for a range into the top image (synchronous).
 
@@ -62,6 +73,7 @@ class Copier:
         # while the next step is planned and read. At most one install is in flight.
         self._installer = ThreadPoolExecutor(1, thread_name_prefix="fusestream-install") if pipelined else None
         self._pending: Future | None = None
+        self._next_step: Step | None = None  # planned one step early, its data prefetched
         # One read buffer per step in flight, reused: fresh memory would cost a page fault per
         # page on every step. Anonymous mmaps are page-aligned, as O_DIRECT wants.
         self._buffers = [mmap.mmap(-1, MAX_COPY) for _ in range(2 if pipelined else 1)]
@@ -89,31 +101,54 @@ class Copier:
         pipelined: drain() waits for it). Returns (where it stopped, bytes read): empty space is
         crossed quickly and one step's work stays bounded.
 
+        Otherwise the next step is planned here too, and its data prefetched (Layer.prefetch):
+        the device reads it while this step is read and installed, and the scattered clusters of
+        each step come in together. A plan made a step early stays right: the merged layers do
+        not change while a job runs, top clusters never become unallocated again, and populate
+        skips those allocated since.
+
         `gentle`: give way to a busy guest, with one I/O at a time and no more than asked for:
-        the reads bypass readahead (see Layer.read_into) and the install finishes here."""
-        plan, stop = self._plan(offset, end, min(max_read, MAX_COPY))
-        pieces = self._read(plan, direct=gentle)
+        no prefetching, the reads bypass readahead (see Layer.read_into) and the install
+        finishes here."""
+        step = self._take_step(offset, end, min(max_read, MAX_COPY), prefetch=not gentle)
+        if not gentle and step.stop < end:
+            self._next_step = self._plan(step.stop, end, step.max_read, prefetch=True)
+        pieces = self._read(step.ranges, direct=gentle)
         self._install(pieces)
         if gentle:
             self.drain()
-        return stop, sum(len(data) for _, data in pieces)
+        return step.stop, sum(len(data) for _, data in pieces)
 
-    def _plan(self, offset: int, end: int, max_read: int) -> tuple[list[tuple[int, int]], int]:
+    def _take_step(self, offset: int, end: int, max_read: int, prefetch: bool) -> Step:
+        """The step the previous call planned, if this is the one; else a new plan."""
+        planned, self._next_step = self._next_step, None
+        if planned is not None and (planned.offset, planned.end, planned.max_read) == (offset, end, max_read):
+            return planned
+        return self._plan(offset, end, max_read, prefetch)
+
+    def _plan(self, offset: int, end: int, max_read: int, prefetch: bool) -> Step:
         scan_end = min(end, offset + MAX_SCAN_CLUSTERS * self.chain.top.cluster_size)
-        plan: list[tuple[int, int]] = []
+        ranges: list[tuple[int, int]] = []
         planned = 0
-        for extent in self.chain.top.iter_extents(offset, scan_end - offset):
-            if extent.status is not BlockStatus.UNALLOCATED:
-                continue
-            for start, stop in self._ranges_to_copy(extent.offset, extent.length):
-                while start < stop:
-                    piece_end = min(stop, start + max_read - planned)
-                    plan.append((start, piece_end))
-                    planned += piece_end - start
-                    start = piece_end
-                    if planned >= max_read:
-                        return plan, piece_end
-        return plan, scan_end
+        stop = scan_end
+        for start, range_end in self._unallocated_ranges_to_copy(offset, scan_end):
+            piece_end = min(range_end, start + max_read - planned)
+            ranges.append((start, piece_end))
+            planned += piece_end - start
+            if planned >= max_read:
+                stop = piece_end
+                break
+        if prefetch:
+            for start, range_end in ranges:
+                self.chain.prefetch_backing(start, range_end - start)
+        return Step(offset, end, max_read, ranges, stop)
+
+    def _unallocated_ranges_to_copy(self, offset: int, end: int) -> Iterator[tuple[int, int]]:
+        """_ranges_to_copy over the runs of [offset, end) that the top image leaves unallocated,
+        looked up only as far as the caller goes."""
+        for extent in self.chain.top.iter_extents(offset, end - offset):
+            if extent.status is BlockStatus.UNALLOCATED:
+                yield from self._ranges_to_copy(extent.offset, extent.length)
 
     def _install(self, pieces: list[tuple[int, memoryview]]) -> None:
         self.drain()  # the previous step first: errors surface in order, memory stays bounded

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from conftest import qemu_convert, qemu_img, qemu_io
 
-from fusestream.chain import Confinement, open_chain
+from fusestream.chain import PREFETCH_READ_MIN, Confinement, open_chain
 from fusestream.errors import BackingFileError, ImageBusyError
 from fusestream.formats import qed
 from fusestream.formats.qed_structs import QED_MAGIC
@@ -187,3 +187,78 @@ def test_a_block_device_is_a_raw_layer_only_when_allowed(tmp_path):
             chain.close()
     finally:
         subprocess.run(["losetup", "-d", device], check=False)
+
+
+# -- prefetching -----------------------------------------------------------------------------------
+
+
+def merged(ranges) -> list[tuple[int, int]]:
+    """The union of (start, end) ranges, as sorted disjoint ranges."""
+    union: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if union and start <= union[-1][1]:
+            union[-1] = (union[-1][0], max(union[-1][1], end))
+        else:
+            union.append((start, end))
+    return union
+
+
+def by_fd(calls) -> dict[int, list[tuple[int, int]]]:
+    ranges: dict[int, list[tuple[int, int]]] = {}
+    for fd, offset, length in calls:
+        ranges.setdefault(fd, []).append((offset, offset + length))
+    return {fd: merged(r) for fd, r in ranges.items()}
+
+
+def record_file_io(monkeypatch) -> list[tuple]:
+    """Record ("advise", fd, offset, length) for every posix_fadvise WILLNEED and ("read", fd,
+    offset, length) for every preadv, in order; both still happen."""
+    calls: list[tuple] = []
+    real_fadvise, real_preadv = os.posix_fadvise, os.preadv
+
+    def fadvise(fd, offset, length, advice):
+        assert advice == os.POSIX_FADV_WILLNEED
+        calls.append(("advise", fd, offset, length))
+        real_fadvise(fd, offset, length, advice)
+
+    def preadv(fd, buffers, offset):
+        calls.append(("read", fd, offset, sum(len(b) for b in buffers)))
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    monkeypatch.setattr(os, "preadv", preadv)
+    return calls
+
+
+def test_a_prefetch_asks_for_exactly_the_file_ranges_that_the_read_reads(chain, monkeypatch):
+    """Through every layer: each layer's data clusters where it decides, nothing for zero
+    clusters or past a backing file's end."""
+    c = open_chain(str(chain.top))
+    calls = record_file_io(monkeypatch)
+    c.top.prefetch(0, chain.size)
+    advised = by_fd(call[1:] for call in calls)
+    calls.clear()
+    c.top.read_into(memoryview(bytearray(chain.size)), 0)
+    read = by_fd(call[1:] for call in calls)
+    c.close()
+    assert len(read) == 3  # all three layers hold data somewhere
+    assert advised == read
+
+
+def test_a_large_guest_read_prefetches_its_clusters_before_reading_and_a_small_one_does_not(
+    tmp_path, chain, monkeypatch
+):
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    c = open_chain(str(chain.top))
+    calls = record_file_io(monkeypatch)
+    for offset in range(0, chain.size, PREFETCH_READ_MIN):
+        calls.clear()
+        assert c.read(offset, PREFETCH_READ_MIN) == expected[offset : offset + PREFETCH_READ_MIN]
+        kinds = [kind for kind, *_ in calls]
+        first_read = kinds.index("read") if "read" in kinds else len(kinds)
+        assert "advise" not in kinds[first_read:]
+        assert by_fd(call[1:] for call in calls[:first_read]) == by_fd(call[1:] for call in calls[first_read:])
+    calls.clear()
+    assert c.read(4096, 8192) == expected[4096 : 4096 + 8192]
+    c.close()
+    assert calls and {kind for kind, *_ in calls} == {"read"}

@@ -282,6 +282,9 @@ def test_the_job_gives_way_to_a_busy_guest(tmp_path, chain, monkeypatch, busy):
         return result
 
     c.read_backing_into = recording_read
+    prefetches: list[int] = []
+    prefetch_backing = c.prefetch_backing
+    c.prefetch_backing = lambda offset, length: prefetches.append(offset) or prefetch_backing(offset, length)
     events = EventLog("top.raw")
 
     async def main():
@@ -295,10 +298,103 @@ def test_the_job_gives_way_to_a_busy_guest(tmp_path, chain, monkeypatch, busy):
     c.close()
     if busy:
         assert steps and all(step == (GENTLE_COPY, True, False) for step in steps)
-        assert direct_reads == {True}
+        assert direct_reads == {True} and not prefetches
     else:
         assert steps and all(max_read == MAX_COPY and not gentle for max_read, gentle, _ in steps)
-        assert direct_reads == {False}
+        assert direct_reads == {False} and prefetches
+
+
+def record_steps(c, monkeypatch) -> list[tuple[str, int]]:
+    """Record ("prefetch", offset) and ("read", offset) of the chain's backing I/O, in order."""
+    calls: list[tuple[str, int]] = []
+    prefetch_backing, read_backing_into = c.prefetch_backing, c.read_backing_into
+
+    def prefetch(offset, length):
+        calls.append(("prefetch", offset))
+        prefetch_backing(offset, length)
+
+    def read(view, offset, direct=False):
+        calls.append(("read", offset))
+        return read_backing_into(view, offset, direct)
+
+    monkeypatch.setattr(c, "prefetch_backing", prefetch)
+    monkeypatch.setattr(c, "read_backing_into", read)
+    return calls
+
+
+def test_each_step_prefetches_the_next_steps_data_before_reading_its_own(tmp_path, chain, monkeypatch):
+    """So the device reads a step ahead of the copy. Every range is planned and prefetched once,
+    one step before it is read (the first step's own, just before)."""
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    c = open_chain(str(chain.top))
+    calls = record_steps(c, monkeypatch)
+    copier = stream.Copier(c, None, pipelined=True)
+    offset, step = 0, 0
+    prefetched_in: dict[int, int] = {}
+    read_in: dict[int, int] = {}
+    while offset < chain.size:
+        calls.clear()
+        offset, _ = copier.copy_step(offset, chain.size, max_read=4 * chain.cluster_size)
+        for kind, at in calls:
+            record = prefetched_in if kind == "prefetch" else read_in
+            assert at not in record, f"{kind} of {at} twice"
+            record[at] = step
+        step += 1
+    copier.close()
+    assert step > 10 and read_in
+    assert prefetched_in.keys() == read_in.keys()
+    first = min(read_in.values())
+    assert all(prefetched_in[at] == max(first, read_in[at] - 1) for at in read_in)
+    c.rebase(copier.stop)
+    assert c.read(0, chain.size) == expected
+    c.close()
+    assert qemu_check(chain.top).returncode == 0
+
+
+def copy_until_a_step_is_planned_ahead(copier, calls, size: int, max_read: int) -> tuple[int, list[int]]:
+    """Copy steps until one prefetches data for the next; returns where it stopped and the
+    offsets of the next step's ranges."""
+    offset = 0
+    while offset < size:
+        calls.clear()
+        offset, _ = copier.copy_step(offset, size, max_read)
+        read = {at for kind, at in calls if kind == "read"}
+        ahead = [at for kind, at in calls if kind == "prefetch" and at not in read and at >= offset]
+        if ahead:
+            return offset, ahead
+    raise AssertionError("no step was planned ahead")
+
+
+def test_a_step_planned_ahead_is_planned_again_when_asked_for_less(chain, monkeypatch):
+    """The speed limit or a busy guest may shrink the next step: the plan made for a bigger one
+    must not be used for it."""
+    c = open_chain(str(chain.top))
+    calls = record_steps(c, monkeypatch)
+    copier = stream.Copier(c, None, pipelined=True)
+    big, small = 16 * chain.cluster_size, chain.cluster_size
+    offset, _ = copy_until_a_step_is_planned_ahead(copier, calls, chain.size, big)
+    while offset < chain.size:
+        offset, transferred = copier.copy_step(offset, chain.size, max_read=small, gentle=True)
+        assert transferred <= small
+    copier.close()
+    c.close()
+
+
+def test_a_guest_write_into_a_step_planned_ahead_wins(chain, monkeypatch):
+    """A step's plan is made while the step before it is copied; the guest writes into its range
+    in between. The guest's data must survive the step."""
+    c = open_chain(str(chain.top))
+    calls = record_steps(c, monkeypatch)
+    copier = stream.Copier(c, None, pipelined=True)
+    offset, ahead = copy_until_a_step_is_planned_ahead(copier, calls, chain.size, 4 * chain.cluster_size)
+    target = ahead[0] + 100
+    c.write(target, b"guest" * 1000)
+    while offset < chain.size:
+        offset, _ = copier.copy_step(offset, chain.size, max_read=4 * chain.cluster_size)
+    copier.close()
+    assert c.read(target, 5000) == b"guest" * 1000
+    c.close()
+    assert qemu_check(chain.top).returncode == 0
 
 
 def test_a_new_job_resumes_where_the_allocation_says_and_copies_nothing_twice(tmp_path, chain):
@@ -364,6 +460,9 @@ class FaultyLayer:
                 return self.layer.read_into(view[: len(view) // 2], offset, direct)
             raise OSError(self.err, "Input/output error")
         return self.layer.read_into(view, offset, direct)
+
+    def prefetch(self, offset, length):  # a hint: a failing device says nothing here, as fadvise
+        self.layer.prefetch(offset, length)
 
     def block_status(self, offset, length):
         return self.layer.block_status(offset, length)

@@ -36,6 +36,12 @@ class Layer(Protocol):
         read exactly this, bypassing the page cache and its readahead where the alignment of
         `view` allows (the stream, while it gives way to the guest)."""
 
+    def prefetch(self, offset: int, length: int) -> None:
+        """Start reading the data of a range within `size` into the page cache and return
+        without waiting (posix_fadvise WILLNEED): the reads that follow find it there. For reads
+        of many scattered clusters: the device fetches them all at once, where the reads alone
+        would wait for one cluster at a time."""
+
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         """Status of the run starting at `offset` and how many bytes (<= length) share it."""
 
@@ -52,6 +58,13 @@ def read_into_from(layer: Layer | None, view: memoryview, offset: int, direct: b
             return filled
     fill_zeros(view[inside:])
     return len(view)
+
+
+def prefetch_from(layer: Layer | None, offset: int, length: int) -> None:
+    """Layer.prefetch through an optional backing layer, for the part of the range inside it."""
+    inside = 0 if layer is None else max(0, min(length, layer.size - offset))
+    if inside:
+        layer.prefetch(offset, inside)
 
 
 ZEROS = bytes(1 << 20)

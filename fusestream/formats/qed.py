@@ -48,6 +48,7 @@ from .layer import (
     fill_zeros,
     open_regular_file,
     pread_into,
+    prefetch_from,
     read_from,
     read_into_from,
 )
@@ -440,6 +441,13 @@ class QedImage:
                 if filled < len(part):
                     return extent.offset - offset + filled
         return len(view)
+
+    def prefetch(self, offset: int, length: int) -> None:
+        for extent in self.iter_extents(offset, length):
+            if extent.status is BlockStatus.FOUND:
+                os.posix_fadvise(self.fd, extent.file_offset, extent.length, os.POSIX_FADV_WILLNEED)
+            elif extent.status is BlockStatus.UNALLOCATED:
+                prefetch_from(self.backing, extent.offset, extent.length)
 
     def _read_data_into(self, view: memoryview, file_offset: int, direct: bool) -> None:
         filled = pread_into(self.fd, view, file_offset, self.direct.fd if direct else -1)

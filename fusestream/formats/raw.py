@@ -41,6 +41,9 @@ class RawLayer:
         # Fewer bytes than asked: the file is shorter than it was, for the caller to judge.
         return pread_into(self.fd, view, offset, self.direct.fd if direct else -1)
 
+    def prefetch(self, offset: int, length: int) -> None:
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         """FOUND for data, ZERO for a hole (SEEK_DATA/SEEK_HOLE, as QEMU's file driver does)."""
         end = min(offset + length, self.size)

@@ -299,6 +299,10 @@ def run_fio_cold(path: Path, params: dict[str, str]) -> FioResult:
 
 def run_fio(path: Path, params: dict[str, str]) -> FioResult:
     out = subprocess.run(fio_argv(path, params), check=True, capture_output=True, text=True).stdout
+    return _fio_result(path, out)
+
+
+def _fio_result(path: Path, out: str) -> FioResult:
     job = json.loads(out[out.index("{") :])["jobs"][0]
     if job["error"]:
         raise RuntimeError(f"fio on {path} failed with error {job['error']}")
@@ -495,18 +499,41 @@ def qsd_qmp(image: Path, qmp_socket: Path, export_file: Path | None = None) -> I
             print(f"warning: {argv[0]} exited with {proc.returncode}: {_tail(log_path)}", file=sys.stderr)
 
 
-def run_fio_latencies(path: Path, params: dict[str, str], log_prefix: Path) -> list[int]:
-    """One fio run that logs every I/O; returns each completion latency (clat), in ns, so that
-    percentiles can be taken exactly over several runs together."""
-    logged = {**params, "write_lat_log": str(log_prefix), "log_avg_msec": "0"}
-    run_fio(path, logged)
-    log_files = [Path(f"{log_prefix}_{kind}.1.log") for kind in ("clat", "lat", "slat")]
-    try:
-        with open(log_files[0]) as log:
-            return [int(line.split(",")[1]) for line in log]
-    finally:
-        for log_file in log_files:
-            log_file.unlink(missing_ok=True)
+@dataclasses.dataclass(frozen=True)
+class Latency:
+    """One I/O of a logged fio run."""
+
+    done: float  # when it completed, in seconds since the epoch (time.time())
+    clat_ns: int  # its completion latency
+
+
+class LoggedFio:
+    """One fio run in the background that logs every I/O (fio's latency log, with Unix times), so
+    that percentiles can be taken exactly over several runs together, and over the I/Os that
+    completed while something else ran."""
+
+    def __init__(self, path: Path, params: dict[str, str], log_prefix: Path):
+        self.path, self.log_prefix = path, log_prefix
+        logged = {**params, "write_lat_log": str(log_prefix), "log_avg_msec": "0", "log_unix_epoch": "1"}
+        self.proc = subprocess.Popen(fio_argv(path, logged), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait(self) -> list[Latency]:
+        out, err = self.proc.communicate()
+        log_files = [Path(f"{self.log_prefix}_{kind}.1.log") for kind in ("clat", "lat", "slat")]
+        try:
+            if self.proc.returncode != 0:
+                raise RuntimeError(f"fio on {self.path} exited with {self.proc.returncode}: {err.strip()}")
+            _fio_result(self.path, out)
+            with open(log_files[0]) as log:
+                return [Latency(int(fields[0]) / 1e3, int(fields[1])) for fields in (line.split(",") for line in log)]
+        finally:
+            for log_file in log_files:
+                log_file.unlink(missing_ok=True)
+
+
+def run_fio_latencies(path: Path, params: dict[str, str], log_prefix: Path) -> list[Latency]:
+    """LoggedFio, waited for."""
+    return LoggedFio(path, params, log_prefix).wait()
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

@@ -103,7 +103,7 @@ class Operations(pyfuse3.Operations):
         now = time.time_ns()
         self.mtime_ns = self.ctime_ns = self.atime_ns = now
         self.control: Control | None = None
-        self.read_raw: Callable[[int, int], bytes] = chain.read
+        self.read_raw: Callable[[int, int], bytes | bytearray] = chain.read
         self.inline_small_reads = True  # not with copy-on-read: such a read may write
         self._snapshots: dict[int, bytes] = {}  # open status files: what that open() saw
         self._next_fh = FIRST_SNAPSHOT_FH
@@ -116,7 +116,7 @@ class Operations(pyfuse3.Operations):
         if self.after_init is not None:
             trio.lowlevel.current_trio_token().run_sync_soon(self.after_init)
 
-    def attach(self, control: Control, read_raw: Callable[[int, int], bytes] | None = None) -> None:
+    def attach(self, control: Control, read_raw: Callable[[int, int], bytes | bytearray] | None = None) -> None:
         """Connect the control files (they need the running trio loop) and, for copy-on-read,
         the function that serves raw-file reads."""
         self.control = control

@@ -461,7 +461,7 @@ class Streamer:
             raise CommandError(f"cannot {command}: the stream is {current}")
         return self.job
 
-    def read_copying(self, offset: int, length: int) -> bytes:
+    def read_copying(self, offset: int, length: int) -> bytes | bytearray:
         """A guest read with copy-on-read (run in a thread): the clusters it touches are copied
         into the top image first. A failed copy is logged and the read still served."""
         try:

@@ -31,7 +31,7 @@ MAX_COPY = 8 * 1024 * 1024  # bytes copied per step at most (one read, one write
 # gentle steps of at most GENTLE_COPY, read exactly (no readahead) and installed before the next
 # read, so the guest's next request finds at most one small I/O of the stream ahead of it at the
 # device, not megabytes. Measured with bench/stream_bench.py (docs/performance.md).
-GENTLE_COPY = 128 * 1024
+GENTLE_COPY = 64 * 1024
 GUEST_BUSY_SECONDS = 0.1
 MAX_SCAN_CLUSTERS = 16384  # clusters of the top image looked up per step (1 GiB at 64 KiB clusters)
 RATE_WINDOW = 3.0  # seconds of progress history behind the measured rate

@@ -48,7 +48,7 @@ def raw_name(image_path: str) -> str:
 # Reads up to this size are served on the event loop itself: a page-cache hit or one small disk
 # read costs less than handing the request to a worker thread (~78 us on a 2-vCPU VM, measured
 # with bench/read_bench.py). Larger reads (the kernel's readahead, several at a time) go to
-# threads so that they overlap. See docs/design.md, "Performance notes".
+# threads so that they overlap. See docs/performance.md, "What each lever gave".
 INLINE_READ_MAX = 64 * 1024
 # Writes up to this size are served on the event loop too, unless they would wait for another
 # allocation or a write-back's flush: then a worker thread waits. An allocating 4 KiB write

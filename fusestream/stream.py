@@ -54,7 +54,7 @@ class Step:
     offset: int
     end: int
     max_read: int
-    ranges: list[tuple[int, int]]
+    ranges: tuple[tuple[int, int], ...]
     stop: int
 
 
@@ -101,15 +101,16 @@ class Copier:
         pipelined: drain() waits for it). Returns (where it stopped, bytes read): empty space is
         crossed quickly and one step's work stays bounded.
 
-        Otherwise the next step is planned here too, and its data prefetched (Layer.prefetch):
-        the device reads it while this step is read and installed, and the scattered clusters of
-        each step come in together. A plan made a step early stays right: the merged layers do
-        not change while a job runs, top clusters never become unallocated again, and populate
-        skips those allocated since.
+        Unless `gentle`, the next step is planned here too, and its data prefetched
+        (Layer.prefetch): the device reads it while this step is read and installed, and the
+        scattered clusters of each step come in together. A plan made a step early stays right:
+        the merged layers do not change while a job runs, top clusters never become unallocated
+        again, and populate skips those allocated since.
 
         `gentle`: give way to a busy guest, with one I/O at a time and no more than asked for:
         no prefetching, the reads bypass readahead (see Layer.read_into) and the install
-        finishes here."""
+        finishes here. (The first gentle step after full ones plans again; what the last full
+        step prefetched for it, up to MAX_COPY, has already gone to the device.)"""
         step = self._take_step(offset, end, min(max_read, MAX_COPY), prefetch=not gentle)
         if not gentle and step.stop < end:
             self._next_step = self._plan(step.stop, end, step.max_read, prefetch=True)
@@ -141,11 +142,12 @@ class Copier:
         if prefetch:
             for start, range_end in ranges:
                 self.chain.prefetch_backing(start, range_end - start)
-        return Step(offset, end, max_read, ranges, stop)
+        return Step(offset, end, max_read, tuple(ranges), stop)
 
     def _unallocated_ranges_to_copy(self, offset: int, end: int) -> Iterator[tuple[int, int]]:
-        """_ranges_to_copy over the runs of [offset, end) that the top image leaves unallocated,
-        looked up only as far as the caller goes."""
+        """_ranges_to_copy over the runs of [offset, end) that the top image leaves unallocated;
+        both look up only as far as the caller goes (a step stops at max_read, however far an
+        unallocated run goes)."""
         for extent in self.chain.top.iter_extents(offset, end - offset):
             if extent.status is BlockStatus.UNALLOCATED:
                 yield from self._ranges_to_copy(extent.offset, extent.length)
@@ -173,26 +175,29 @@ class Copier:
             if self._installer is not None:
                 self._installer.shutdown()
 
-    def _ranges_to_copy(self, offset: int, length: int) -> list[tuple[int, int]]:
+    def _ranges_to_copy(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
         """Cluster-aligned ranges of [offset, offset+length) that the merged layers say something
-        about; a cluster partly covered is copied whole."""
+        about, adjacent ones merged; a cluster partly covered is copied whole."""
         cs = self.chain.top.cluster_size
         stop, keep_zeros = self.stop, self.base is not None
         end = offset + length
-        ranges: list[tuple[int, int]] = []
+        current: tuple[int, int] | None = None
         pos = offset
         while pos < end:
             status, run = self.chain.status_above(pos, end - pos, stop)
             if status is BlockStatus.FOUND or (status is BlockStatus.ZERO and keep_zeros):
                 lo, hi = pos - pos % cs, min(-(-(pos + run) // cs) * cs, end)
-                if ranges and lo <= ranges[-1][1]:
-                    ranges[-1] = (ranges[-1][0], hi)
+                if current is not None and lo <= current[1]:
+                    current = (current[0], hi)
                 else:
-                    ranges.append((lo, hi))
+                    if current is not None:
+                        yield current
+                    current = (lo, hi)
             pos += run
-        return ranges
+        if current is not None:
+            yield current
 
-    def _read(self, plan: list[tuple[int, int]], direct: bool) -> list[tuple[int, memoryview]]:
+    def _read(self, plan: tuple[tuple[int, int], ...], direct: bool) -> list[tuple[int, memoryview]]:
         """The planned ranges (MAX_COPY bytes at most), read from the backing chain straight into
         the next page-aligned buffer: preadv copies without holding the GIL, so guest requests on
         the event loop are not held up, and the alignment lets the install bypass the page

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import socket
 import subprocess
@@ -13,6 +15,7 @@ from fusestream.chain import PREFETCH_READ_MIN, Confinement, open_chain
 from fusestream.errors import BackingFileError, ImageBusyError
 from fusestream.formats import qed
 from fusestream.formats.qed_structs import QED_MAGIC
+from fusestream.stream import Copier
 
 
 def test_no_probe_reads_a_raw_backing_file_that_starts_with_qed_magic(tmp_path):
@@ -262,3 +265,31 @@ def test_a_large_guest_read_prefetches_its_clusters_before_reading_and_a_small_o
     assert c.read(4096, 8192) == expected[4096 : 4096 + 8192]
     c.close()
     assert calls and {kind for kind, *_ in calls} == {"read"}
+
+
+def test_a_kernel_that_refuses_read_ahead_advice_costs_one_warning_per_file_and_no_read(
+    tmp_path, chain, monkeypatch, caplog
+):
+    """Prefetching is a hint: where posix_fadvise fails (a sandbox's system call filter, say),
+    reads and streams go on without it, and each file says so once."""
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    c = open_chain(str(chain.top))
+    refused: list[int] = []
+
+    def refuse(fd, offset, length, advice):
+        refused.append(fd)
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    with caplog.at_level(logging.WARNING):
+        for offset in range(0, chain.size, PREFETCH_READ_MIN):
+            assert c.read(offset, PREFETCH_READ_MIN) == expected[offset : offset + PREFETCH_READ_MIN]
+        copier = Copier(c, None, pipelined=True)
+        copier.copy_range(0, chain.size)
+        copier.close()
+        c.rebase(copier.stop)
+        assert c.read(0, chain.size) == expected
+    c.close()
+    assert len(refused) == len(set(refused)) == 3  # one try per file of the chain
+    warnings = [r.getMessage() for r in caplog.records if "read-ahead advice" in r.getMessage()]
+    assert len(warnings) == 3 and all("Operation not permitted" in w for w in warnings)

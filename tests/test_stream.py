@@ -380,6 +380,25 @@ def test_a_step_planned_ahead_is_planned_again_when_asked_for_less(chain, monkey
     c.close()
 
 
+def test_a_step_looks_up_the_merged_layers_only_as_far_as_it_copies(tmp_path, chain, monkeypatch):
+    """Over a fresh top, one unallocated run covers the whole disk; a small step must not ask
+    the layers below about all of it."""
+    fresh = tmp_path / "fresh.qed"
+    qemu_img("create", "-f", "qed", "-o", f"cluster_size={chain.cluster_size}", "-b", chain.mid.name, "-F", "qed",
+             str(fresh), str(chain.size))
+    c = open_chain(str(fresh))
+    lookups = []
+    status_above = c.status_above
+    monkeypatch.setattr(c, "status_above", lambda *args: lookups.append(args) or status_above(*args))
+    copier = stream.Copier(c, None)
+    stop, _ = copier.copy_step(0, chain.size, max_read=2 * chain.cluster_size)  # and plans the next step
+    first_step = len(lookups)
+    copier.copy_range(stop, chain.size - stop)
+    copier.close()
+    c.close()
+    assert len(lookups) > 20 and first_step * 4 < len(lookups), (first_step, len(lookups))
+
+
 def test_a_guest_write_into_a_step_planned_ahead_wins(chain, monkeypatch):
     """A step's plan is made while the step before it is copied; the guest writes into its range
     in between. The guest's data must survive the step."""

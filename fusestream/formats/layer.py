@@ -9,9 +9,12 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import logging
 import os
 import stat
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 
 class BlockStatus(enum.Enum):
@@ -37,10 +40,11 @@ class Layer(Protocol):
         `view` allows (the stream, while it gives way to the guest)."""
 
     def prefetch(self, offset: int, length: int) -> None:
-        """Start reading the data of a range within `size` into the page cache and return
-        without waiting (posix_fadvise WILLNEED): the reads that follow find it there. For reads
-        of many scattered clusters: the device fetches them all at once, where the reads alone
-        would wait for one cluster at a time."""
+        """Start reading the data of a range within `size` into the page cache, without
+        waiting for it (posix_fadvise WILLNEED; the kernel may still block while it queues the
+        reads): the reads that follow find it there. For reads of many scattered clusters: the
+        device fetches them all at once, where the reads alone would wait for one cluster at a
+        time. A hint: it never fails (see ReadAdvice)."""
 
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         """Status of the run starting at `offset` and how many bytes (<= length) share it."""
@@ -103,6 +107,25 @@ def open_regular_file(path: str, flags: int, allow_block_device: bool = False) -
             problem = "is a device, FIFO or socket, not a regular file"
         raise OSError(errno.EINVAL, problem)
     return fd
+
+
+class ReadAdvice:
+    """posix_fadvise(WILLNEED) for one file. It is a hint, so where the kernel (or a sandbox's
+    system call filter) refuses it, a warning says so once and reads go on without prefetching."""
+
+    def __init__(self, fd: int, path: str):
+        self._fd, self._path = fd, path
+        self._refused = False
+
+    def willneed(self, offset: int, length: int) -> None:
+        if self._refused or length <= 0:  # a length of 0 would mean "to the end of the file"
+            return
+        try:
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError as err:
+            self._refused = True
+            log.warning("%s: the kernel refuses read-ahead advice (%s); reading without prefetching",
+                        self._path, err.strerror or err)
 
 
 DIRECT_ALIGNMENT = 4096  # O_DIRECT offsets, lengths and buffer addresses that any common device takes

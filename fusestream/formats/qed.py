@@ -44,6 +44,7 @@ from .layer import (
     BlockStatus,
     DirectTwin,
     Layer,
+    ReadAdvice,
     direct_io_allowed,
     fill_zeros,
     open_regular_file,
@@ -205,6 +206,7 @@ class QedImage:
             os.close(self.fd)
             raise
         self.direct = DirectTwin(self.fd, writable)  # for the stream's bulk I/O
+        self.advice = ReadAdvice(self.fd, path)
         self._table_lock = threading.RLock()
         self._alloc_lock = threading.Lock()
         self._we_set_need_check = False
@@ -445,7 +447,7 @@ class QedImage:
     def prefetch(self, offset: int, length: int) -> None:
         for extent in self.iter_extents(offset, length):
             if extent.status is BlockStatus.FOUND:
-                os.posix_fadvise(self.fd, extent.file_offset, extent.length, os.POSIX_FADV_WILLNEED)
+                self.advice.willneed(extent.file_offset, extent.length)
             elif extent.status is BlockStatus.UNALLOCATED:
                 prefetch_from(self.backing, extent.offset, extent.length)
 

@@ -6,7 +6,7 @@ import fcntl
 import os
 
 from ..errors import BackingFileError, describe_os_error
-from .layer import BlockStatus, DirectTwin, open_regular_file, pread_into
+from .layer import BlockStatus, DirectTwin, ReadAdvice, open_regular_file, pread_into
 
 FORMAT_NAME = "raw"
 
@@ -30,6 +30,7 @@ class RawLayer:
             raise BackingFileError(f"{path}: in use for writing by another fusestream process") from None
         self.size = os.lseek(self.fd, 0, os.SEEK_END)  # st_size is 0 for a block device
         self.direct = DirectTwin(self.fd, writable=False)
+        self.advice = ReadAdvice(self.fd, path)
 
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
@@ -42,7 +43,7 @@ class RawLayer:
         return pread_into(self.fd, view, offset, self.direct.fd if direct else -1)
 
     def prefetch(self, offset: int, length: int) -> None:
-        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+        self.advice.willneed(offset, length)
 
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         """FOUND for data, ZERO for a hole (SEEK_DATA/SEEK_HOLE, as QEMU's file driver does)."""

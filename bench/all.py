@@ -35,10 +35,15 @@ def summary(output: str) -> str:
 
 
 def hand_written_part() -> str:
-    """What docs/performance.md holds from HAND_WRITTEN on: kept as it is."""
-    text = DOC.read_text() if DOC.exists() else ""
+    """What docs/performance.md holds from HAND_WRITTEN on: kept as it is. A doc without that
+    heading is an error, not a part to drop."""
+    if not DOC.exists():
+        return ""
+    text = DOC.read_text()
     at = text.find("\n" + HAND_WRITTEN)
-    return text[at:] if at >= 0 else ""
+    if at < 0:
+        raise SystemExit(f"{DOC} has no {HAND_WRITTEN!r} heading: restore it, or the hand-written part would be lost")
+    return text[at:]
 
 
 def main(argv: list[str] | None = None) -> int:

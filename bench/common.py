@@ -531,9 +531,30 @@ class LoggedFio:
                 log_file.unlink(missing_ok=True)
 
 
+    def __enter__(self) -> LoggedFio:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """If the block ended before wait() (an error), stop fio and remove its logs."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+            self.proc.communicate()
+            for kind in ("clat", "lat", "slat"):
+                Path(f"{self.log_prefix}_{kind}.1.log").unlink(missing_ok=True)
+
+
 def run_fio_latencies(path: Path, params: dict[str, str], log_prefix: Path) -> list[Latency]:
     """LoggedFio, waited for."""
-    return LoggedFio(path, params, log_prefix).wait()
+    with LoggedFio(path, params, log_prefix) as fio:
+        return fio.wait()
+
+
+def verdicts(ratio: float, goals: Sequence[float], at_least: bool = True) -> str:
+    """">= 2.0x met, >= 3.0x NOT met": the ratio against each goal, in the order given."""
+    sign = ">=" if at_least else "<="
+    return ", ".join(
+        f"{sign} {goal:.1f}x {'met' if (ratio >= goal if at_least else ratio <= goal) else 'NOT met'}" for goal in goals
+    )
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

@@ -50,6 +50,7 @@ from common import (
     settings_from_argv,
     spread,
     start_run,
+    verdicts,
 )
 
 GOALS = (1.0, 1.5)  # fusestream / qemu-storage-daemon, at least: issue 2's, then issue 5's
@@ -116,9 +117,8 @@ def print_table(tests: list[Test], results: dict[tuple[str, str], list[float]], 
     for test in tests:
         ours, peer = results[test.name, FUSESTREAM], results[test.name, QSD]
         ratio = statistics.median(ours) / statistics.median(peer)
-        verdicts = ", ".join(f">= {goal:.1f}x {'met' if ratio >= goal else 'NOT met'}" for goal in GOALS)
         label = f"{test.name} ({test.unit})"
-        print(f"{label:<30} {spread(ours):>22} {spread(peer):>22} {ratio:5.2f}x  {verdicts}")
+        print(f"{label:<30} {spread(ours):>22} {spread(peer):>22} {ratio:5.2f}x  {verdicts(ratio, GOALS)}")
     print(f"\n{'the limits':<30} {FLOOR:>22} {RAW:>22}  {FLOOR} / {QSD}, {FUSESTREAM} / {RAW}")
     for test in tests:
         floor, raw = results[test.name, FLOOR], results[test.name, RAW]

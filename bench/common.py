@@ -513,23 +513,25 @@ class LoggedFio:
     completed while something else ran."""
 
     def __init__(self, path: Path, params: dict[str, str], log_prefix: Path):
-        self.path, self.log_prefix = path, log_prefix
+        self.path = path
+        self.log_files = [Path(f"{log_prefix}_{kind}.1.log") for kind in ("clat", "lat", "slat")]
         logged = {**params, "write_lat_log": str(log_prefix), "log_avg_msec": "0", "log_unix_epoch": "1"}
         self.proc = subprocess.Popen(fio_argv(path, logged), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait(self) -> list[Latency]:
         out, err = self.proc.communicate()
-        log_files = [Path(f"{self.log_prefix}_{kind}.1.log") for kind in ("clat", "lat", "slat")]
         try:
             if self.proc.returncode != 0:
                 raise RuntimeError(f"fio on {self.path} exited with {self.proc.returncode}: {err.strip()}")
             _fio_result(self.path, out)
-            with open(log_files[0]) as log:
+            with open(self.log_files[0]) as log:
                 return [Latency(int(fields[0]) / 1e3, int(fields[1])) for fields in (line.split(",") for line in log)]
         finally:
-            for log_file in log_files:
-                log_file.unlink(missing_ok=True)
+            self._remove_logs()
 
+    def _remove_logs(self) -> None:
+        for log_file in self.log_files:
+            log_file.unlink(missing_ok=True)
 
     def __enter__(self) -> LoggedFio:
         return self
@@ -539,8 +541,7 @@ class LoggedFio:
         if self.proc.returncode is None:
             self.proc.kill()
             self.proc.communicate()
-            for kind in ("clat", "lat", "slat"):
-                Path(f"{self.log_prefix}_{kind}.1.log").unlink(missing_ok=True)
+            self._remove_logs()
 
 
 def run_fio_latencies(path: Path, params: dict[str, str], log_prefix: Path) -> list[Latency]:

@@ -138,14 +138,9 @@ class Chain:
         if not length:
             return b""
         with self.in_use:
-            if length < PREFETCH_READ_MIN:
-                return self.top.read(offset, length)
-            self.top.prefetch(offset, length)
-            # Returned as it is, not as bytes: pyfuse3 replies from any buffer, and copying a
-            # megabyte once more cost ~15% of warm sequential reads.
-            buf = bytearray(length)
-            self.top.read_into(memoryview(buf), offset)  # a short backing read leaves zeros
-            return buf
+            if length >= PREFETCH_READ_MIN:
+                self.top.prefetch(offset, length)
+            return self.top.read(offset, length)
 
     def read_backing_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
         """Fill `view` with what the chain below the top image holds at `offset`; returns how

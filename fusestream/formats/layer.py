@@ -30,7 +30,7 @@ class Layer(Protocol):
     format_name: str
     size: int
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         """Return exactly `length` bytes of a range that lies within `size`."""
 
     def read_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
@@ -82,7 +82,7 @@ def fill_zeros(view: memoryview) -> None:
         chunk[:] = _ZEROS_VIEW[: len(chunk)]
 
 
-def read_from(layer: Layer | None, offset: int, length: int) -> bytes:
+def read_from(layer: Layer | None, offset: int, length: int) -> bytes | bytearray:
     """Read through an optional backing layer: no layer, or past its end, reads as zeros."""
     if layer is None or offset >= layer.size:
         return bytes(length)

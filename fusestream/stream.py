@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import trio
 
-from .chain import Chain, resolve_backing
+from .chain import Chain, StatusWalk, resolve_backing
 from .errors import FusestreamError
 from .formats.layer import BlockStatus, Layer
 
@@ -74,6 +74,7 @@ class Copier:
         self._installer = ThreadPoolExecutor(1, thread_name_prefix="fusestream-install") if pipelined else None
         self._pending: Future | None = None
         self._next_step: Step | None = None  # planned one step early, its data prefetched
+        self._walk = StatusWalk(0)  # the merged layers' runs, along the walk to the current end
         # One read buffer per step in flight, reused: fresh memory would cost a page fault per
         # page on every step. Anonymous mmaps are page-aligned, as O_DIRECT wants.
         self._buffers = [mmap.mmap(-1, MAX_COPY) for _ in range(2 if pipelined else 1)]
@@ -128,13 +129,17 @@ class Copier:
         return self._plan(offset, end, max_read, prefetch)
 
     def _plan(self, offset: int, end: int, max_read: int, prefetch: bool) -> Step:
-        scan_end = min(end, offset + MAX_SCAN_CLUSTERS * self.chain.top.cluster_size)
+        cs = self.chain.top.cluster_size
+        scan_end = min(end, offset + MAX_SCAN_CLUSTERS * cs)
         ranges: list[tuple[int, int]] = []
         planned = 0
         stop = scan_end
-        for start, range_end in self._unallocated_ranges_to_copy(offset, scan_end):
+        for start, range_end in self._unallocated_ranges_to_copy(offset, scan_end, max(1, max_read // cs), end):
             piece_end = min(range_end, start + max_read - planned)
-            ranges.append((start, piece_end))
+            if ranges and ranges[-1][1] == start:  # a range that went on into the next top run
+                ranges[-1] = (ranges[-1][0], piece_end)
+            else:
+                ranges.append((start, piece_end))
             planned += piece_end - start
             if planned >= max_read:
                 stop = piece_end
@@ -144,13 +149,22 @@ class Copier:
                 self.chain.prefetch_backing(start, range_end - start)
         return Step(offset, end, max_read, tuple(ranges), stop)
 
-    def _unallocated_ranges_to_copy(self, offset: int, end: int) -> Iterator[tuple[int, int]]:
+    def _unallocated_ranges_to_copy(self, offset: int, end: int, top_pieces: int,
+                                    horizon: int) -> Iterator[tuple[int, int]]:
         """_ranges_to_copy over the runs of [offset, end) that the top image leaves unallocated;
         both look up only as far as the caller goes (a step stops at max_read, however far an
-        unallocated run goes)."""
-        for extent in self.chain.top.iter_extents(offset, end - offset):
-            if extent.status is BlockStatus.UNALLOCATED:
-                yield from self._ranges_to_copy(extent.offset, extent.length)
+        unallocated run goes): the top is asked `top_pieces` lookups at a time, so a step that
+        stops looks at most that far past its end, which the next step looks up again. The top
+        is asked afresh by every step (the guest may allocate in it at any time); the merged
+        layers, which do not change, along one StatusWalk up to `horizon`."""
+        if self._walk.horizon != horizon:
+            self._walk = StatusWalk(horizon)
+        pos = offset
+        while pos < end:
+            status, run = self.chain.top.block_status(pos, end - pos, top_pieces)
+            if status is BlockStatus.UNALLOCATED:
+                yield from self._ranges_to_copy(pos, run)
+            pos += run
 
     def _install(self, pieces: list[tuple[int, memoryview]]) -> None:
         self.drain()  # the previous step first: errors surface in order, memory stays bounded
@@ -184,7 +198,7 @@ class Copier:
         current: tuple[int, int] | None = None
         pos = offset
         while pos < end:
-            status, run = self.chain.status_above(pos, end - pos, stop)
+            status, run = self.chain.status_above(pos, end - pos, stop, self._walk)
             if status is BlockStatus.FOUND or (status is BlockStatus.ZERO and keep_zeros):
                 lo, hi = pos - pos % cs, min(-(-(pos + run) // cs) * cs, end)
                 if current is not None and lo <= current[1]:

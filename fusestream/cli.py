@@ -187,12 +187,15 @@ def _last_rejection(mountpoint: str) -> str:
 
 
 def progress_bar(stream: dict, width: int = 30) -> str:
+    """The bar, the bytes copied per second (what `speed` limits) and the progress through the
+    disk per second (skipped space included), and the time left that status.json measured."""
     done = stream["offset"] / stream["len"] if stream["len"] else 1.0
     filled = int(done * width)
-    rate = stream["rate"]
-    left = f"{(stream['len'] - stream['offset']) / rate:.0f} s left" if rate else "measuring"
+    left = stream.get("seconds_left")
+    eta = f"{left:.0f} s left" if left is not None else "measuring"
+    rates = f"{format_size(stream['rate'])}/s copied, {format_size(stream.get('progress_rate', 0))}/s through"
     return (f"[{'#' * filled}{'.' * (width - filled)}] {done * 100:5.1f}%  "
-            f"{format_size(stream['offset'])} of {format_size(stream['len'])}  {format_size(rate)}/s  {left}")
+            f"{format_size(stream['offset'])} of {format_size(stream['len'])}  {rates}  {eta}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

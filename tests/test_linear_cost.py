@@ -15,14 +15,13 @@ import random
 from pathlib import Path
 
 import pytest
-import trio
-import trio.testing
 from conftest import qemu_convert, qemu_img, qemu_io
+from test_progress import sample_stream
 
 from fusestream.chain import open_chain
 from fusestream.control import EventLog
 from fusestream.formats import qed, raw
-from fusestream.stream import COMPLETED, Streamer
+from fusestream.stream import Streamer
 
 CLUSTER = 65536
 SIZE = 64 << 20
@@ -140,37 +139,13 @@ class Counts:
         return sum(self.calls.values())
 
 
-def stream(top: Path) -> str:
-    """Run a whole stream job of the image (steps inline, on a MockClock); returns its state."""
-    c = open_chain(str(top))
-    result = {}
-
-    async def main():
-        with trio.fail_after(600):
-            async with trio.open_nursery() as nursery:
-                streamer = Streamer(c, nursery, EventLog("top.raw").emit, run_sync=_inline)
-                job = streamer.start()
-                await job.wait_finished()
-                result["state"] = job.state
-
-    try:
-        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    finally:
-        c.close()
-    return result["state"]
-
-
-async def _inline(fn, *args):
-    return fn(*args)
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: shape.__name__)
 def test_a_stream_costs_linear_work(tmp_path, shape, monkeypatch):
     top = shape(tmp_path, random.Random(12))
     expected = qemu_convert(top, tmp_path / "expected.raw")
     units = work_units(top)
     counts = Counts(monkeypatch)
-    assert stream(top) == COMPLETED
+    sample_stream(top, speed=0, times=[])  # a whole job, steps inline on a MockClock; it completes
     monkeypatch.undo()
     assert counts.total <= COST_PER_UNIT * units, (dict(counts.calls), units)
     assert qemu_convert(top, tmp_path / "after.raw") == expected

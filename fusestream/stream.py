@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import outcome
 import trio
 
 from .chain import Chain, StatusWalk, resolve_backing
@@ -34,6 +35,7 @@ MAX_COPY = 8 * 1024 * 1024  # bytes copied per step at most (one read, one write
 GENTLE_COPY = 64 * 1024
 GUEST_BUSY_SECONDS = 0.1
 MAX_SCAN_CLUSTERS = 16384  # clusters of the top image looked up per step (1 GiB at 64 KiB clusters)
+COUNT_WINDOW_CLUSTERS = 1024  # clusters the job's count of what to copy walks per call (a few ms)
 RATE_WINDOW = 3.0  # seconds of progress history behind the measured rate
 RATE_LAG = 1.0  # seconds without a step after which the measured rate starts to fall
 
@@ -76,6 +78,9 @@ class Copier:
         self._pending: Future | None = None
         self._next_step: Step | None = None  # planned one step early, its data prefetched
         self._walk = StatusWalk(0)  # the merged layers' runs, along the steps' walk to their end
+        # (where the steps taken so far stop, the bytes they read): the copy never installs
+        # anything at or past that stop before it has moved on. Read by the job's count.
+        self.taken = (0, 0)
         # One read buffer per step in flight, reused: fresh memory would cost a page fault per
         # page on every step. Anonymous mmaps are page-aligned, as O_DIRECT wants.
         self._buffers = [mmap.mmap(-1, MAX_COPY) for _ in range(2 if pipelined else 1)]
@@ -114,6 +119,7 @@ class Copier:
         finishes here. (The first gentle step after full ones plans again; what the last full
         step prefetched for it, up to MAX_COPY, has already gone to the device.)"""
         step = self._take_step(offset, end, min(max_read, MAX_COPY), prefetch=not gentle)
+        self.taken = (step.stop, self.taken[1] + self._read_size(step.ranges))  # before any install of it
         if not gentle and step.stop < end:
             self._next_step = self._plan(step.stop, end, step.max_read, prefetch=True)
         pieces = self._read(step.ranges, direct=gentle)
@@ -167,10 +173,14 @@ class Copier:
                 yield from self._ranges_to_copy(pos, run, walk)
             pos += run
 
-    def bytes_to_copy(self, offset: int, end: int) -> int:
+    def bytes_to_copy(self, offset: int, end: int, walk: StatusWalk) -> int:
         """What streaming [offset, end) reads from the backing chain, as the top image is now:
-        one walk of the planning (linear in the chain: see StatusWalk), no data read."""
-        ranges = self._unallocated_ranges_to_copy(offset, end, MAX_SCAN_CLUSTERS, StatusWalk(end))
+        the walk of the planning alone (linear in the chain), no data read. `walk`: the
+        caller's, along its forward walk. Safe beside the copy in another thread."""
+        return self._read_size(self._unallocated_ranges_to_copy(offset, end, MAX_SCAN_CLUSTERS, walk))
+
+    def _read_size(self, ranges) -> int:
+        """The bytes _read reads for these ranges (nothing past the virtual size)."""
         return sum(min(range_end, self.chain.size) - start for start, range_end in ranges)
 
     def _install(self, pieces: list[tuple[int, memoryview]]) -> None:
@@ -414,8 +424,15 @@ class StreamJob:
             self.emit("STREAM_FAILED", {"offset": self.offset, "len": self.len, "error": self.error})
 
     async def _copy_all(self) -> None:
-        """Count what there is to copy (for the time left), then copy it step by step."""
-        await self._count_to_copy()
+        """Copy step by step, while a second task counts what there is to copy. An error of the
+        copy leaves as itself, not inside the nursery's exception group, for _run to report."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._count_to_copy)
+            result = await outcome.acapture(self._copy_steps)
+            nursery.cancel_scope.cancel()
+        result.unwrap()
+
+    async def _copy_steps(self) -> None:
         while self.offset < self.len:
             await self._wait_while_paused()
             if self._cancel_requested:
@@ -431,16 +448,29 @@ class StreamJob:
                 self._progress.record(trio.current_time(), self.offset, self.copied)
 
     async def _count_to_copy(self) -> None:
-        """Set `to_copy`: a walk of the whole plan, a window of MAX_SCAN_CLUSTERS at a time so
-        that pause and cancel take effect between windows. Linear in the chain, and far cheaper
-        than the copy (no data is read): about 0.06 s per GiB of disk under allocated tables."""
-        window = MAX_SCAN_CLUSTERS * self.chain.top.cluster_size
-        counted = 0
-        for start in range(self.offset, self.len, window):
-            await self._wait_while_paused()
-            if self._cancel_requested:
+        """Set `to_copy`, for the time left: the bytes the whole job reads, counted by walking its
+        plan (Copier.bytes_to_copy, no data read: linear in the chain, about 0.06 s per GiB of
+        disk under allocated tables) a COUNT_WINDOW_CLUSTERS window at a time, in a worker
+        thread beside the copy, so that counting does not delay it.
+
+        The count stays exact although the copy allocates in the top image meanwhile: a window
+        counts only if, once counted, no step taken so far reaches into it (Copier.taken is
+        set before a step installs anything). Otherwise the copy got there first: the count
+        goes on from where the steps taken stop, plus the bytes those read."""
+        walk = StatusWalk(self.len)
+        window = COUNT_WINDOW_CLUSTERS * self.chain.top.cluster_size
+        pos, counted = 0, 0
+        while pos < self.len:
+            try:
+                ahead = await self.run_sync(self.copier.bytes_to_copy, pos, min(self.len, pos + window), walk)
+            except (OSError, FusestreamError) as err:  # the copy meets it too, and fails with it
+                log.warning("stream of %s: cannot count what is left to copy: %s", self.chain.top.path, err)
                 return
-            counted += await self.run_sync(self.copier.bytes_to_copy, start, min(self.len, start + window))
+            taken_to, taken_bytes = self.copier.taken
+            if taken_to > pos:
+                pos, counted = taken_to, taken_bytes
+            else:
+                pos, counted = min(self.len, pos + window), counted + ahead
         self.to_copy = counted
 
     def _guest_busy(self) -> bool:

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import mmap
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import outcome
@@ -179,7 +179,7 @@ class Copier:
         caller's, along its forward walk. Safe beside the copy in another thread."""
         return self._read_size(self._unallocated_ranges_to_copy(offset, end, MAX_SCAN_CLUSTERS, walk))
 
-    def _read_size(self, ranges) -> int:
+    def _read_size(self, ranges: Iterable[tuple[int, int]]) -> int:
         """The bytes _read reads for these ranges (nothing past the virtual size)."""
         return sum(min(range_end, self.chain.size) - start for start, range_end in ranges)
 
@@ -270,7 +270,7 @@ class StreamStatistics:
     error: str | None
     backing_file: str | None  # the top's backing file once the job ended
     copied: int = 0  # bytes read from the backing chain so far
-    remaining: int | None = None  # bytes still to copy, once counted at the start
+    remaining: int | None = None  # bytes still to copy, once the job has counted them
     progress_rate: int = 0  # bytes of `offset` per second (skipped space included)
 
     @property
@@ -278,13 +278,14 @@ class StreamStatistics:
         """The bytes still to copy at the copy rate; with nothing left to copy, the rest of the
         disk at the rate of progress. None while a rate is still being measured, and when no
         job runs."""
-        if self.state != RUNNING:
+        if self.state != RUNNING or self.remaining is None:
             return None
         if self.remaining:
             return self.remaining / self.rate if self.rate else None
-        if self.remaining is None or self.offset >= self.len:
-            return None if self.remaining is None else 0.0
-        return (self.len - self.offset) / self.progress_rate if self.progress_rate else None
+        skipped = self.len - self.offset
+        if not skipped:
+            return 0.0
+        return skipped / self.progress_rate if self.progress_rate else None
 
 
 class ProgressRate:
@@ -344,7 +345,7 @@ class StreamJob:
         self.error: str | None = None
         self._progress = ProgressRate()
         self.copied = 0  # bytes read from the backing chain
-        self.to_copy: int | None = None  # what the whole job reads, counted at its start
+        self.to_copy: int | None = None  # what the whole job reads, once counted (_count_to_copy)
         self._wakeup = trio.Event()
         self._cancel_requested = False
         self._next_slot = 0.0

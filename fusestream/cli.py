@@ -249,13 +249,16 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def wait_poll_seconds(stream: dict) -> float:
-    """A quarter of the time the job has left at its measured rate, within [WAIT_POLL_MIN,
-    WAIT_POLL_MAX]; POLL_SECONDS while the rate is still being measured."""
+    """A quarter of the time the job has left (status.json's seconds_left; from a mount
+    without it, the rest of the disk at `rate`), within [WAIT_POLL_MIN, WAIT_POLL_MAX];
+    POLL_SECONDS while it is still being measured."""
     if stream["state"] == "paused":
         return WAIT_POLL_MAX
-    if not stream["rate"]:
-        return POLL_SECONDS
-    seconds_left = (stream["len"] - stream["offset"]) / stream["rate"]
+    seconds_left = stream.get("seconds_left")
+    if seconds_left is None:
+        if "seconds_left" in stream or not stream["rate"]:
+            return POLL_SECONDS
+        seconds_left = (stream["len"] - stream["offset"]) / stream["rate"]
     return min(WAIT_POLL_MAX, max(WAIT_POLL_MIN, seconds_left / 4))
 
 

@@ -13,7 +13,7 @@ import trio.testing
 from conftest import qemu_img, qemu_io
 
 from fusestream.chain import open_chain
-from fusestream.cli import progress_bar
+from fusestream.cli import progress_bar, wait_poll_seconds
 from fusestream.control import EventLog, render_status, render_status_json
 from fusestream.stream import COMPLETED, RUNNING, Streamer, StreamStatistics
 
@@ -157,3 +157,12 @@ def test_status_status_json_and_the_watch_bar_show_both_rates_and_the_time_left(
     measuring = StreamStatistics(RUNNING, 0, 1024 * MiB, 0, 0, None, None, "base.raw")
     assert measuring.seconds_left is None
     assert render_status("top.raw", measuring).endswith("(0.0%, 0 B/s, measuring)\n")
+
+
+def test_wait_polls_by_the_time_left_that_status_json_measured():
+    """`rate` counts copied bytes only, so the rest of the disk at `rate` is no time left:
+    `fusestream wait` uses seconds_left, and only without it (an older mount) the old guess."""
+    near_the_end = {"state": "running", "offset": 0, "len": 1 << 30, "rate": 1 << 20, "seconds_left": 0.2}
+    assert wait_poll_seconds(near_the_end) == pytest.approx(0.05)
+    older_mount = {"state": "running", "offset": 0, "len": 1 << 30, "rate": 1 << 30}
+    assert wait_poll_seconds(older_mount) == pytest.approx(0.25)

@@ -187,12 +187,15 @@ def _last_rejection(mountpoint: str) -> str:
 
 
 def progress_bar(stream: dict, width: int = 30) -> str:
+    """The bar, the bytes copied per second (what `speed` limits) and the progress through the
+    disk per second (skipped space included), and the time left that status.json measured."""
     done = stream["offset"] / stream["len"] if stream["len"] else 1.0
     filled = int(done * width)
-    rate = stream["rate"]
-    left = f"{(stream['len'] - stream['offset']) / rate:.0f} s left" if rate else "measuring"
+    left = stream.get("seconds_left")
+    eta = f"{left:.0f} s left" if left is not None else "measuring"
+    rates = f"{format_size(stream['rate'])}/s copied, {format_size(stream.get('progress_rate', 0))}/s through"
     return (f"[{'#' * filled}{'.' * (width - filled)}] {done * 100:5.1f}%  "
-            f"{format_size(stream['offset'])} of {format_size(stream['len'])}  {format_size(rate)}/s  {left}")
+            f"{format_size(stream['offset'])} of {format_size(stream['len'])}  {rates}  {eta}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -246,13 +249,16 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def wait_poll_seconds(stream: dict) -> float:
-    """A quarter of the time the job has left at its measured rate, within [WAIT_POLL_MIN,
-    WAIT_POLL_MAX]; POLL_SECONDS while the rate is still being measured."""
+    """A quarter of the time the job has left (status.json's seconds_left; from a mount
+    without it, the rest of the disk at `rate`), within [WAIT_POLL_MIN, WAIT_POLL_MAX];
+    POLL_SECONDS while it is still being measured."""
     if stream["state"] == "paused":
         return WAIT_POLL_MAX
-    if not stream["rate"]:
-        return POLL_SECONDS
-    seconds_left = (stream["len"] - stream["offset"]) / stream["rate"]
+    seconds_left = stream.get("seconds_left")
+    if seconds_left is None:
+        if "seconds_left" in stream or not stream["rate"]:
+            return POLL_SECONDS
+        seconds_left = (stream["len"] - stream["offset"]) / stream["rate"]
     return min(WAIT_POLL_MAX, max(WAIT_POLL_MIN, seconds_left / 4))
 
 

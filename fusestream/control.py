@@ -90,6 +90,10 @@ def render_status_json(name: str, chain: Chain, stats: StreamStatistics) -> str:
             "rate": stats.rate,
             "base": stats.base,
             "error": stats.error,
+            "copied": stats.copied,
+            "remaining": stats.remaining,
+            "progress_rate": stats.progress_rate,
+            "seconds_left": None if (left := stats.seconds_left) is None else round(left, 1),
         },
     }
     return json.dumps({"images": [image]}, indent=2) + "\n"

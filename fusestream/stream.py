@@ -15,12 +15,13 @@ import dataclasses
 import logging
 import mmap
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import outcome
 import trio
 
-from .chain import Chain, resolve_backing
+from .chain import Chain, StatusWalk, resolve_backing
 from .errors import FusestreamError
 from .formats.layer import BlockStatus, Layer
 
@@ -34,7 +35,9 @@ MAX_COPY = 8 * 1024 * 1024  # bytes copied per step at most (one read, one write
 GENTLE_COPY = 64 * 1024
 GUEST_BUSY_SECONDS = 0.1
 MAX_SCAN_CLUSTERS = 16384  # clusters of the top image looked up per step (1 GiB at 64 KiB clusters)
+COUNT_WINDOW_CLUSTERS = 1024  # clusters the job's count of what to copy walks per call (a few ms)
 RATE_WINDOW = 3.0  # seconds of progress history behind the measured rate
+RATE_LAG = 1.0  # seconds without a step after which the measured rate starts to fall
 
 IDLE, RUNNING, PAUSED, COMPLETED, CANCELLED, FAILED = "idle", "running", "paused", "completed", "cancelled", "failed"
 
@@ -74,6 +77,10 @@ class Copier:
         self._installer = ThreadPoolExecutor(1, thread_name_prefix="fusestream-install") if pipelined else None
         self._pending: Future | None = None
         self._next_step: Step | None = None  # planned one step early, its data prefetched
+        self._walk = StatusWalk(0)  # the merged layers' runs, along the steps' walk to their end
+        # (where the steps taken so far stop, the bytes they read): the copy never installs
+        # anything at or past that stop before it has moved on. Read by the job's count.
+        self.taken = (0, 0)
         # One read buffer per step in flight, reused: fresh memory would cost a page fault per
         # page on every step. Anonymous mmaps are page-aligned, as O_DIRECT wants.
         self._buffers = [mmap.mmap(-1, MAX_COPY) for _ in range(2 if pipelined else 1)]
@@ -112,6 +119,7 @@ class Copier:
         finishes here. (The first gentle step after full ones plans again; what the last full
         step prefetched for it, up to MAX_COPY, has already gone to the device.)"""
         step = self._take_step(offset, end, min(max_read, MAX_COPY), prefetch=not gentle)
+        self.taken = (step.stop, self.taken[1] + self._read_size(step.ranges))  # before any install of it
         if not gentle and step.stop < end:
             self._next_step = self._plan(step.stop, end, step.max_read, prefetch=True)
         pieces = self._read(step.ranges, direct=gentle)
@@ -128,13 +136,19 @@ class Copier:
         return self._plan(offset, end, max_read, prefetch)
 
     def _plan(self, offset: int, end: int, max_read: int, prefetch: bool) -> Step:
-        scan_end = min(end, offset + MAX_SCAN_CLUSTERS * self.chain.top.cluster_size)
+        cs = self.chain.top.cluster_size
+        scan_end = min(end, offset + MAX_SCAN_CLUSTERS * cs)
         ranges: list[tuple[int, int]] = []
         planned = 0
         stop = scan_end
-        for start, range_end in self._unallocated_ranges_to_copy(offset, scan_end):
+        if self._walk.horizon != end:
+            self._walk = StatusWalk(end)
+        for start, range_end in self._unallocated_ranges_to_copy(offset, scan_end, max(1, max_read // cs), self._walk):
             piece_end = min(range_end, start + max_read - planned)
-            ranges.append((start, piece_end))
+            if ranges and ranges[-1][1] == start:  # a range that went on into the next top run
+                ranges[-1] = (ranges[-1][0], piece_end)
+            else:
+                ranges.append((start, piece_end))
             planned += piece_end - start
             if planned >= max_read:
                 stop = piece_end
@@ -144,13 +158,30 @@ class Copier:
                 self.chain.prefetch_backing(start, range_end - start)
         return Step(offset, end, max_read, tuple(ranges), stop)
 
-    def _unallocated_ranges_to_copy(self, offset: int, end: int) -> Iterator[tuple[int, int]]:
+    def _unallocated_ranges_to_copy(self, offset: int, end: int, top_pieces: int,
+                                    walk: StatusWalk) -> Iterator[tuple[int, int]]:
         """_ranges_to_copy over the runs of [offset, end) that the top image leaves unallocated;
         both look up only as far as the caller goes (a step stops at max_read, however far an
-        unallocated run goes)."""
-        for extent in self.chain.top.iter_extents(offset, end - offset):
-            if extent.status is BlockStatus.UNALLOCATED:
-                yield from self._ranges_to_copy(extent.offset, extent.length)
+        unallocated run goes): the top is asked `top_pieces` lookups at a time, so a step that
+        stops looks at most that far past its end, which the next step looks up again. The top
+        is asked afresh by every step (the guest may allocate in it at any time); the merged
+        layers, which do not change, along the caller's `walk`."""
+        pos = offset
+        while pos < end:
+            status, run = self.chain.top.block_status(pos, end - pos, top_pieces)
+            if status is BlockStatus.UNALLOCATED:
+                yield from self._ranges_to_copy(pos, run, walk)
+            pos += run
+
+    def bytes_to_copy(self, offset: int, end: int, walk: StatusWalk) -> int:
+        """What streaming [offset, end) reads from the backing chain, as the top image is now:
+        the walk of the planning alone (linear in the chain), no data read. `walk`: the
+        caller's, along its forward walk. Safe beside the copy in another thread."""
+        return self._read_size(self._unallocated_ranges_to_copy(offset, end, MAX_SCAN_CLUSTERS, walk))
+
+    def _read_size(self, ranges: Iterable[tuple[int, int]]) -> int:
+        """The bytes _read reads for these ranges (nothing past the virtual size)."""
+        return sum(min(range_end, self.chain.size) - start for start, range_end in ranges)
 
     def _install(self, pieces: list[tuple[int, memoryview]]) -> None:
         self.drain()  # the previous step first: errors surface in order, memory stays bounded
@@ -175,7 +206,7 @@ class Copier:
             if self._installer is not None:
                 self._installer.shutdown()
 
-    def _ranges_to_copy(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+    def _ranges_to_copy(self, offset: int, length: int, walk: StatusWalk) -> Iterator[tuple[int, int]]:
         """Cluster-aligned ranges of [offset, offset+length) that the merged layers say something
         about, adjacent ones merged; a cluster partly covered is copied whole."""
         cs = self.chain.top.cluster_size
@@ -184,7 +215,7 @@ class Copier:
         current: tuple[int, int] | None = None
         pos = offset
         while pos < end:
-            status, run = self.chain.status_above(pos, end - pos, stop)
+            status, run = self.chain.status_above(pos, end - pos, stop, walk)
             if status is BlockStatus.FOUND or (status is BlockStatus.ZERO and keep_zeros):
                 lo, hi = pos - pos % cs, min(-(-(pos + run) // cs) * cs, end)
                 if current is not None and lo <= current[1]:
@@ -227,38 +258,67 @@ class Copier:
 
 @dataclasses.dataclass(frozen=True)
 class StreamStatistics:
-    """A snapshot of the job, with the keys of status.json's "stream" object."""
+    """A snapshot of the job, with the keys of status.json's "stream" object (PRODUCT.md's, then
+    the ones added for issue 12)."""
 
     state: str
     offset: int
     len: int
     speed: int
-    rate: int
+    rate: int  # bytes read from the backing chain per second: what `speed` limits
     base: str | None
     error: str | None
     backing_file: str | None  # the top's backing file once the job ended
+    copied: int = 0  # bytes read from the backing chain so far
+    remaining: int | None = None  # bytes still to copy, once the job has counted them
+    progress_rate: int = 0  # bytes of `offset` per second (skipped space included)
 
     @property
     def seconds_left(self) -> float | None:
-        return (self.len - self.offset) / self.rate if self.rate else None
+        """The bytes still to copy at the copy rate; with nothing left to copy, the rest of the
+        disk at the rate of progress. None while a rate is still being measured, and when no
+        job runs."""
+        if self.state != RUNNING or self.remaining is None:
+            return None
+        if self.remaining:
+            return self.remaining / self.rate if self.rate else None
+        skipped = self.len - self.offset
+        if not skipped:
+            return 0.0
+        return skipped / self.progress_rate if self.progress_rate else None
 
 
 class ProgressRate:
-    """Bytes of progress per second over the last RATE_WINDOW seconds: measured, not guessed."""
+    """Bytes copied and bytes of progress per second over the last RATE_WINDOW seconds:
+    measured, not guessed.
+
+    A sample is taken when a step has been paid for (after the rate limit's wait), so the rate
+    is the true one from the first step on: a step that was read at once but is paid for over
+    the next tenth of a second does not count as done in no time. Between samples the
+    measurement ends at the last one, unless it is more than RATE_LAG old: then the silence
+    counts too, so a stalled job shows its rate falling."""
 
     def __init__(self) -> None:
-        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+        self._samples: collections.deque[tuple[float, int, int]] = collections.deque()
 
-    def record(self, now: float, offset: int) -> None:
-        self._samples.append((now, offset))
+    def record(self, now: float, offset: int, copied: int) -> None:
+        self._samples.append((now, offset, copied))
         while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW:
             self._samples.popleft()
 
-    def rate(self) -> int:
+    @property
+    def started(self) -> bool:
+        return bool(self._samples)
+
+    def rates(self, now: float) -> tuple[int, int]:
+        """(bytes copied per second, bytes of progress per second); zeros until measured."""
         if len(self._samples) < 2:
-            return 0
-        (t0, o0), (t1, o1) = self._samples[0], self._samples[-1]
-        return int((o1 - o0) / (t1 - t0)) if t1 > t0 else 0
+            return 0, 0
+        (t0, offset0, copied0), (t1, offset1, copied1) = self._samples[0], self._samples[-1]
+        elapsed = max(t1, now - RATE_LAG) - t0
+        if elapsed <= 0:
+            return 0, 0
+        return int((copied1 - copied0) / elapsed), int((offset1 - offset0) / elapsed)
 
     def reset(self) -> None:
         self._samples.clear()
@@ -284,6 +344,8 @@ class StreamJob:
         self.len = chain.size
         self.error: str | None = None
         self._progress = ProgressRate()
+        self.copied = 0  # bytes read from the backing chain
+        self.to_copy: int | None = None  # what the whole job reads, once counted (_count_to_copy)
         self._wakeup = trio.Event()
         self._cancel_requested = False
         self._next_slot = 0.0
@@ -318,9 +380,12 @@ class StreamJob:
         await self._finished.wait()
 
     def statistics(self) -> StreamStatistics:
-        rate = self._progress.rate() if self.state == RUNNING else 0
+        rate, progress_rate = self._progress.rates(trio.current_time()) if self.state == RUNNING else (0, 0)
+        remaining = None if self.to_copy is None else max(0, self.to_copy - self.copied)
+        if self.offset >= self.len:
+            remaining = 0
         return StreamStatistics(self.state, self.offset, self.len, self.speed, rate, self.base_path, self.error,
-                                self.chain.top.backing_filename)
+                                self.chain.top.backing_filename, self.copied, remaining, progress_rate)
 
     # -- the job ----------------------------------------------------------------------------------
 
@@ -360,16 +425,54 @@ class StreamJob:
             self.emit("STREAM_FAILED", {"offset": self.offset, "len": self.len, "error": self.error})
 
     async def _copy_all(self) -> None:
-        self._progress.record(trio.current_time(), 0)
+        """Copy step by step, while a second task counts what there is to copy. An error of the
+        copy leaves as itself, not inside the nursery's exception group, for _run to report."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._count_to_copy)
+            result = await outcome.acapture(self._copy_steps)
+            nursery.cancel_scope.cancel()
+        result.unwrap()
+
+    async def _copy_steps(self) -> None:
         while self.offset < self.len:
             await self._wait_while_paused()
             if self._cancel_requested:
                 return
+            if not self._progress.started:  # the start, or a resume
+                self._progress.record(trio.current_time(), self.offset, self.copied)
             gentle = self._guest_busy()
             self.offset, transferred = await self.run_sync(
                 self.copier.copy_step, self.offset, self.len, self._max_read(gentle), gentle)
-            self._progress.record(trio.current_time(), self.offset)
+            self.copied += transferred
             await self._throttle(transferred)
+            if self.state == RUNNING:  # a pause meanwhile starts the measurement again at the resume
+                self._progress.record(trio.current_time(), self.offset, self.copied)
+
+    async def _count_to_copy(self) -> None:
+        """Set `to_copy`, for the time left: the bytes the whole job reads, counted by walking its
+        plan (Copier.bytes_to_copy, no data read: linear in the chain, about 0.06 s per GiB of
+        disk under allocated tables) a COUNT_WINDOW_CLUSTERS window at a time, in a worker
+        thread beside the copy, so that counting does not delay it.
+
+        The count stays exact although the copy allocates in the top image meanwhile: a window
+        counts only if, once counted, no step taken so far reaches into it (Copier.taken is
+        set before a step installs anything). Otherwise the copy got there first: the count
+        goes on from where the steps taken stop, plus the bytes those read."""
+        walk = StatusWalk(self.len)
+        window = COUNT_WINDOW_CLUSTERS * self.chain.top.cluster_size
+        pos, counted = 0, 0
+        while pos < self.len:
+            try:
+                ahead = await self.run_sync(self.copier.bytes_to_copy, pos, min(self.len, pos + window), walk)
+            except (OSError, FusestreamError) as err:  # the copy meets it too, and fails with it
+                log.warning("stream of %s: cannot count what is left to copy: %s", self.chain.top.path, err)
+                return
+            taken_to, taken_bytes = self.copier.taken
+            if taken_to > pos:
+                pos, counted = taken_to, taken_bytes
+            else:
+                pos, counted = min(self.len, pos + window), counted + ahead
+        self.to_copy = counted
 
     def _guest_busy(self) -> bool:
         return time.monotonic() - self.chain.last_guest_io < GUEST_BUSY_SECONDS

@@ -637,7 +637,8 @@ def test_a_rejected_command_changes_nothing_and_is_an_event(chain):
 
 
 def test_status_lines_use_the_seeds_wording():
-    running = StreamStatistics(RUNNING, 536870912, 1073741824, 0, 410 << 20, None, None, "mid.qed")
+    running = StreamStatistics(RUNNING, 536870912, 1073741824, 0, 410 << 20, None, None, "mid.qed",
+                               remaining=536870912)
     assert render_status("top.raw", running) == (
         "Streaming top.raw: Completed 536870912 of 1073741824 bytes (50.0%, 410 MiB/s, 1 s left)\n")
     done = StreamStatistics(COMPLETED, 1 << 30, 1 << 30, 0, 0, None, None, None)

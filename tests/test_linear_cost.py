@@ -1,0 +1,175 @@
+"""The cost of a stream, of guest reads and of copy-on-read is linear in the chain (issue 12).
+
+Counted, not timed: the L2 entry lookups (QedImage._cluster_entry), the layers' block-status
+calls and the raw layers' lseek calls stay under a small constant times the clusters plus the
+extents of every layer, on chains of the shapes real images have. The extents are counted by
+QEMU (`qemu-img map` of each layer alone), the clusters from the layers' sizes.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+from conftest import qemu_convert, qemu_img, qemu_io
+from test_progress import sample_stream
+
+from fusestream.chain import open_chain
+from fusestream.control import EventLog
+from fusestream.formats import qed, raw
+from fusestream.stream import Streamer
+
+CLUSTER = 65536
+SIZE = 64 << 20
+COST_PER_UNIT = 4  # counted calls per cluster or extent, at most
+
+
+def write_raw(path: Path, size: int, pieces: list[tuple[int, int]], rng: random.Random) -> None:
+    """A sparse raw file with random data in the (offset, length) pieces, holes elsewhere."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in sorted(pieces):
+            f.seek(offset)
+            f.write(rng.randbytes(length))
+
+
+def qed_over(path: Path, backing: Path, commands: list[str]) -> None:
+    fmt = "raw" if backing.suffix == ".raw" else "qed"
+    qemu_img("create", "-f", "qed", "-b", backing.name, "-F", fmt, str(path), str(SIZE))
+    for i in range(0, len(commands), 200):
+        qemu_io(path, *commands[i : i + 200], fmt="qed")
+
+
+def fragmented(tmp: Path, rng: random.Random) -> Path:
+    """Issue 12's chain, scaled down: 75% of the base's 64 KiB pieces hold data, in random order;
+    a middle layer with one long write; a top with one 1/100 of the disk and one 4 KiB write."""
+    pieces = list(range(SIZE // CLUSTER))
+    rng.shuffle(pieces)
+    write_raw(tmp / "base.raw", SIZE, [(p * CLUSTER, CLUSTER) for p in pieces[: len(pieces) * 3 // 4]], rng)
+    qed_over(tmp / "sn1.qed", tmp / "base.raw", [f"write -P 0x5a {SIZE // 4} {SIZE // 20}"])
+    qed_over(tmp / "top.qed", tmp / "sn1.qed", [f"write -P 0x33 {SIZE // 2} {SIZE // 100 // 512 * 512}",
+                                                f"write -P 0x44 {SIZE - CLUSTER} 4096"])
+    return tmp / "top.qed"
+
+
+def sparse_4k(tmp: Path, rng: random.Random) -> Path:
+    """A base whose data lies in random 4 KiB blocks (a tenth of them), under a snapshot and a
+    top that each hold one 4 KiB write."""
+    blocks = rng.sample(range(SIZE // 4096), SIZE // 4096 // 10)
+    write_raw(tmp / "base.raw", SIZE, [(b * 4096, 4096) for b in blocks], rng)
+    qed_over(tmp / "sn1.qed", tmp / "base.raw", [f"write -P 0x5a {SIZE // 5} 4096"])
+    qed_over(tmp / "top.qed", tmp / "sn1.qed", [f"write -P 0x44 {SIZE // 3} 4096"])
+    return tmp / "top.qed"
+
+
+def deep(tmp: Path, rng: random.Random) -> Path:
+    """Twelve layers: a raw base with a few long runs, and eleven QED layers above it, each with
+    3% of its clusters written at random."""
+    write_raw(tmp / "base.raw", SIZE, [(rng.randrange(SIZE // CLUSTER - 64) * CLUSTER, 32 * CLUSTER)
+                                       for _ in range(4)], rng)
+    below = tmp / "base.raw"
+    for level in range(11):
+        layer = tmp / f"layer{level}.qed"
+        clusters = rng.sample(range(SIZE // CLUSTER), SIZE // CLUSTER * 3 // 100)
+        qed_over(layer, below, [f"write -P {level + 1} {c * CLUSTER} {CLUSTER}" for c in clusters])
+        below = layer
+    return below
+
+
+def one_long_run(tmp: Path, rng: random.Random) -> Path:
+    """One long run of data in the base, one long write in the middle, nothing in the top."""
+    write_raw(tmp / "base.raw", SIZE, [(SIZE // 8, SIZE // 2)], rng)
+    qed_over(tmp / "mid.qed", tmp / "base.raw", [f"write -P 0x11 {SIZE // 4} {SIZE // 2}"])
+    qed_over(tmp / "top.qed", tmp / "mid.qed", [])
+    return tmp / "top.qed"
+
+
+SHAPES = [fragmented, sparse_4k, deep, one_long_run]
+
+
+def layer_map(path: Path) -> list[dict]:
+    """QEMU's map of one layer alone (its backing file left out)."""
+    if path.suffix == ".raw":
+        spec = {"driver": "raw", "file": {"driver": "file", "filename": str(path)}}
+    else:
+        spec = {"driver": "qed", "backing": None, "file": {"driver": "file", "filename": str(path)}}
+    return json.loads(qemu_img("map", "--output=json", "json:" + json.dumps(spec)))
+
+
+def work_units(top: Path) -> int:
+    """Clusters plus extents of every layer of the chain."""
+    c = open_chain(str(top), writable=False)
+    paths = [Path(layer.path) for layer in c.layers]
+    c.close()
+    return sum(SIZE // CLUSTER + len(layer_map(path)) for path in paths)
+
+
+class Counts:
+    """Counts the calls that walk the chain, by wrapping the methods that do them."""
+
+    def __init__(self, monkeypatch):
+        self.calls: collections.Counter[str] = collections.Counter()
+        for cls, name in ((qed.QedImage, "_cluster_entry"), (qed.QedImage, "block_status"),
+                          (raw.RawLayer, "block_status")):
+            self._wrap(monkeypatch, cls, name)
+        lseek = os.lseek
+
+        def counted_lseek(fd, position, how):
+            self.calls["lseek"] += 1
+            return lseek(fd, position, how)
+
+        monkeypatch.setattr(raw.os, "lseek", counted_lseek)
+
+    def _wrap(self, monkeypatch, cls, name) -> None:
+        method = getattr(cls, name)
+        key = f"{cls.__name__}.{name}"
+
+        def counted(layer, *args, **kwargs):
+            self.calls[key] += 1
+            return method(layer, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, counted)
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: shape.__name__)
+def test_a_stream_costs_linear_work(tmp_path, shape, monkeypatch):
+    top = shape(tmp_path, random.Random(12))
+    expected = qemu_convert(top, tmp_path / "expected.raw")
+    units = work_units(top)
+    counts = Counts(monkeypatch)
+    sample_stream(top, speed=0, times=[])  # a whole job, steps inline on a MockClock; it completes
+    monkeypatch.undo()
+    assert counts.total <= COST_PER_UNIT * units, (dict(counts.calls), units)
+    assert qemu_convert(top, tmp_path / "after.raw") == expected
+
+
+def read_whole_disk(top: Path, copy_on_read: bool) -> bytes:
+    """The whole disk, read in the kernel's 128 KiB requests (with copy-on-read: every cluster
+    is copied into the top image first)."""
+    c = open_chain(str(top))
+    try:
+        read = Streamer(c, nursery=None, emit=EventLog("top.raw").emit).read_copying if copy_on_read else c.read
+        return b"".join(read(offset, 128 * 1024) for offset in range(0, SIZE, 128 * 1024))
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("copy_on_read", [False, True], ids=["read", "copy_on_read"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: shape.__name__)
+def test_guest_reads_cost_linear_work(tmp_path, shape, copy_on_read, monkeypatch):
+    top = shape(tmp_path, random.Random(12))
+    expected = qemu_convert(top, tmp_path / "expected.raw")
+    units = work_units(top)
+    counts = Counts(monkeypatch)
+    data = read_whole_disk(top, copy_on_read)
+    monkeypatch.undo()
+    assert data == expected
+    assert counts.total <= COST_PER_UNIT * units, (dict(counts.calls), units)

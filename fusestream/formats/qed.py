@@ -39,6 +39,7 @@ from ..errors import (
     UnsupportedImageError,
     describe_os_error,
 )
+from .image_lock import lock_image
 from .layer import (
     ZEROS,
     BlockStatus,
@@ -198,6 +199,7 @@ class QedImage:
         try:
             if lock:
                 _lock_file(self.fd, path, exclusive=writable)
+                lock_image(self.fd, path, writable)
             self._load(l2_cache_bytes, check_tables)
         except OSError as err:
             os.close(self.fd)
@@ -824,7 +826,7 @@ def create(
     file_size = cluster_size * (1 + table_size)
     validate_header(path, QED_HEADER.parse(QED_HEADER.build(header)), file_size)
     first_cluster = QED_HEADER.build(header) + name
-    mode = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (0 if overwrite else os.O_EXCL)
+    mode = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if overwrite else os.O_EXCL)  # RDWR: read locks
     try:
         fd = os.open(path, mode, 0o644)
     except FileExistsError:
@@ -833,6 +835,7 @@ def create(
         raise InvalidImageError(describe_os_error(path, err)) from None
     try:
         _lock_file(fd, path, exclusive=True)  # never truncate an image that is in use
+        lock_image(fd, path, writable=True)
         os.ftruncate(fd, 0)
         _pwrite_all(fd, first_cluster, 0)
         os.ftruncate(fd, file_size)

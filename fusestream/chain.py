@@ -183,6 +183,28 @@ class Chain:
                 return status, length
         return BlockStatus.UNALLOCATED, length
 
+    def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
+        """What the guest view holds for the run at `offset`: the first layer, top down, that is
+        not UNALLOCATED decides; UNALLOCATED everywhere reads as zeros."""
+        with self.in_use:
+            status, length = self.top.block_status(offset, length)
+            if status is BlockStatus.UNALLOCATED:
+                status, length = self.status_above(offset, length, len(self.layers))
+        return status, length
+
+    def seek(self, offset: int, data: bool) -> int | None:
+        """lseek's SEEK_DATA (`data`) or SEEK_HOLE from `offset`: the first offset at or after it
+        that holds data (FOUND in the layer that decides) or a hole (ZERO, or unallocated in
+        every layer). The end of the disk counts as a hole; None where no data follows. Costs
+        one block-status answer per run crossed."""
+        pos = offset
+        while pos < self.size:
+            status, run = self.block_status(pos, self.size - pos)
+            if (status is BlockStatus.FOUND) == data:
+                return pos
+            pos += run
+        return None if data else self.size
+
     def rebase(self, stop: int) -> Layer | None:
         """After a stream has copied layers[1:stop] into the top image: make layers[stop] (or
         nothing) the top's backing file, on disk and in memory, and close the merged layers."""

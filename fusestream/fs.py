@@ -278,6 +278,21 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         return len(buf)
 
+    async def lseek(self, fh, off, whence):
+        """SEEK_DATA / SEEK_HOLE (the kernel answers the other kinds itself): from the chain's
+        allocation for the raw file, so that cp --sparse and qemu-img map skip its holes. A
+        control file is all data."""
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if fh == RAW_INODE:
+            found = await run_io(self.chain.seek, off, whence == os.SEEK_DATA) if off < self.chain.size else None
+        else:
+            size = len(self._snapshots[fh]) if fh in self._snapshots else len(self._control_content(fh))
+            found = None if off >= size else off if whence == os.SEEK_DATA else size
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        return found
+
     async def fsync(self, fh, datasync):
         if fh == RAW_INODE:
             await run_io(self.chain.flush)

@@ -164,6 +164,15 @@ class Chain:
                 self.top.write(offset, data[:length], wait)
         return length
 
+    def discard(self, offset: int, length: int) -> None:
+        """Discard (or write zeros over) a guest range, clamped to the virtual size; see
+        QedImage.discard."""
+        self.last_guest_io = time.monotonic()
+        length = max(0, min(length, self.size - offset))
+        if length:
+            with self.in_use:
+                self.top.discard(offset, length)
+
     def flush(self) -> None:
         self.top.flush()
 

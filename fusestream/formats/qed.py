@@ -832,6 +832,17 @@ class QedImage:
             self._write_back()
             os.fdatasync(self.fd)
 
+    def copy_cluster(self, file_offset: int) -> int:
+        """Append a copy of the data cluster at `file_offset`, durable before anything points to
+        it; returns where the copy is (for a cluster referenced twice)."""
+        with self._alloc_lock:
+            data = _pread_exact(self.fd, file_offset, self.cluster_size)
+            copy = self.file_size
+            _pwrite_all(self.fd, data, copy)
+            os.fdatasync(self.fd)
+            self.file_size += self.cluster_size
+            return copy
+
     def truncate_file(self, size: int) -> None:
         """Cut clusters nothing references off the end of the file."""
         with self._alloc_lock:

@@ -125,6 +125,19 @@ def build_ext4(directory: Path, size: int) -> list[Path]:
     return [top, base]
 
 
+def build_half_empty(directory: Path, size: int) -> list[Path]:
+    """A raw base with data in a random half of its 1 MiB pieces, under a QED top with 1% of its
+    clusters written: a disk half full, as a sparse copy meets it."""
+    base = directory / "base.raw"
+    rng = random.Random(50)
+    pieces = size // MiB
+    _write_pieces(base, size, sorted(rng.sample(range(pieces), pieces // 2)), MiB, rng)
+    top = _qed_over(directory / "top.qed", base, size)
+    written = rng.sample(range(size // CLUSTER), size // CLUSTER // 100)
+    qemu_io_commands(top, [f"write -P 0x48 {c * CLUSTER} {CLUSTER}" for c in written])
+    return [top, base]
+
+
 def build_terabyte(directory: Path, size: int) -> list[Path]:
     base = directory / "base.raw"
     rng = random.Random(40)
@@ -134,6 +147,9 @@ def build_terabyte(directory: Path, size: int) -> list[Path]:
     qemu_io_commands(top, [f"write -P 0x54 {_aligned(size // 2)} 65536"])
     return [top, base]
 
+
+HALF_EMPTY = Shape("half-empty", "raw base with data in a random half of its 1 MiB pieces; 1% of the top written",
+                   build_half_empty)
 
 SHAPES = [
     Shape("fragmented", "raw base, 75% of 64 KiB pieces random, in random order; 50 MiB middle; thin top",

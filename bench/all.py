@@ -23,6 +23,9 @@ BENCHES = [
     ("Writes: random 4 KiB writes into unallocated clusters, then fsync, against a writable export",
      "write_bench.py", []),
     ("Scale: a 1 TiB disk", "scale_bench.py", []),
+    ("Streaming on the chain shapes real images have: fragmented, 4 KiB-sparse, deep, ext4, 1 TiB",
+     "shapes_bench.py", []),
+    ("Sparse copy: cp --sparse=always of the raw file of a half-empty chain", "sparse_copy_bench.py", []),
 ]
 
 

@@ -27,7 +27,7 @@ spell is 2-3 times slower than one right after big I/O (measured here with qemu-
 costs a stream per run, and the fixed read gives every peer the same history, not each its own.
 
 After each run the image is closed (daemon stopped) and checked: ``qemu-img info`` names no
-backing file, ``qemu-img check`` is clean, ``qemu-img convert -O raw`` is byte-identical to
+backing file, ``qemu-img check`` is clean, ``qemu-img compare`` finds it identical to
 reference.raw, and its disk usage (st_blocks) is recorded. The data in the chain is the number
 of 64 KiB clusters of reference.raw that are not all zeros; a fresh ``qemu-img convert -O qed``
 of reference.raw adds the tables any QED needs.
@@ -150,7 +150,7 @@ class StreamBench:
         warm_up_and_drop_caches([self.chain.reference, self.chain.base])
 
     def checked(self, label: str, seconds: float, job_seconds: float | None = None) -> Run:
-        image = check_streamed(self.copy, self.chain.reference, self.scratch)
+        image = check_streamed(self.copy, self.chain.reference)
         self.copy.unlink()
         self.problems += [f"{label}: {problem}" for problem in image.problems]
         return Run(seconds, job_seconds, image)
@@ -352,7 +352,7 @@ def print_commands(settings: Settings, bench: StreamBench) -> None:
     print(
         "checks:    ",
         f"qemu-img info --output=json {copy}; qemu-img check {copy}; "
-        f"qemu-img convert -O raw {copy} X.raw && cmp X.raw {bench.chain.reference}; st_blocks",
+        f"qemu-img compare -f qed -F raw {copy} {bench.chain.reference}; st_blocks",
     )
     print(
         "latency:   ",

@@ -194,6 +194,15 @@ class Chain:
                 self.top.write(offset, data[:length], wait)
         return length
 
+    def discard(self, offset: int, length: int) -> None:
+        """Discard (or write zeros over) a guest range, clamped to the virtual size; see
+        QedImage.discard."""
+        self.last_guest_io = time.monotonic()
+        length = max(0, min(length, self.size - offset))
+        if length:
+            with self.in_use:
+                self.top.discard(offset, length)
+
     def flush(self) -> None:
         self.top.flush()
 
@@ -216,6 +225,28 @@ class Chain:
             if status is not BlockStatus.UNALLOCATED:
                 return status, length
         return BlockStatus.UNALLOCATED, length
+
+    def block_status(self, offset: int, length: int, walk: StatusWalk | None = None) -> tuple[BlockStatus, int]:
+        """What the guest view holds for the run at `offset`: the first layer, top down, that is
+        not UNALLOCATED decides; UNALLOCATED everywhere reads as zeros. `walk`: see status_above."""
+        with self.in_use:
+            status, length = self.top.block_status(offset, length)
+            if status is BlockStatus.UNALLOCATED:
+                status, length = self.status_above(offset, length, len(self.layers), walk)
+        return status, length
+
+    def seek(self, offset: int, data: bool) -> int | None:
+        """lseek's SEEK_DATA (`data`) or SEEK_HOLE from `offset`: the first offset at or after it
+        that holds data (FOUND in the layer that decides) or a hole (ZERO, or unallocated in
+        every layer). The end of the disk counts as a hole; None where no data follows. Costs
+        one block-status answer per run crossed."""
+        pos, walk = offset, StatusWalk(self.size)
+        while pos < self.size:
+            status, run = self.block_status(pos, self.size - pos, walk)
+            if (status is BlockStatus.FOUND) == data:
+                return pos
+            pos += run
+        return None if data else self.size
 
     def rebase(self, stop: int) -> Layer | None:
         """After a stream has copied layers[1:stop] into the top image: make layers[stop] (or

@@ -22,6 +22,7 @@ import trio
 from .chain import Chain
 from .control import Control
 from .errors import CorruptionError, FusestreamError
+from .formats.layer import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from .stream import CommandError
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ CONTROL_FILES = {  # name -> (inode, mode)
     b"events": (EVENTS_INODE, 0o444),
 }
 CONTROL_MODES = {inode: mode for inode, mode in CONTROL_FILES.values()}
+DISCARD_MODES = {FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE,
+                 FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE}
 FIRST_SNAPSHOT_FH = 1000  # file handles of open status files; inode numbers serve as the others
 T = TypeVar("T")
 
@@ -277,6 +280,36 @@ class Operations(pyfuse3.Operations):
             log.info("ctl: rejected %r: %s", buf, err)
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         return len(buf)
+
+    async def lseek(self, fh, off, whence):
+        """SEEK_DATA / SEEK_HOLE (the kernel answers the other kinds itself): from the chain's
+        allocation for the raw file, so that cp --sparse and qemu-img map skip its holes. A
+        control file is all data."""
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if fh == RAW_INODE:
+            found = await run_io(self.chain.seek, off, whence == os.SEEK_DATA) if off < self.chain.size else None
+        else:
+            size = len(self._snapshots[fh]) if fh in self._snapshots else len(self._control_content(fh))
+            found = None if off >= size else off if whence == os.SEEK_DATA else size
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        return found
+
+    async def fallocate(self, fh, mode, offset, length):
+        """Discard: PUNCH_HOLE (with KEEP_SIZE, as Linux requires) and ZERO_RANGE, what a guest's
+        TRIM and write-zeroes become through a loop device. The range reads zeros at once and
+        its whole clusters' space goes back. A disk's size never changes: a ZERO_RANGE that would
+        grow the file fails with ENOSPC, as a write past the end does; other modes (plain
+        preallocation, collapse, insert) are not supported."""
+        if fh != RAW_INODE or mode not in DISCARD_MODES:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if self.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if not mode & FALLOC_FL_KEEP_SIZE and offset + length > self.chain.size:
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+        await run_io(self.chain.discard, offset, length)
+        self.mtime_ns = self.ctime_ns = time.time_ns()
 
     async def fsync(self, fh, datasync):
         if fh == RAW_INODE:

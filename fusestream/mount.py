@@ -154,8 +154,7 @@ def repair_before_use(image: str) -> None:
     log.warning("%s was not closed cleanly: check repaired %d corruptions and %d leaked clusters",
                 image, result.corruptions_fixed, result.leaks_fixed)
     if result.corruptions:
-        raise FusestreamError(f"{image}: {result.corruptions} corruptions remain after repair "
-                              "(see fusestream check; -o ro still mounts it)")
+        raise FusestreamError(f"{image}: {result.corruptions} corruptions remain after repair (see fusestream check)")
 
 
 def check_mountpoint(mountpoint: str) -> None:

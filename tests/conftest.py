@@ -3,6 +3,7 @@ always unmounted (cleanup as in pyfuse3's own tests: fusermount3 -u, then lazy, 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import os
@@ -199,3 +200,10 @@ def pytest_sessionfinish(session, exitstatus):
     if left:
         print("\nfusestream mounts left behind:\n" + "".join(left), file=sys.stderr)
         session.exitstatus = 1
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """fallocate(2) on a descriptor (Python has only posix_fallocate); 0 or the errno."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    return 0 if libc.fallocate(fd, mode, offset, length) == 0 else ctypes.get_errno()

@@ -14,12 +14,17 @@ import random
 import threading
 import time
 
-from conftest import FUSESTREAM, build_chain, qemu_check, qemu_convert, qemu_img, run
+from conftest import FUSESTREAM, build_chain, fallocate, qemu_check, qemu_convert, qemu_img, run
+
+from fusestream.formats.layer import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+
+DISCARD = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
 class GuestWriter(threading.Thread):
-    """Writes random batches through the raw file, each followed by fsync; remembers what fsync
-    acknowledged, and which bytes a batch in flight at the kill may or may not hold."""
+    """Writes random batches through the raw file (some of them discards, which read as zeros),
+    each followed by fsync; remembers what fsync acknowledged, and which bytes a batch in flight
+    at the kill may or may not hold."""
 
     def __init__(self, raw, size: int, seed: int):
         super().__init__(daemon=True)
@@ -38,7 +43,10 @@ class GuestWriter(threading.Thread):
                 batch = [self._one_write() for _ in range(self.rng.randrange(1, 8))]
                 self.in_flight = [(o, len(d)) for o, d in batch]
                 for offset, data in batch:
-                    os.pwrite(fd, data, offset)
+                    if not any(data) and fallocate(fd, DISCARD, offset, len(data)):
+                        raise OSError("discard failed")
+                    if any(data):
+                        os.pwrite(fd, data, offset)
                 os.fsync(fd)
                 self.acked += batch
                 self.in_flight = []
@@ -50,8 +58,10 @@ class GuestWriter(threading.Thread):
                 os.close(fd)
 
     def _one_write(self) -> tuple[int, bytes]:
-        length = self.rng.randrange(1, 20_000)
-        return self.rng.randrange(self.size - length), self.rng.randbytes(length)
+        """A write of random data, or (one time in five) a discard: zeros, written as a punch."""
+        length = self.rng.randrange(1, 20_000 if self.rng.random() < 0.8 else 300_000)
+        data = self.rng.randbytes(length) if length < 20_000 else bytes(length)
+        return self.rng.randrange(self.size - length), data
 
 
 def expected_after_crash(original: bytes, writer: GuestWriter, actual: bytes) -> bytes:

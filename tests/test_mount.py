@@ -179,23 +179,27 @@ def test_background_mount_is_ready_when_the_helper_returns(tmp_path, chain, back
 
 
 @pytest.fixture
-def sbin_helper():
-    """Install the helper as /sbin/mount.fusestream for the test if it is not installed."""
-    target = Path("/sbin/mount.fusestream")
-    if target.exists():
-        yield target
-        return
-    target.symlink_to(MOUNT_HELPER)
+def sbin_helpers():
+    """Install the helper as /sbin/mount.fusestream and /sbin/mount.fuse.fusestream (the name
+    mount(8) looks for with -t fuse.fusestream, the type /proc/mounts shows) for the test,
+    where they are not installed."""
+    installed = []
+    for target in (Path("/sbin/mount.fusestream"), Path("/sbin/mount.fuse.fusestream")):
+        if not target.exists():
+            target.symlink_to(MOUNT_HELPER)
+            installed.append(target)
     try:
-        yield target
+        yield
     finally:
-        target.unlink()
+        for target in installed:
+            target.unlink()
 
 
-def test_mount_t_fusestream_and_umount(tmp_path, chain, sbin_helper, background_mountpoint):
+@pytest.mark.parametrize("fstype", ["fusestream", "fuse.fusestream"])
+def test_mount_t_fusestream_and_umount(tmp_path, chain, sbin_helpers, background_mountpoint, fstype):
     assert shutil.which("mount")
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
-    run("mount", "-t", "fusestream", "-o", "nostream", str(chain.top), str(background_mountpoint))
+    run("mount", "-t", fstype, "-o", "nostream", str(chain.top), str(background_mountpoint))
     assert (background_mountpoint / "top.raw").read_bytes() == expected
     run("umount", str(background_mountpoint))
     wait_until_released(chain.top)

@@ -35,6 +35,7 @@ def recorder(monkeypatch):
     """Record the top image's writes, flushes and truncates (and still perform them)."""
     recording = Recording(fds=set())
     real_pwrite, real_fdatasync, real_ftruncate = qed._pwrite_all, os.fdatasync, os.ftruncate
+    real_punch = qed.punch_hole
 
     def pwrite(fd, data, offset):
         if fd in recording.fds:
@@ -52,14 +53,20 @@ def recorder(monkeypatch):
             recording.ops.append(("truncate", size))
         real_ftruncate(fd, size)
 
+    def punch_hole(fd, offset, length):  # the range reads zeros: as a write of zeros, just as unordered
+        if fd in recording.fds:
+            recording.ops.append(("write", offset, bytes(length)))
+        real_punch(fd, offset, length)
+
     monkeypatch.setattr(qed, "_pwrite_all", pwrite)
+    monkeypatch.setattr(qed, "punch_hole", punch_hole)
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     monkeypatch.setattr(os, "ftruncate", ftruncate)
     return recording
 
 
 def run_workload(top, recording: Recording, rng: random.Random, stream: bool) -> None:
-    """Interleave stream steps and guest writes; every few writes the guest fsyncs."""
+    """Interleave stream steps, guest writes and discards; every few writes the guest fsyncs."""
     chain = open_chain(str(top))
     recording.fds = {chain.top.fd, chain.top.direct.fd}
     copier = Copier(chain, base=None)
@@ -75,6 +82,11 @@ def run_workload(top, recording: Recording, rng: random.Random, stream: bool) ->
                 write = (rng.randrange(chain.size - length), rng.randbytes(length))
                 chain.write(*write)
                 recording.issued.append(write)
+            if rng.random() < 0.3:  # a discard: a write of zeros that frees clusters for reuse
+                length = rng.randrange(1, 64 * 1024)
+                at = rng.randrange(chain.size - length)
+                chain.discard(at, length)
+                recording.issued.append((at, bytes(length)))
             if rng.random() < 0.4:
                 chain.flush()
                 recording.acked_at[len(recording.ops) - 1] = len(recording.issued)

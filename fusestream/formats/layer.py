@@ -128,6 +128,29 @@ class ReadAdvice:
                         self._path, err.strerror or err)
 
 
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_punch_refused: set[int] = set()  # st_dev of filesystems that refused a punch (warned once)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Give the space of a file range back to the filesystem (fallocate PUNCH_HOLE, the range
+    then reads zeros). Only space is at stake: where the filesystem cannot punch, a warning says
+    so once and the range keeps its blocks."""
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+        raise OSError(err, os.strerror(err))
+    device = os.fstat(fd).st_dev
+    if device not in _punch_refused:
+        _punch_refused.add(device)
+        log.warning("the filesystem of device %#x cannot punch holes: discarded space is not given back", device)
+
+
 DIRECT_ALIGNMENT = 4096  # O_DIRECT offsets, lengths and buffer addresses that any common device takes
 
 

@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import errno
 import fcntl
+import heapq
 import logging
 import mmap
 import os
@@ -38,6 +39,7 @@ from ..errors import (
     UnsupportedImageError,
     describe_os_error,
 )
+from .image_lock import lock_image
 from .layer import (
     ZEROS,
     BlockStatus,
@@ -49,6 +51,7 @@ from .layer import (
     open_regular_file,
     pread_into,
     prefetch_from,
+    punch_hole,
     read_from,
     read_into_from,
 )
@@ -150,6 +153,20 @@ def _pread_exact(fd: int, offset: int, length: int) -> bytes:
 
 
 IOV_MAX = 1024  # buffers per pwritev call (Linux's UIO_MAXIOV)
+DISCARD_BATCH = 65536  # clusters a discard changes under one hold of the allocation lock
+
+
+def _runs(offsets: list[int], step: int) -> Iterator[tuple[int, int]]:
+    """(start, length) of the runs of consecutive `step`-spaced offsets, in the order given."""
+    run_start = run_end = None
+    for offset in offsets:
+        if offset != run_end:
+            if run_start is not None:
+                yield run_start, run_end - run_start
+            run_start = offset
+        run_end = offset + step
+    if run_start is not None:
+        yield run_start, run_end - run_start
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
@@ -199,6 +216,7 @@ class QedImage:
         try:
             if lock:
                 _lock_file(self.fd, path, exclusive=writable)
+                lock_image(self.fd, path, writable)
             self._load(l2_cache_bytes, check_tables)
         except OSError as err:
             os.close(self.fd)
@@ -212,6 +230,13 @@ class QedImage:
         self._alloc_lock = threading.Lock()
         self._we_set_need_check = False
         self.last_allocation = 0.0  # time.monotonic() of the last write that set NEED_CHECK
+        # Data clusters nothing references, lowest first: allocations take them before the file
+        # grows. Found by one scan of the tables at the first allocation (the leaks a crash or an
+        # earlier mount's discards left), then fed by discards. A cluster a discard frees waits
+        # in _freed until the entries that dropped it are durable (see _release_freed).
+        self._free: list[int] = []
+        self._freed: list[int] = []
+        self._free_scanned = False
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -522,12 +547,56 @@ class QedImage:
         clusters in one write, durable before the tables point to them. Needs _alloc_lock."""
         entries = {cluster: QED_ZERO_CLUSTER for cluster, data in contents.items() if data is None}
         data_clusters = [(cluster, data) for cluster, data in contents.items() if data is not None]
-        if data_clusters:
-            start = self._append_clusters([data for _, data in data_clusters])
-            for i, (cluster, _) in enumerate(data_clusters):
+        reused = self._reuse_free_clusters(data_clusters)
+        entries.update(reused)
+        appended = [(cluster, data) for cluster, data in data_clusters if cluster not in reused]
+        if appended:
+            start = self._append_clusters([data for _, data in appended])
+            for i, (cluster, _) in enumerate(appended):
                 entries[cluster] = start + i * self.cluster_size
         if entries:
             self._set_l2_entries(entries)
+
+    def _reuse_free_clusters(self, data_clusters: list[tuple[int, bytes | memoryview]]) -> dict[int, int]:
+        """Write as many of the new clusters as there are free ones into free clusters (their
+        entries, as for appended ones, wait for a write-back after a flush); returns cluster ->
+        file offset for those. Needs _alloc_lock."""
+        if not self._free_scanned:
+            self._scan_free_clusters()
+        placed: dict[int, int] = {}
+        for cluster, data in data_clusters:
+            if not self._free:
+                break
+            offset = heapq.heappop(self._free)
+            try:
+                _pwrite_all(self._append_fd([data], offset), data, offset)
+            except BaseException:
+                heapq.heappush(self._free, offset)  # nothing points there yet
+                raise
+            placed[cluster] = offset
+        if placed and self.backing is None:
+            self._set_need_check()
+        return placed
+
+    def _scan_free_clusters(self) -> None:
+        """Find the data clusters of the file that no table references (one read of every L2
+        table, once a mount): leaks left by a crash, or by discards before the last unmount."""
+        cs = self.cluster_size
+        used = bytearray(self.file_size // cs)
+        used[: self.first_cluster // cs] = b"\1" * (self.first_cluster // cs)
+        for l2_offset in [self.header.l1_table_offset, *self._l2_offsets]:
+            start = l2_offset // cs
+            used[start : start + self.header.table_size] = b"\1" * self.header.table_size
+        for l2_offset in sorted(self._l2_offsets):
+            with self._table_lock:
+                table = self._l2_table(l2_offset)
+                for entry in table:
+                    if entry not in (QED_UNALLOCATED, QED_ZERO_CLUSTER) and entry // cs < len(used):
+                        used[entry // cs] = 1
+        for offset in self._freed:  # old entries may still be on disk
+            used[offset // cs] = 1
+        self._free = [c * cs for c in range(len(used)) if not used[c]]  # ascending: already a heap
+        self._free_scanned = True
 
     def populate(self, pieces: list[tuple[int, bytes | memoryview]], zero_clusters: bool) -> int:
         """Copy data that the caller read from the backing chain, as (offset, data) pieces, into
@@ -659,21 +728,32 @@ class QedImage:
 
     @property
     def has_unwritten_tables(self) -> bool:
-        return bool(self._unwritten)
+        """Whether a write-back has work: entries to write, or freed clusters to release."""
+        return bool(self._unwritten or self._freed)
 
     def _write_back(self) -> None:
         """QEMU's order, batched: one fdatasync makes every cluster appended so far durable, and
         only then are the L2 entries that point to them written (they become durable at the
         next fdatasync). So an entry on disk never points at data that may not be there, and an
         allocating write costs no flush of its own. Needs _alloc_lock."""
-        if not self._unwritten:
-            return
-        os.fdatasync(self.fd)
-        with self._table_lock:
-            for l2_offset, (lo, hi) in sorted(self._unwritten.items()):
-                table = self._l2_cache[l2_offset]
-                _pwrite_all(self.fd, table[lo:hi].tobytes(), l2_offset + lo * TABLE_ENTRY_SIZE)
-                del self._unwritten[l2_offset]
+        if self._unwritten:
+            os.fdatasync(self.fd)
+            with self._table_lock:
+                for l2_offset, (lo, hi) in sorted(self._unwritten.items()):
+                    table = self._l2_cache[l2_offset]
+                    _pwrite_all(self.fd, table[lo:hi].tobytes(), l2_offset + lo * TABLE_ENTRY_SIZE)
+                    del self._unwritten[l2_offset]
+        self._release_freed()
+
+    def _release_freed(self) -> None:
+        """Make the clusters that discards freed reusable, once the entries that dropped them are
+        durable: until then a power cut could bring an old entry back, and a reused cluster
+        would then be referenced twice. Needs _alloc_lock, and nothing of theirs unwritten."""
+        if self._freed:
+            os.fdatasync(self.fd)
+            for offset in self._freed:
+                heapq.heappush(self._free, offset)
+            self._freed.clear()
 
     def _new_l2_table(self, l1_index: int, updates: dict[int, int]) -> None:
         table = array.array("Q", bytes(self.table_bytes))
@@ -694,6 +774,60 @@ class QedImage:
             self._l2_offsets.add(l2_offset)
             self._cache_table(l2_offset, table)
 
+    # -- discard -------------------------------------------------------------------------------------
+
+    def discard(self, offset: int, length: int) -> None:
+        """Make a guest range read zeros at once, as a disk's discard (or write-zeroes) does, and
+        give the space of its whole clusters back. Whole clusters become zero clusters (or
+        unallocated, where no backing file could show through); their data clusters are punched
+        out of the file and reused by later allocations. Partial clusters are written with zeros.
+        A discard is a guest write: the stream never brings backing data back under it."""
+        if not self.writable:
+            raise PermissionError(f"{self.path}: image is open read-only")
+        cs = self.cluster_size
+        end = min(offset + length, self.size)
+        whole_start = -(-offset // cs) * cs
+        whole_end = end if end == self.size else end - end % cs  # the image's last cluster may be partial
+        if whole_start >= whole_end:
+            self._zero_partial(offset, end)
+            return
+        self._zero_partial(offset, whole_start)
+        for start in range(whole_start, whole_end, DISCARD_BATCH * cs):
+            self._discard_clusters(start, min(whole_end, start + DISCARD_BATCH * cs))
+        self._zero_partial(whole_end, end)
+
+    def _zero_partial(self, start: int, end: int) -> None:
+        """Zeros over part of a cluster, written only where the range does not read zeros already."""
+        if start >= end:
+            return
+        if all(e.status is BlockStatus.ZERO or (e.status is BlockStatus.UNALLOCATED and self.backing is None)
+               for e in self.iter_extents(start, end - start)):
+            return
+        self.write(start, bytes(end - start))
+
+    def _discard_clusters(self, start: int, end: int) -> None:
+        """Discard whole clusters [start, end): new entries in the cached tables (reads see them at
+        once), the old data clusters punched and kept in _freed. Under _alloc_lock, so that no
+        allocation (the stream's included) interleaves."""
+        cs = self.cluster_size
+        dropped = QED_UNALLOCATED if self.backing is None else QED_ZERO_CLUSTER
+        with self._alloc_lock:
+            entries: dict[int, int] = {}
+            freed: list[int] = []
+            for extent in self.iter_extents(start, end - start):
+                first = extent.offset // cs
+                clusters = range(first, -(-(extent.offset + extent.length) // cs))
+                if extent.status is BlockStatus.FOUND:
+                    freed += [extent.file_offset + (c - first) * cs for c in clusters]
+                elif extent.status is BlockStatus.ZERO or self.backing is None:
+                    continue
+                entries.update(dict.fromkeys(clusters, dropped))
+            if entries:
+                self._set_l2_entries(entries)
+            for run_start, run_length in _runs(freed, cs):
+                punch_hole(self.fd, run_start, run_length)
+            self._freed += freed
+
     # -- repairs (for the consistency check) ------------------------------------------------------
 
     def write_l1_entry(self, index: int, value: int) -> None:
@@ -710,6 +844,17 @@ class QedImage:
             self._update_l2_table(l2_offset, entries)
             self._write_back()
             os.fdatasync(self.fd)
+
+    def copy_cluster(self, file_offset: int) -> int:
+        """Append a copy of the data cluster at `file_offset`, durable before anything points to
+        it; returns where the copy is (for a cluster referenced twice)."""
+        with self._alloc_lock:
+            data = _pread_exact(self.fd, file_offset, self.cluster_size)
+            copy = self.file_size
+            _pwrite_all(self.fd, data, copy)
+            os.fdatasync(self.fd)
+            self.file_size += self.cluster_size
+            return copy
 
     def truncate_file(self, size: int) -> None:
         """Cut clusters nothing references off the end of the file."""
@@ -785,6 +930,22 @@ class QedImage:
         """Disk space the image file really uses (for st_blocks)."""
         return os.fstat(self.fd).st_blocks * 512
 
+    def _trim_free_tail(self) -> None:
+        """Cut the free clusters at the end of the file off, so that discards there leave no
+        leaks behind (free clusters elsewhere stay leaks, punched, until the next mount reuses
+        them)."""
+        with self._alloc_lock:
+            free = set(self._free)
+            end = self.file_size
+            while end - self.cluster_size in free:
+                end -= self.cluster_size
+            if end < self.file_size:
+                os.ftruncate(self.fd, end)
+                os.fdatasync(self.fd)
+                self.file_size = end
+                self._free = [offset for offset in self._free if offset < end]
+                heapq.heapify(self._free)
+
     def close(self) -> None:
         """Flush, clear the NEED_CHECK flag we set, and release the file."""
         if self.fd < 0:
@@ -793,6 +954,7 @@ class QedImage:
             if self.writable:
                 self.flush()
                 self.clear_need_check()
+                self._trim_free_tail()
         finally:
             self.direct.close()
             os.close(self.fd)
@@ -837,7 +999,7 @@ def create(
     file_size = cluster_size * (1 + table_size)
     validate_header(path, QED_HEADER.parse(QED_HEADER.build(header)), file_size)
     first_cluster = QED_HEADER.build(header) + name
-    mode = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (0 if overwrite else os.O_EXCL)
+    mode = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if overwrite else os.O_EXCL)  # RDWR: read locks
     try:
         fd = os.open(path, mode, 0o644)
     except FileExistsError:
@@ -846,6 +1008,7 @@ def create(
         raise InvalidImageError(describe_os_error(path, err)) from None
     try:
         _lock_file(fd, path, exclusive=True)  # never truncate an image that is in use
+        lock_image(fd, path, writable=True)
         os.ftruncate(fd, 0)
         _pwrite_all(fd, first_cluster, 0)
         os.ftruncate(fd, file_size)

@@ -6,8 +6,9 @@ wasted space, no harm to data.
 
 Repair only does what needs no guessing: an L1 or L2 entry pointing outside the file (or into
 the header) is cleared, since the data it named is not there; leaked clusters at the end of the
-file are cut off. A cluster referenced twice is reported but left alone: which of the two
-references is right cannot be known.
+file are cut off. A data cluster referenced twice (which qemu-img cannot mend) gets a copy for
+every reference after the first: which reference is right cannot be known, but then each guest
+offset still reads what it read before, and a write to one no longer changes the other.
 """
 
 from __future__ import annotations
@@ -106,8 +107,13 @@ class _Checker:
             if taken == METADATA:  # the header or a table is certainly not this cluster's data
                 self.result.corrupt(f"{where} points into metadata", fixed=self.repair)
                 cleared[index] = QED_UNALLOCATED
-            elif taken == DATA:  # which of the two references is right cannot be known
-                self.result.corrupt(f"{where} is referenced more than once", fixed=False)
+            elif taken == DATA:  # which reference is right cannot be known: give this one a copy
+                self.result.corrupt(f"{where} is referenced more than once", fixed=self.repair)
+                if self.repair:
+                    cleared[index] = image.copy_cluster(entry)
+                    self.owner.extend(bytes(cleared[index] // cs + 1 - len(self.owner)))
+                    self._claim(cleared[index], cs, DATA)
+                    self.result.allocated_clusters += 1
             else:
                 self.result.allocated_clusters += 1
         if cleared and self.repair:

@@ -6,6 +6,7 @@ import fcntl
 import os
 
 from ..errors import BackingFileError, describe_os_error
+from .image_lock import lock_image
 from .layer import BlockStatus, DirectTwin, ReadAdvice, open_regular_file, pread_into
 
 FORMAT_NAME = "raw"
@@ -25,9 +26,13 @@ class RawLayer:
         try:
             if lock:
                 fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                lock_image(self.fd, path, writable=False)
         except BlockingIOError:
             os.close(self.fd)
             raise BackingFileError(f"{path}: in use for writing by another fusestream process") from None
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.size = os.lseek(self.fd, 0, os.SEEK_END)  # st_size is 0 for a block device
         self.direct = DirectTwin(self.fd, writable=False)
         self.advice = ReadAdvice(self.fd, path)

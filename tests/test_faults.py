@@ -20,6 +20,11 @@ from pathlib import Path
 import pytest
 from conftest import FUSESTREAM, qemu_check, qemu_convert, qemu_img, run
 
+from fusestream.chain import open_chain
+from fusestream.errors import FusestreamError
+from fusestream.formats import qed
+from fusestream.stream import Copier
+
 CLUSTER = 65536
 
 
@@ -121,3 +126,132 @@ def test_a_write_back_into_a_sparse_l2_table_on_a_full_filesystem_keeps_the_daem
     expected[:CLUSTER] = bytes([7]) * CLUSTER
     expected[at : at + 4096] = data
     assert qemu_convert(top, tmp_path / "after.raw") == expected
+
+
+# -- in-process: the image's state after each kind of failed write or flush ---------------------
+
+
+class LosingDisk:
+    """Stands in for the top image's device: writes reach it, and the chosen fdatasync fails
+    with EIO and puts back what every write since the last good one replaced, as Linux may
+    after a failed writeback (the pages are dropped, and the next fdatasync reports success)."""
+
+    def __init__(self, monkeypatch, image):
+        self.fd = image.fd
+        self.undo: list[tuple[int, bytes]] = []
+        self.fail_next = False
+        real_pwrite, real_fdatasync = qed._pwrite_all, os.fdatasync
+
+        def pwrite(fd, data, offset):
+            if fd == self.fd:
+                length = sum(memoryview(b).nbytes for b in data) if isinstance(data, list) else memoryview(data).nbytes
+                old = os.pread(fd, length, offset)
+                self.undo.append((offset, old + bytes(length - len(old))))
+            real_pwrite(fd, data, offset)
+
+        def fdatasync(fd):
+            if fd == self.fd and self.fail_next:
+                self.fail_next = False
+                for offset, old in reversed(self.undo):
+                    os.pwrite(fd, old, offset)
+                self.undo = []
+                raise OSError(errno.EIO, "Input/output error")
+            real_fdatasync(fd)
+            if fd == self.fd:
+                self.undo = []
+
+        monkeypatch.setattr(qed, "_pwrite_all", pwrite)
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+
+
+def backed_image(tmp_path: Path, size: int = 4 << 20) -> tuple[Path, bytes]:
+    base = tmp_path / "base.raw"
+    content = random.Random(5).randbytes(size)
+    base.write_bytes(content)
+    top = tmp_path / "top.qed"
+    qemu_img("create", "-f", "qed", "-o", f"cluster_size={CLUSTER}", "-b", "base.raw", "-F", "raw", str(top))
+    return top, content
+
+
+def test_clusters_written_before_a_failed_flush_are_written_again_before_their_entries(tmp_path, monkeypatch):
+    top, model = backed_image(tmp_path)
+    model = bytearray(model)
+    chain = open_chain(str(top))
+    disk = LosingDisk(monkeypatch, chain.top)
+    writes = [(100, b"a" * 3000), (CLUSTER * 3 + 5, b"b" * 70000)]
+    chain.write(*writes[0])
+    chain.flush()  # makes the L2 table: the next writes only change entries
+    for offset, data in writes[1:]:
+        chain.write(offset, data)
+    Copier(chain, base=None).copy_range(0, 16 * CLUSTER)  # clusters copied from the backing file
+    disk.fail_next = True
+    with pytest.raises(OSError) as failed:
+        chain.flush()
+    assert failed.value.errno == errno.EIO
+    chain.flush()  # nothing was written in place: all of it is written again, then flushed
+    chain.close()
+    for offset, data in writes:
+        model[offset : offset + len(data)] = data
+    assert qemu_check(top).returncode == 0
+    assert qemu_convert(top, tmp_path / "after.raw") == model
+
+
+def test_a_failed_flush_after_writes_in_place_fails_every_later_flush(tmp_path, monkeypatch):
+    top, _ = backed_image(tmp_path)
+    chain = open_chain(str(top))
+    disk = LosingDisk(monkeypatch, chain.top)
+    chain.write(0, b"x" * CLUSTER)
+    chain.flush()
+    chain.write(10, b"y" * 100)  # in place: not kept, so it cannot be written again
+    disk.fail_next = True
+    for _ in range(3):
+        with pytest.raises(OSError) as failed:
+            chain.flush()
+        assert failed.value.errno == errno.EIO
+    chain.write(CLUSTER * 5, b"z" * 10)  # the image still takes writes
+    with pytest.raises(FusestreamError, match="not everything could be written at close"):
+        chain.close()
+    assert qemu_check(top).returncode == 0
+
+
+def test_a_failed_need_check_update_is_not_remembered_as_done(tmp_path, monkeypatch):
+    top = tmp_path / "solo.qed"
+    qed.create(str(top), 4 << 20)
+    chain = open_chain(str(top))
+    disk = LosingDisk(monkeypatch, chain.top)
+    disk.fail_next = True  # the first fdatasync: QED_F_NEED_CHECK, before the data is referenced
+    with pytest.raises(OSError):
+        chain.write(0, b"q" * 512)
+    assert not chain.top.header.features & qed.QED_F_NEED_CHECK
+    chain.write(0, b"r" * 512)
+    assert chain.top.need_check_set_by_us
+    chain.close()
+    assert qemu_check(top).returncode == 0
+    assert qemu_convert(top, tmp_path / "after.raw")[:1024] == b"r" * 512 + bytes(512)
+
+
+def test_a_failed_rebase_keeps_the_backing_file_in_memory_and_on_disk(tmp_path, monkeypatch):
+    top, content = backed_image(tmp_path, size=1 << 20)
+    chain = open_chain(str(top))
+    Copier(chain, base=None).copy_range(0, chain.size)
+    disk = LosingDisk(monkeypatch, chain.top)
+    real_write_header = chain.top._write_header
+    calls = []
+
+    def failing_header():
+        calls.append(1)
+        real_write_header()
+        disk.fail_next = True  # the fdatasync that would make the new header durable
+
+    monkeypatch.setattr(chain.top, "_write_header", failing_header)
+    with pytest.raises(OSError):
+        chain.rebase(len(chain.layers))
+    monkeypatch.setattr(chain.top, "_write_header", real_write_header)
+    assert chain.top.backing_filename == "base.raw" and chain.top.header.features & qed.QED_F_BACKING_FILE
+    chain.flush()  # writes the header the disk must hold again: the old one
+    assert json.loads(qemu_img("info", "--force-share", "--output=json", str(top)))["backing-filename"] == "base.raw"
+    chain.rebase(len(chain.layers))
+    chain.close()
+    assert "backing-filename" not in json.loads(qemu_img("info", "--output=json", str(top)))
+    assert qemu_check(top).returncode == 0
+    assert qemu_convert(top, tmp_path / "after.raw") == content

@@ -255,3 +255,162 @@ def test_a_failed_rebase_keeps_the_backing_file_in_memory_and_on_disk(tmp_path, 
     assert "backing-filename" not in json.loads(qemu_img("info", "--output=json", str(top)))
     assert qemu_check(top).returncode == 0
     assert qemu_convert(top, tmp_path / "after.raw") == content
+
+
+# -- real mounts over a filesystem that fills up --------------------------------------------------
+
+SMALL_CLUSTER = 4096  # with table_size 2, an L2 table is two pages: the second one can be a hole
+IMAGE_SIZE = 6 << 20
+
+
+def sparse_backed_top(tmp_path: Path, small_fs: SmallFs) -> tuple[Path, bytearray]:
+    """A top image over a random raw base, its first L2 table written by QEMU with one entry and
+    copied sparse onto the small filesystem: entries for 2-4 MiB of the disk fall in a hole.
+    Returns the image and what the disk reads."""
+    base = tmp_path / "base.raw"
+    content = bytearray(random.Random(9).randbytes(IMAGE_SIZE))
+    base.write_bytes(content)
+    made = tmp_path / "top.qed"
+    qemu_img("create", "-f", "qed", "-o", f"cluster_size={SMALL_CLUSTER},table_size=2",
+             "-b", str(base), "-F", "raw", str(made), str(IMAGE_SIZE))
+    run("qemu-io", "-f", "qed", "-c", f"write -P 7 0 {SMALL_CLUSTER}", str(made))
+    content[:SMALL_CLUSTER] = bytes([7]) * SMALL_CLUSTER
+    top = small_fs.path / "top.qed"
+    sparse_copy(made, top)
+    return top, content
+
+
+class Guest:
+    """Writes to the raw file, each into a 64 KiB slot of its own (so that a failed write never
+    overlaps another), and keeps the model: writes whose write() succeeded are in it; a failed
+    write's range may hold either state (taken from the image at the end)."""
+
+    def __init__(self, raw: Path, model: bytearray, seed: int):
+        self.fd = os.open(raw, os.O_RDWR)
+        self.model = model
+        self.rng = random.Random(seed)
+        self.slots = self.rng.sample(range(1, IMAGE_SIZE // CLUSTER), IMAGE_SIZE // CLUSTER - 1)
+        self.failed: list[tuple[int, int]] = []
+        self.acked: list[tuple[int, int]] = []  # ranges written before a successful fsync
+        self._unacked: list[tuple[int, int]] = []
+
+    def write(self, low: int = 0, high: int = IMAGE_SIZE, one_cluster: bool = False) -> int:
+        """One write in a free slot within [low, high) (`one_cluster`: within one cluster of the
+        image); returns 0 or the write's errno."""
+        slot = next(s for s in self.slots if low <= s * CLUSTER < high)
+        self.slots.remove(slot)
+        length = self.rng.randrange(1, SMALL_CLUSTER if one_cluster else 3 * SMALL_CLUSTER)
+        offset = slot * CLUSTER + self.rng.randrange((SMALL_CLUSTER if one_cluster else CLUSTER) - length)
+        data = self.rng.randbytes(length)
+        try:
+            os.pwrite(self.fd, data, offset)
+        except OSError as err:
+            self.failed.append((offset, length))
+            return err.errno
+        self.model[offset : offset + length] = data
+        self._unacked.append((offset, length))
+        return 0
+
+    def fsync(self) -> int:
+        code = fsync_errno(self.fd)
+        if code == 0:
+            self.acked += self._unacked
+            self._unacked = []
+        return code
+
+    def reads_back_what_was_acknowledged(self) -> bool:
+        return all(os.pread(self.fd, length, offset) == self.model[offset : offset + length]
+                   for offset, length in self.acked)
+
+    def expected(self, actual: bytes) -> bytes:
+        model = bytearray(self.model)
+        for offset, length in self.failed:
+            model[offset : offset + length] = actual[offset : offset + length]
+        return bytes(model)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def stream_state(m) -> str:
+    return json.loads((m.mountpoint / "status.json").read_text())["images"][0]["stream"]["state"]
+
+
+def wait_for_state(m, state: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while stream_state(m) != state:
+        assert time.monotonic() < deadline, f"stream is {stream_state(m)}, not {state}"
+        time.sleep(0.05)
+
+
+def ctl(m, command: str) -> None:
+    fd = os.open(m.mountpoint / "ctl", os.O_WRONLY)
+    try:
+        os.write(fd, command.encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.mount
+def test_guest_writes_and_a_stream_over_a_filesystem_that_fills_up_and_empties(tmp_path, small_fs, mount):
+    top, model = sparse_backed_top(tmp_path, small_fs)
+    m = mount(top, "speed=1M")
+    guest = Guest(m.raw, model, seed=3)
+    try:
+        for _ in range(4):
+            assert guest.write(0, 2 << 20) == 0
+        assert guest.fsync() == 0
+        ctl(m, "pause")  # so that the stream takes none of the last free page
+        wait_for_state(m, "paused")
+        small_fs.fill(leave=SMALL_CLUSTER)
+        assert guest.write(2 << 20, 4 << 20, one_cluster=True) == 0  # takes the last page
+        assert guest.fsync() == errno.ENOSPC  # its L2 entry lies in a hole of the table
+        assert all(guest.write(4 << 20) == errno.ENOSPC for _ in range(3))  # allocating writes fail at once
+        ctl(m, "resume")
+        wait_for_state(m, "failed")  # the stream meets the full filesystem too
+        assert alive(m) and guest.reads_back_what_was_acknowledged()
+        assert "write error" in (m.mountpoint / "status").read_text()
+        assert guest.fsync() == errno.ENOSPC  # still full: still failing, still serving
+        reported = [e["data"] for e in events(m) if e["event"] == "BLOCK_IO_ERROR"]
+        assert reported and all(r["nospace"] and r["operation"] == "write" for r in reported)
+        small_fs.empty()
+        assert guest.fsync() == 0
+        assert json.loads((m.mountpoint / "status.json").read_text())["images"][0]["write_error"] is None
+        ctl(m, "stream speed=0")
+        assert run(FUSESTREAM, "wait", str(m.mountpoint), timeout=60).returncode == 0
+        for _ in range(3):
+            assert guest.write() == 0
+        assert guest.fsync() == 0
+    finally:
+        guest.close()
+    m.umount()
+    assert qemu_check(top).returncode == 0
+    actual = qemu_convert(top, tmp_path / "after.raw")
+    assert actual == guest.expected(actual)
+
+
+@pytest.mark.mount
+def test_guest_fsyncs_after_a_stream_failed_with_enospc_keep_the_daemon(tmp_path, small_fs, mount):
+    top, model = sparse_backed_top(tmp_path, small_fs)
+    small_fs.fill(leave=64 * SMALL_CLUSTER)
+    m = mount(top)
+    guest = Guest(m.raw, model, seed=4)
+    try:
+        wait_for_state(m, "failed")
+        assert "No space left on device" in json.loads((m.mountpoint / "status.json").read_text())["images"][0]["stream"]["error"]
+        codes = [guest.fsync()]
+        for _ in range(3):
+            guest.write()
+            codes.append(guest.fsync())
+        time.sleep(2.5)
+        assert alive(m) and errno.ENOSPC in codes
+        small_fs.empty()
+        assert guest.fsync() == 0
+        ctl(m, "stream")
+        assert run(FUSESTREAM, "wait", str(m.mountpoint), timeout=60).returncode == 0
+    finally:
+        guest.close()
+    m.umount()
+    assert qemu_check(top).returncode == 0
+    actual = qemu_convert(top, tmp_path / "after.raw")
+    assert actual == guest.expected(actual)

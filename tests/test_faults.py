@@ -332,8 +332,12 @@ class Guest:
         os.close(self.fd)
 
 
+def image_status(m) -> dict:
+    return json.loads((m.mountpoint / "status.json").read_text())["images"][0]
+
+
 def stream_state(m) -> str:
-    return json.loads((m.mountpoint / "status.json").read_text())["images"][0]["stream"]["state"]
+    return image_status(m)["stream"]["state"]
 
 
 def wait_for_state(m, state: str, timeout: float = 20.0) -> None:
@@ -375,7 +379,7 @@ def test_guest_writes_and_a_stream_over_a_filesystem_that_fills_up_and_empties(t
         assert reported and all(r["nospace"] and r["operation"] == "write" for r in reported)
         small_fs.empty()
         assert guest.fsync() == 0
-        assert json.loads((m.mountpoint / "status.json").read_text())["images"][0]["write_error"] is None
+        assert image_status(m)["write_error"] is None
         ctl(m, "stream speed=0")
         assert run(FUSESTREAM, "wait", str(m.mountpoint), timeout=60).returncode == 0
         for _ in range(3):
@@ -397,7 +401,7 @@ def test_guest_fsyncs_after_a_stream_failed_with_enospc_keep_the_daemon(tmp_path
     guest = Guest(m.raw, model, seed=4)
     try:
         wait_for_state(m, "failed")
-        assert "No space left on device" in json.loads((m.mountpoint / "status.json").read_text())["images"][0]["stream"]["error"]
+        assert "No space left on device" in image_status(m)["stream"]["error"]
         codes = [guest.fsync()]
         for _ in range(3):
             guest.write()

@@ -355,7 +355,7 @@ class QedImage:
             self._flush_failed = err
             if unkept or self._unkept:
                 self._lost = self._lost or err
-            self._unkept = True
+            self._unkept = self._unkept or unkept
             raise
         self._unsynced = Unsynced()
 
@@ -533,7 +533,7 @@ class QedImage:
                 piece = memoryview(data)[extent.offset - offset : extent.offset - offset + extent.length]
                 if extent.status is BlockStatus.FOUND:
                     _pwrite_all(self.fd, piece, extent.file_offset)
-                    self._unkept = True
+                    self._unkept = self._unkept or unkept
                 else:
                     self._allocating_write(extent, piece)
         finally:
@@ -646,17 +646,18 @@ class QedImage:
         """Remember a new cluster until an fdatasync has made it durable (see Unsynced)."""
         size = 0 if data is None else len(data)
         if self._unsynced.data_bytes + size > UNSYNCED_DATA_MAX:
-            self._unkept = True
+            self._unkept = self._unkept or unkept
             return
         self._unsynced.clusters.append((file_offset, data, guest_offset))
         self._unsynced.data_bytes += size
 
-    def _write_unsynced_again(self) -> None:
+    def _write_unsynced_again(self) -> bool:
         """After a failed fdatasync: write again, from memory, every cluster, L2 entry, L1 entry and
         header written since the last good one, so that the next fdatasync covers them. Until this
-        has succeeded, no L2 entry is written: it could point at a cluster that is not on disk."""
+        has succeeded, no L2 entry is written: it could point at a cluster that is not on disk.
+        Returns whether there was anything to do."""
         if self._flush_failed is None:
-            return
+            return False
         unsynced = self._unsynced
         for file_offset, data, guest_offset in unsynced.clusters:
             if data is None:
@@ -669,6 +670,7 @@ class QedImage:
         if unsynced.header:
             self._write_header()
         self._flush_failed = None
+        return True
 
     def _append_fd(self, clusters: list[bytes | memoryview], start: int) -> int:
         """The O_DIRECT descriptor for clusters that all allow it (the stream's aligned buffers),
@@ -755,8 +757,7 @@ class QedImage:
 
         On a failure the entries not yet written stay in _unwritten and the next write-back
         writes them; the tables stay cached until then."""
-        self._write_unsynced_again()
-        if not self._unwritten:
+        if not self._write_unsynced_again() and not self._unwritten:
             return
         self._sync()
         with self._table_lock:

@@ -203,7 +203,7 @@ def test_a_failed_flush_after_writes_in_place_fails_every_later_flush(tmp_path, 
     disk = LosingDisk(monkeypatch, chain.top)
     chain.write(0, b"x" * CLUSTER)
     chain.flush()
-    chain.write(10, b"y" * 100)  # in place: not kept, so it cannot be written again
+    chain.write(CLUSTER - 50, b"y" * 100)  # partly in place: not kept, so it cannot be written again
     disk.fail_next = True
     for _ in range(3):
         with pytest.raises(OSError) as failed:

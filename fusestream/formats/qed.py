@@ -533,7 +533,7 @@ class QedImage:
                 piece = memoryview(data)[extent.offset - offset : extent.offset - offset + extent.length]
                 if extent.status is BlockStatus.FOUND:
                     _pwrite_all(self.fd, piece, extent.file_offset)
-                    self._unkept = self._unkept or unkept
+                    self._unkept = True
                 else:
                     self._allocating_write(extent, piece)
         finally:
@@ -646,7 +646,7 @@ class QedImage:
         """Remember a new cluster until an fdatasync has made it durable (see Unsynced)."""
         size = 0 if data is None else len(data)
         if self._unsynced.data_bytes + size > UNSYNCED_DATA_MAX:
-            self._unkept = self._unkept or unkept
+            self._unkept = True
             return
         self._unsynced.clusters.append((file_offset, data, guest_offset))
         self._unsynced.data_bytes += size

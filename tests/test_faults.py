@@ -178,10 +178,10 @@ def test_clusters_written_before_a_failed_flush_are_written_again_before_their_e
     model = bytearray(model)
     chain = open_chain(str(top))
     disk = LosingDisk(monkeypatch, chain.top)
-    writes = [(100, b"a" * 3000), (CLUSTER * 3 + 5, b"b" * 70000)]
+    writes = [(100, b"a" * 3000), (CLUSTER * 3 + 5, b"b" * 70000), (50, b"c" * 100), (CLUSTER * 3 + 9, b"d" * 9)]
     chain.write(*writes[0])
     chain.flush()  # makes the L2 table: the next writes only change entries
-    for offset, data in writes[1:]:
+    for offset, data in writes[1:]:  # new clusters, then writes in place into both
         chain.write(offset, data)
     Copier(chain, base=None).copy_range(0, 16 * CLUSTER)  # clusters copied from the backing file
     for _ in range(2):  # the second time, it is the writing again that fails
@@ -197,13 +197,15 @@ def test_clusters_written_before_a_failed_flush_are_written_again_before_their_e
     assert qemu_convert(top, tmp_path / "after.raw") == model
 
 
-def test_a_failed_flush_after_writes_in_place_fails_every_later_flush(tmp_path, monkeypatch):
+def test_a_failed_flush_after_more_writes_than_are_kept_fails_every_later_flush(tmp_path, monkeypatch):
     top, _ = backed_image(tmp_path)
+    monkeypatch.setattr(qed, "UNSYNCED_DATA_MAX", 4 * CLUSTER)
     chain = open_chain(str(top))
     disk = LosingDisk(monkeypatch, chain.top)
     chain.write(0, b"x" * CLUSTER)
     chain.flush()
-    chain.write(CLUSTER - 50, b"y" * 100)  # partly in place: not kept, so it cannot be written again
+    for _ in range(5):  # partly in place, partly new: past the limit, not all of it is kept
+        chain.write(CLUSTER - 50, b"y" * CLUSTER)
     disk.fail_next = True
     for _ in range(3):
         with pytest.raises(OSError) as failed:
@@ -419,3 +421,119 @@ def test_guest_fsyncs_after_a_stream_failed_with_enospc_keep_the_daemon(tmp_path
     assert qemu_check(top).returncode == 0
     actual = qemu_convert(top, tmp_path / "after.raw")
     assert actual == guest.expected(actual)
+
+
+# -- real mounts over a top image whose device returns EIO ----------------------------------------
+
+SHIM_SOURCE = Path(__file__).parent / "shims" / "eio.c"
+
+
+@pytest.fixture(scope="session")
+def eio_shim(tmp_path_factory) -> Path:
+    """The LD_PRELOAD fault layer, built for this run (device-mapper is not available here)."""
+    library = tmp_path_factory.mktemp("shim") / "eio.so"
+    run("gcc", "-shared", "-fPIC", "-O2", "-Wall", "-o", str(library), str(SHIM_SOURCE), "-ldl")
+    return library
+
+
+@dataclasses.dataclass
+class FaultyDevice:
+    """What the shim reads before each write and flush of the top image."""
+
+    control: Path
+
+    def fail(self, *kinds: str) -> None:
+        """Make "write" (pwrite) and/or "sync" (fdatasync) of the top image fail with EIO."""
+        self.control.write_text(" ".join(kinds))
+
+    def heal(self) -> None:
+        self.control.write_text("")
+
+
+@pytest.fixture
+def faulty_mount(tmp_path, mount, eio_shim, monkeypatch):
+    """faulty_mount(image, *options) -> (Mount, FaultyDevice): a mount whose daemon sees the
+    image's device fail on demand."""
+
+    def _mount(image: Path, *options: str):
+        device = FaultyDevice(tmp_path / "device-faults")
+        device.heal()
+        with monkeypatch.context() as env:  # for the daemon only, not for qemu-img afterwards
+            env.setenv("LD_PRELOAD", str(eio_shim))
+            env.setenv("FUSESTREAM_FAULT_PATH", os.path.realpath(image))
+            env.setenv("FUSESTREAM_FAULT_CONTROL", str(device.control))
+            return mount(image, *options), device
+
+    return _mount
+
+
+def backed_top(tmp_path: Path) -> tuple[Path, bytearray]:
+    base = tmp_path / "base.raw"
+    content = bytearray(random.Random(11).randbytes(IMAGE_SIZE))
+    base.write_bytes(content)
+    top = tmp_path / "top.qed"
+    qemu_img("create", "-f", "qed", "-o", f"cluster_size={CLUSTER}", "-b", "base.raw", "-F", "raw",
+             str(top), str(IMAGE_SIZE))
+    return top, content
+
+
+@pytest.mark.mount
+def test_a_top_device_that_returns_eio_and_recovers(tmp_path, faulty_mount):
+    top, model = backed_top(tmp_path)
+    m, device = faulty_mount(top, "speed=512K")
+    guest = Guest(m.raw, model, seed=5)
+    high = 4 << 20  # where the guest writes: far ahead of the stream, so every write allocates
+    try:
+        for _ in range(3):
+            assert guest.write(high) == 0
+        assert guest.fsync() == 0
+        for _ in range(3):
+            assert guest.write(high) == 0
+        device.fail("sync")
+        assert guest.fsync() == errno.EIO
+        assert guest.fsync() == errno.EIO
+        device.fail("write", "sync")
+        assert guest.write(high) == errno.EIO
+        assert guest.fsync() == errno.EIO
+        wait_for_state(m, "failed")  # the stream's next write failed too
+        assert alive(m) and guest.reads_back_what_was_acknowledged()
+        assert "Input/output error" in image_status(m)["write_error"]
+        reported = [e["data"] for e in events(m) if e["event"] == "BLOCK_IO_ERROR"]
+        assert reported and not any(r["nospace"] for r in reported)
+        device.heal()
+        assert guest.fsync() == 0  # what the failed flushes covered was written again first
+        ctl(m, "stream speed=0")
+        assert run(FUSESTREAM, "wait", str(m.mountpoint), timeout=60).returncode == 0
+        assert guest.write() == 0 and guest.fsync() == 0
+    finally:
+        guest.close()
+    m.umount()
+    assert qemu_check(top).returncode == 0
+    actual = qemu_convert(top, tmp_path / "after.raw")
+    assert actual == guest.expected(actual)
+
+
+@pytest.mark.mount
+def test_a_failed_flush_after_more_writes_than_are_kept_is_reported_until_the_unmount(tmp_path, faulty_mount):
+    top, model = backed_top(tmp_path)
+    m, device = faulty_mount(top, "nostream")
+    guest = Guest(m.raw, model, seed=6)
+    chunk = random.Random(6).randbytes(1 << 20)
+    try:
+        os.pwrite(guest.fd, chunk, 0)
+        assert guest.fsync() == 0
+        for _ in range(qed.UNSYNCED_DATA_MAX // len(chunk) + 2):  # more than the daemon keeps
+            os.pwrite(guest.fd, chunk, 0)
+        device.fail("sync")
+        assert guest.fsync() == errno.EIO
+        device.heal()
+        assert guest.fsync() == errno.EIO  # some of it may be lost: a success would be a lie
+        assert alive(m) and os.pread(guest.fd, len(chunk), 0) == chunk
+    finally:
+        guest.close()
+    run("fusermount3", "-u", str(m.mountpoint))
+    _, stderr = m.proc.communicate(timeout=30)
+    assert m.proc.returncode == 1
+    assert stderr.strip().splitlines()[-1].startswith("mount.fusestream: ")
+    assert "not everything could be written at close" in stderr
+    assert qemu_check(top).returncode == 0

@@ -82,8 +82,8 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "qed"
 MAX_BACKING_NAME = 4095  # PATH_MAX less the NUL QEMU keeps
 DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
-# Guest data of new clusters kept in memory until an fdatasync has made it durable, at most; past
-# this, a failed fdatasync can no longer be repaired by writing again (see Unsynced).
+# Guest data kept in memory until an fdatasync has made it durable, at most; past this, a failed
+# fdatasync can no longer be repaired by writing again (see Unsynced).
 UNSYNCED_DATA_MAX = 64 * 1024 * 1024
 
 if sys.byteorder != "little":  # tables are little-endian and read with array("Q")
@@ -107,9 +107,10 @@ class Unsynced:
     write, mark them clean and report success at the next fdatasync ("fsyncgate"): a cluster or
     a table entry written before a failed flush is on disk only once written again."""
 
-    clusters: list[tuple[int, bytes | memoryview | None, int]] = dataclasses.field(default_factory=list)
-    """(file offset, data, guest offset) of each new cluster; data None: a copy of the backing
-    chain, read again when needed (the stream's buffers are reused)."""
+    writes: list[tuple[int, bytes | memoryview | None, int]] = dataclasses.field(default_factory=list)
+    """(file offset, data, guest offset) of each data write, in order: guest data (immutable
+    bytes, kept by reference), or None for a new cluster copied from the backing chain, read
+    again when needed (the stream's buffers are reused)."""
     data_bytes: int = 0
     spans: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)  # L2 entries written
     l1: set[int] = dataclasses.field(default_factory=set)  # L1 entries written
@@ -212,9 +213,12 @@ class QedImage:
         self.writable = writable
         self.backing: Layer | None = None
         self._unsynced = Unsynced()
-        # Set after a guest write in place, or a new cluster past UNSYNCED_DATA_MAX: data written
-        # that is not kept, so a failed fdatasync before the next good one loses it for good.
+        # Set after a write past UNSYNCED_DATA_MAX: data written that is not kept, so a failed
+        # fdatasync before the next good one loses it for good.
         self._unkept = False
+        # Held by a data write and the recording of it, and while the writes are written again,
+        # so that none of them interleave (the kernel serialises buffered writes to a file anyway).
+        self._unsynced_lock = threading.Lock()
         self._flush_failed: OSError | None = None  # the last fdatasync failed: write _unsynced again
         self._lost: OSError | None = None  # a failed fdatasync lost data that was not kept
         self._tail_unused = False  # a failed append left bytes past file_size
@@ -347,7 +351,9 @@ class QedImage:
     def _sync(self) -> None:
         """fdatasync of the top image. After a failure everything written since the last good one
         is written again before the next write-back (_write_unsynced_again); if some of it was not
-        kept, every later flush fails (see flush)."""
+        kept, every later flush fails (see flush). Needs _alloc_lock; writes in place may run
+        meanwhile: only those recorded before the fdatasync began are known to be covered."""
+        covered = len(self._unsynced.writes)
         unkept, self._unkept = self._unkept, False  # cleared first: a write racing us sets it again
         try:
             os.fdatasync(self.fd)
@@ -357,7 +363,10 @@ class QedImage:
                 self._lost = self._lost or err
             self._unkept = self._unkept or unkept
             raise
-        self._unsynced = Unsynced()
+        with self._unsynced_lock:
+            later = self._unsynced.writes[covered:]
+            size = sum(len(data) for _, data, _ in later if data is not None)
+            self._unsynced = Unsynced(writes=later, data_bytes=size)
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -532,8 +541,7 @@ class QedImage:
             for extent in self.extents(offset, len(data)):
                 piece = memoryview(data)[extent.offset - offset : extent.offset - offset + extent.length]
                 if extent.status is BlockStatus.FOUND:
-                    _pwrite_all(self.fd, piece, extent.file_offset)
-                    self._unkept = True
+                    self._write_in_place(piece, extent.file_offset)
                 else:
                     self._allocating_write(extent, piece)
         finally:
@@ -543,8 +551,12 @@ class QedImage:
         view = memoryview(data)
         for extent in extents:
             start = extent.offset - offset
-            _pwrite_all(self.fd, view[start : start + extent.length], extent.file_offset)
-        self._unkept = True  # after the write: see _sync
+            self._write_in_place(view[start : start + extent.length], extent.file_offset)
+
+    def _write_in_place(self, data: memoryview, file_offset: int) -> None:
+        with self._unsynced_lock:
+            _pwrite_all(self.fd, data, file_offset)
+            self._keep_unsynced(file_offset, data, -1)
 
     def _allocating_write(self, extent: Extent, piece: memoryview) -> None:
         """Give each cluster of a ZERO/UNALLOCATED run its data: a new cluster, or a zero cluster
@@ -566,7 +578,8 @@ class QedImage:
             start = self._append_clusters([data for _, data in data_clusters])
             for i, (cluster, data) in enumerate(data_clusters):
                 entries[cluster] = start + i * self.cluster_size
-                self._keep_unsynced(entries[cluster], None if from_backing else data, cluster * self.cluster_size)
+                with self._unsynced_lock:
+                    self._keep_unsynced(entries[cluster], None if from_backing else data, cluster * self.cluster_size)
         if entries:
             self._set_l2_entries(entries)
 
@@ -643,12 +656,13 @@ class QedImage:
         return start
 
     def _keep_unsynced(self, file_offset: int, data: bytes | memoryview | None, guest_offset: int) -> None:
-        """Remember a new cluster until an fdatasync has made it durable (see Unsynced)."""
+        """Remember a data write until an fdatasync has made it durable (see Unsynced); after
+        the write (see _sync). Needs _unsynced_lock."""
         size = 0 if data is None else len(data)
         if self._unsynced.data_bytes + size > UNSYNCED_DATA_MAX:
             self._unkept = True
             return
-        self._unsynced.clusters.append((file_offset, data, guest_offset))
+        self._unsynced.writes.append((file_offset, data, guest_offset))
         self._unsynced.data_bytes += size
 
     def _write_unsynced_again(self) -> bool:
@@ -658,11 +672,12 @@ class QedImage:
         Returns whether there was anything to do."""
         if self._flush_failed is None:
             return False
-        unsynced = self._unsynced
-        for file_offset, data, guest_offset in unsynced.clusters:
-            if data is None:
-                data = self._fill(BlockStatus.UNALLOCATED, guest_offset, self.cluster_size)
-            _pwrite_all(self.fd, data, file_offset)
+        with self._unsynced_lock:
+            unsynced = self._unsynced
+            for file_offset, data, guest_offset in unsynced.writes:
+                if data is None:
+                    data = self._fill(BlockStatus.UNALLOCATED, guest_offset, self.cluster_size)
+                _pwrite_all(self.fd, data, file_offset)
         for l2_offset, (lo, hi) in unsynced.spans.items():
             self._mark_unwritten(l2_offset, lo, hi)
         for index in sorted(unsynced.l1):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FUSESTREAM, qemu_check, qemu_convert, qemu_img, run
+from test_stream_mount import ctl
 
 from fusestream.chain import open_chain
 from fusestream.errors import FusestreamError
@@ -350,12 +351,17 @@ def wait_for_state(m, state: str, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def ctl(m, command: str) -> None:
-    fd = os.open(m.mountpoint / "ctl", os.O_WRONLY)
-    try:
-        os.write(fd, command.encode() + b"\n")
-    finally:
-        os.close(fd)
+def stream_to_the_end(m) -> None:
+    ctl(m, "stream speed=0")
+    assert run(FUSESTREAM, "wait", str(m.mountpoint), timeout=60).returncode == 0
+
+
+def unmount_and_verify(m, top: Path, guest: Guest, tmp_path: Path) -> None:
+    """A clean unmount, a clean image, and every acknowledged write in it."""
+    m.umount()
+    assert qemu_check(top).returncode == 0
+    actual = qemu_convert(top, tmp_path / "after.raw")
+    assert actual == guest.expected(actual)
 
 
 @pytest.mark.mount
@@ -383,17 +389,13 @@ def test_guest_writes_and_a_stream_over_a_filesystem_that_fills_up_and_empties(t
         small_fs.empty()
         assert guest.fsync() == 0
         assert image_status(m)["write_error"] is None
-        ctl(m, "stream speed=0")
-        assert run(FUSESTREAM, "wait", str(m.mountpoint), timeout=60).returncode == 0
+        stream_to_the_end(m)
         for _ in range(3):
             assert guest.write() == 0
         assert guest.fsync() == 0
     finally:
         guest.close()
-    m.umount()
-    assert qemu_check(top).returncode == 0
-    actual = qemu_convert(top, tmp_path / "after.raw")
-    assert actual == guest.expected(actual)
+    unmount_and_verify(m, top, guest, tmp_path)
 
 
 @pytest.mark.mount
@@ -413,14 +415,10 @@ def test_guest_fsyncs_after_a_stream_failed_with_enospc_keep_the_daemon(tmp_path
         assert alive(m) and errno.ENOSPC in codes
         small_fs.empty()
         assert guest.fsync() == 0
-        ctl(m, "stream")
-        assert run(FUSESTREAM, "wait", str(m.mountpoint), timeout=60).returncode == 0
+        stream_to_the_end(m)
     finally:
         guest.close()
-    m.umount()
-    assert qemu_check(top).returncode == 0
-    actual = qemu_convert(top, tmp_path / "after.raw")
-    assert actual == guest.expected(actual)
+    unmount_and_verify(m, top, guest, tmp_path)
 
 
 # -- real mounts over a top image whose device returns EIO ----------------------------------------
@@ -502,15 +500,11 @@ def test_a_top_device_that_returns_eio_and_recovers(tmp_path, faulty_mount):
         assert reported and not any(r["nospace"] for r in reported)
         device.heal()
         assert guest.fsync() == 0  # what the failed flushes covered was written again first
-        ctl(m, "stream speed=0")
-        assert run(FUSESTREAM, "wait", str(m.mountpoint), timeout=60).returncode == 0
+        stream_to_the_end(m)
         assert guest.write() == 0 and guest.fsync() == 0
     finally:
         guest.close()
-    m.umount()
-    assert qemu_check(top).returncode == 0
-    actual = qemu_convert(top, tmp_path / "after.raw")
-    assert actual == guest.expected(actual)
+    unmount_and_verify(m, top, guest, tmp_path)
 
 
 @pytest.mark.mount

@@ -531,3 +531,18 @@ def test_a_failed_flush_after_more_writes_than_are_kept_is_reported_until_the_un
     assert stderr.strip().splitlines()[-1].startswith("mount.fusestream: ")
     assert "not everything could be written at close" in stderr
     assert qemu_check(top).returncode == 0
+
+
+@pytest.mark.mount
+def test_a_copy_on_read_that_cannot_write_still_serves_the_read_and_is_reported(tmp_path, faulty_mount):
+    top, model = backed_top(tmp_path)
+    m, device = faulty_mount(top, "nostream", "copy_on_read")
+    device.fail("write")
+    with open(m.raw, "rb", buffering=0) as raw:
+        assert raw.read(CLUSTER) == model[:CLUSTER]
+    assert alive(m)
+    reported = [e["data"] for e in events(m) if e["event"] == "BLOCK_IO_ERROR"]
+    assert [r["origin"] for r in reported] == ["copy-on-read"] and reported[0]["reason"] == "Input/output error"
+    device.heal()
+    m.umount()
+    assert qemu_check(top).returncode == 0

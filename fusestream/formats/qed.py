@@ -678,8 +678,9 @@ class QedImage:
                 if data is None:
                     data = self._fill(BlockStatus.UNALLOCATED, guest_offset, self.cluster_size)
                 _pwrite_all(self.fd, data, file_offset)
-        for l2_offset, (lo, hi) in unsynced.spans.items():
-            self._mark_unwritten(l2_offset, lo, hi)
+        with self._table_lock:  # lookups may be evicting from the cache, which reads _unwritten
+            for l2_offset, (lo, hi) in unsynced.spans.items():
+                self._mark_unwritten(l2_offset, lo, hi)
         for index in sorted(unsynced.l1):
             self._write_l1_entry(index, self.l1[index])
         if unsynced.header:
@@ -747,6 +748,8 @@ class QedImage:
             self._mark_unwritten(l2_offset, min(updates), max(updates) + 1)
 
     def _mark_unwritten(self, l2_offset: int, lo: int, hi: int) -> None:
+        """Entries [lo, hi) of a cached table are to be written at the next write-back. Needs
+        _table_lock."""
         old_lo, old_hi = self._unwritten.get(l2_offset, (hi, lo))
         self._unwritten[l2_offset] = (min(lo, old_lo), max(hi, old_hi))
 

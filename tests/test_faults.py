@@ -337,7 +337,11 @@ class Guest:
 
 
 def image_status(m) -> dict:
-    return json.loads((m.mountpoint / "status.json").read_text())["images"][0]
+    try:
+        return json.loads((m.mountpoint / "status.json").read_text())["images"][0]
+    except OSError as err:  # say why, if the daemon is gone
+        said = m.proc.stderr.read() if m.proc.poll() is not None else "(daemon still running)"
+        raise AssertionError(f"status.json: {err}; daemon: {said}") from None
 
 
 def stream_state(m) -> str:

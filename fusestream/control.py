@@ -24,7 +24,7 @@ from .units import format_size, parse_size
 
 EVENT_NAMES = (
     "STREAM_STARTED", "STREAM_PAUSED", "STREAM_RESUMED", "STREAM_COMPLETED", "STREAM_CANCELLED",
-    "STREAM_FAILED", "BACKING_CHANGED", "COMMAND_REJECTED",
+    "STREAM_FAILED", "BACKING_CHANGED", "COMMAND_REJECTED", "BLOCK_IO_ERROR",
 )
 
 
@@ -76,7 +76,7 @@ def _last_outcome(stats: StreamStatistics) -> str:
     return ""
 
 
-def render_status_json(name: str, chain: Chain, stats: StreamStatistics) -> str:
+def render_status_json(name: str, chain: Chain, stats: StreamStatistics, write_error: str | None = None) -> str:
     image = {
         "name": name,
         "image": chain.top.path,
@@ -95,6 +95,7 @@ def render_status_json(name: str, chain: Chain, stats: StreamStatistics) -> str:
             "progress_rate": stats.progress_rate,
             "seconds_left": None if (left := stats.seconds_left) is None else round(left, 1),
         },
+        "write_error": write_error,
     }
     return json.dumps({"images": [image]}, indent=2) + "\n"
 
@@ -154,10 +155,17 @@ class Control:
         self.events = events
 
     def status(self) -> bytes:
-        return render_status(self.name, self.streamer.statistics()).encode()
+        line = render_status(self.name, self.streamer.statistics())
+        if self._write_error() is not None:
+            line = line.rstrip("\n") + f"; write error: {self._write_error()}\n"
+        return line.encode()
 
     def status_json(self) -> bytes:
-        return render_status_json(self.name, self.chain, self.streamer.statistics()).encode()
+        return render_status_json(self.name, self.chain, self.streamer.statistics(), self._write_error()).encode()
+
+    def _write_error(self) -> str | None:
+        errors = self.streamer.write_errors
+        return errors.error if errors is not None else None
 
     def command(self, raw: bytes) -> None:
         """Apply one ctl command; an invalid one changes nothing, raises CommandError and is

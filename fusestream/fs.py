@@ -22,6 +22,7 @@ import trio
 from .chain import Chain
 from .control import Control
 from .errors import CorruptionError, FusestreamError
+from .faults import WriteErrors
 from .formats.layer import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from .stream import CommandError
 
@@ -111,6 +112,7 @@ class Operations(pyfuse3.Operations):
         self._snapshots: dict[int, bytes] = {}  # open status files: what that open() saw
         self._next_fh = FIRST_SNAPSHOT_FH
         self.after_init: Callable[[], None] | None = None  # see init()
+        self.write_errors: WriteErrors | None = None  # set by the mount
 
     def init(self) -> None:
         """The kernel's FUSE_INIT request, answered as soon as this returns. The kernel applies
@@ -261,9 +263,10 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if off >= self.chain.size:
             raise pyfuse3.FUSEError(errno.ENOSPC)  # a disk does not grow when written past its end
-        written = run_inline(self._write_unless_blocked, off, buf) if len(buf) <= INLINE_WRITE_MAX else None
-        if written is None:
-            written = await run_io(self.chain.write, off, buf)
+        with self._reporting_write_errors("guest write"):
+            written = run_inline(self._write_unless_blocked, off, buf) if len(buf) <= INLINE_WRITE_MAX else None
+            if written is None:
+                written = await run_io(self.chain.write, off, buf)
         self.mtime_ns = self.ctime_ns = time.time_ns()
         return written
 
@@ -308,12 +311,26 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if not mode & FALLOC_FL_KEEP_SIZE and offset + length > self.chain.size:
             raise pyfuse3.FUSEError(errno.ENOSPC)
-        await run_io(self.chain.discard, offset, length)
+        with self._reporting_write_errors("guest discard"):
+            await run_io(self.chain.discard, offset, length)
         self.mtime_ns = self.ctime_ns = time.time_ns()
 
     async def fsync(self, fh, datasync):
         if fh == RAW_INODE:
-            await run_io(self.chain.flush)
+            with self._reporting_write_errors("guest fsync"):
+                await run_io(self.chain.flush)
+            if self.write_errors is not None:
+                self.write_errors.cleared()
+
+    @contextlib.contextmanager
+    def _reporting_write_errors(self, origin: str) -> Iterator[None]:
+        """A failed write or fsync of the raw file is also a BLOCK_IO_ERROR (see faults.py)."""
+        try:
+            yield
+        except pyfuse3.FUSEError as err:
+            if self.write_errors is not None:
+                self.write_errors.report(origin, err.errno)
+            raise
 
     async def flush(self, fh):
         pass

@@ -26,6 +26,7 @@ import trio
 from .chain import Chain, Confinement, open_chain
 from .control import Control, EventLog
 from .errors import FusestreamError
+from .faults import WriteErrors
 from .formats import qed_check
 from .fs import Operations, raw_name
 from .stream import Streamer
@@ -233,13 +234,15 @@ async def serve(ops: Operations, opts: MountOptions) -> None:
     async with trio.open_nursery() as nursery:
         name = raw_name(chain.top.path)
         events = EventLog(name)
+        write_errors = WriteErrors(name, events.emit)
         streamer = Streamer(chain, nursery, events.emit, default_base=opts.base, default_speed=opts.speed)
+        streamer.write_errors = ops.write_errors = write_errors
         ops.attach(Control(name, chain, streamer, events), streamer.read_copying if opts.copy_on_read else None)
         if not opts.nostream and not ops.read_only and chain.top.backing is not None:
             streamer.start()
         nursery.start_soon(_unmount_on_signal, nursery.cancel_scope)
         if not ops.read_only:
-            nursery.start_soon(_write_back_tables, chain)
+            nursery.start_soon(_write_back_tables, chain, write_errors)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -248,17 +251,25 @@ NEED_CHECK_IDLE = 5.0  # seconds without allocating writes before QED_F_NEED_CHE
 WRITE_BACK_INTERVAL = 1.0  # seconds that allocations' L2 entries may wait in memory, at most
 
 
-async def _write_back_tables(chain: Chain) -> None:
+async def _write_back_tables(chain: Chain, write_errors: WriteErrors) -> None:
     """Allocations write their L2 entries in batches (QedImage.write_back): every second, and
     at every fsync. Without a backing file they also set QED_F_NEED_CHECK; clear it once they
-    pause, so that the image on disk is marked clean long before the unmount."""
+    pause, so that the image on disk is marked clean long before the unmount.
+
+    A write error (a full filesystem, a failing device) is reported and the next second tries
+    again: what was not written stays in memory until it is, and the guest's fsync fails
+    meanwhile."""
     top = chain.top
     while True:
         await trio.sleep(WRITE_BACK_INTERVAL)
-        if top.has_unwritten_tables:
-            await trio.to_thread.run_sync(top.write_back)
-        if top.need_check_set_by_us and time.monotonic() - top.last_allocation >= NEED_CHECK_IDLE:
-            await trio.to_thread.run_sync(top.clear_need_check)
+        try:
+            if top.needs_write_back:
+                await trio.to_thread.run_sync(top.write_back)
+                write_errors.cleared()
+            if top.need_check_set_by_us and time.monotonic() - top.last_allocation >= NEED_CHECK_IDLE:
+                await trio.to_thread.run_sync(top.clear_need_check)
+        except (OSError, FusestreamError) as err:
+            write_errors.report("write-back", err)
 
 
 async def _unmount_on_signal(scope: trio.CancelScope) -> None:

@@ -515,6 +515,7 @@ class Streamer:
         self.default_base = default_base  # -o base=PATH: for `stream` without base= and copy-on-read
         self.default_speed = default_speed
         self.job: StreamJob | None = None
+        self.write_errors = None  # faults.WriteErrors, set by the mount: where copy-on-read reports
 
     @property
     def active(self) -> bool:
@@ -571,11 +572,16 @@ class Streamer:
 
     def read_copying(self, offset: int, length: int) -> bytes | bytearray:
         """A guest read with copy-on-read (run in a thread): the clusters it touches are copied
-        into the top image first. A failed copy is logged and the read still served."""
+        into the top image first. A failed copy is logged and the read still served; if the read
+        works, the copy's write to the top image failed, and that is a write error."""
         try:
             self.copy_on_read(offset, length)
         except (OSError, FusestreamError) as err:
             log.warning("copy-on-read at offset %d failed: %s", offset, err)
+            data = self.chain.read(offset, length)
+            if self.write_errors is not None:
+                self.write_errors.report("copy-on-read", err)
+            return data
         return self.chain.read(offset, length)
 
     def copy_on_read(self, offset: int, length: int) -> int:

@@ -34,6 +34,7 @@ from construct import ConstructError
 
 from ..errors import (
     CorruptionError,
+    FusestreamError,
     ImageBusyError,
     InvalidImageError,
     UnsupportedImageError,
@@ -85,6 +86,9 @@ MAX_BACKING_NAME = 4095  # PATH_MAX less the NUL QEMU keeps
 DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
 # Pieces one block_status answer merges at most (~1 ms of lookups): see QedImage.block_status.
 BLOCK_STATUS_MAX_PIECES = 1024
+# Guest data kept in memory until an fdatasync has made it durable, at most; past this, a failed
+# fdatasync can no longer be repaired by writing again (see Unsynced).
+UNSYNCED_DATA_MAX = 64 * 1024 * 1024
 
 if sys.byteorder != "little":  # tables are little-endian and read with array("Q")
     raise ImportError("fusestream's QED tables assume a little-endian host")
@@ -98,6 +102,23 @@ class Extent:
     offset: int
     length: int
     file_offset: int | None = None
+
+
+@dataclasses.dataclass
+class Unsynced:
+    """What was written to the top image since its last successful fdatasync, so that all of it
+    can be written again after a failed one. Linux may drop the dirty pages an fdatasync could not
+    write, mark them clean and report success at the next fdatasync ("fsyncgate"): a cluster or
+    a table entry written before a failed flush is on disk only once written again."""
+
+    writes: list[tuple[int, bytes | memoryview | None, int]] = dataclasses.field(default_factory=list)
+    """(file offset, data, guest offset) of each data write, in order: guest data (immutable
+    bytes, kept by reference), or None for a new cluster copied from the backing chain, read
+    again when needed (the stream's buffers are reused)."""
+    data_bytes: int = 0
+    spans: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)  # L2 entries written
+    l1: set[int] = dataclasses.field(default_factory=set)  # L1 entries written
+    header: bool = False
 
 
 def _fail(path: str, problem: str) -> InvalidImageError:
@@ -209,6 +230,16 @@ class QedImage:
         self.path = path
         self.writable = writable
         self.backing: Layer | None = None
+        self._unsynced = Unsynced()
+        # Set after a write past UNSYNCED_DATA_MAX: data written that is not kept, so a failed
+        # fdatasync before the next good one loses it for good.
+        self._unkept = False
+        # Held by a data write and the recording of it, and while the writes are written again,
+        # so that none of them interleave (the kernel serialises buffered writes to a file anyway).
+        self._unsynced_lock = threading.Lock()
+        self._flush_failed: OSError | None = None  # the last fdatasync failed: write _unsynced again
+        self._lost: OSError | None = None  # a failed fdatasync lost data that was not kept
+        self._tail_unused = False  # a failed append left bytes past file_size
         try:
             self.fd = open_regular_file(path, os.O_RDWR if writable else os.O_RDONLY)
         except OSError as err:
@@ -331,11 +362,37 @@ class QedImage:
         if self.header.autoclear_features & ~QED_AUTOCLEAR_FEATURE_MASK:
             self.header.autoclear_features &= QED_AUTOCLEAR_FEATURE_MASK
             self._write_header()
-            os.fdatasync(self.fd)
+            self._sync()
 
     def _write_header(self) -> None:
         """Rewrite the known header fields in place; the backing name after them is untouched."""
+        self._unsynced.header = True
         _pwrite_all(self.fd, QED_HEADER.build(self.header), 0)
+
+    def _write_l1_entry(self, index: int, value: int) -> None:
+        self._unsynced.l1.add(index)
+        at = self.header.l1_table_offset + index * TABLE_ENTRY_SIZE
+        _pwrite_all(self.fd, array.array("Q", [value]).tobytes(), at)
+
+    def _sync(self) -> None:
+        """fdatasync of the top image. After a failure everything written since the last good one
+        is written again before the next write-back (_write_unsynced_again); if some of it was not
+        kept, every later flush fails (see flush). Needs _alloc_lock; writes in place may run
+        meanwhile: only those recorded before the fdatasync began are known to be covered."""
+        covered = len(self._unsynced.writes)
+        unkept, self._unkept = self._unkept, False  # cleared first: a write racing us sets it again
+        try:
+            os.fdatasync(self.fd)
+        except OSError as err:
+            self._flush_failed = err
+            if unkept or self._unkept:
+                self._lost = self._lost or err
+            self._unkept = self._unkept or unkept
+            raise
+        with self._unsynced_lock:
+            later = self._unsynced.writes[covered:]
+            size = sum(len(data) for _, data, _ in later if data is not None)
+            self._unsynced = Unsynced(writes=later, data_bytes=size)
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -353,7 +410,8 @@ class QedImage:
         unwritten (the cache may stay over its bound until a write-back: see _set_l2_entries)."""
         self._l2_cache[offset] = table
         if len(self._l2_cache) > self._l2_cache_max:
-            victim = next((o for o in self._l2_cache if o not in self._unwritten), None)
+            victim = next((o for o in self._l2_cache if o not in self._unwritten and o not in self._unsynced.spans),
+                          None)
             if victim is not None:
                 del self._l2_cache[victim]
 
@@ -521,7 +579,7 @@ class QedImage:
             for extent in self.extents(offset, len(data)):
                 piece = memoryview(data)[extent.offset - offset : extent.offset - offset + extent.length]
                 if extent.status is BlockStatus.FOUND:
-                    _pwrite_all(self.fd, piece, extent.file_offset)
+                    self._write_in_place(piece, extent.file_offset)
                 else:
                     self._allocating_write(extent, piece)
         finally:
@@ -531,7 +589,12 @@ class QedImage:
         view = memoryview(data)
         for extent in extents:
             start = extent.offset - offset
-            _pwrite_all(self.fd, view[start : start + extent.length], extent.file_offset)
+            self._write_in_place(view[start : start + extent.length], extent.file_offset)
+
+    def _write_in_place(self, data: memoryview, file_offset: int) -> None:
+        with self._unsynced_lock:
+            _pwrite_all(self.fd, data, file_offset)
+            self._keep_unsynced(file_offset, data, -1)
 
     def _allocating_write(self, extent: Extent, piece: memoryview) -> None:
         """Give each cluster of a ZERO/UNALLOCATED run its data: a new cluster, or a zero cluster
@@ -540,27 +603,33 @@ class QedImage:
         first = extent.offset // cs
         last = (extent.offset + extent.length - 1) // cs
         contents = {cluster: self._cluster_content(cluster, extent, piece) for cluster in range(first, last + 1)}
-        self._install_clusters(contents)
+        self._install_clusters(contents, from_backing=False)
 
-    def _install_clusters(self, contents: dict[int, bytes | memoryview | None]) -> None:
+    def _install_clusters(self, contents: dict[int, bytes | memoryview | None], from_backing: bool) -> None:
         """Point each cluster at its new content (None: a zero cluster), appending the data
-        clusters in one write, durable before the tables point to them. Needs _alloc_lock."""
+        clusters in one write, durable before the tables point to them. Needs _alloc_lock.
+        `from_backing`: the contents are copies of the backing chain, in buffers the caller
+        reuses; they are not kept (_keep_unsynced)."""
         entries = {cluster: QED_ZERO_CLUSTER for cluster, data in contents.items() if data is None}
         data_clusters = [(cluster, data) for cluster, data in contents.items() if data is not None]
-        reused = self._reuse_free_clusters(data_clusters)
+        reused = self._reuse_free_clusters(data_clusters, from_backing)
         entries.update(reused)
         appended = [(cluster, data) for cluster, data in data_clusters if cluster not in reused]
         if appended:
             start = self._append_clusters([data for _, data in appended])
-            for i, (cluster, _) in enumerate(appended):
+            for i, (cluster, data) in enumerate(appended):
                 entries[cluster] = start + i * self.cluster_size
+                with self._unsynced_lock:
+                    self._keep_unsynced(entries[cluster], None if from_backing else data, cluster * self.cluster_size)
         if entries:
             self._set_l2_entries(entries)
 
-    def _reuse_free_clusters(self, data_clusters: list[tuple[int, bytes | memoryview]]) -> dict[int, int]:
+    def _reuse_free_clusters(self, data_clusters: list[tuple[int, bytes | memoryview]],
+                             from_backing: bool) -> dict[int, int]:
         """Write as many of the new clusters as there are free ones into free clusters (their
-        entries, as for appended ones, wait for a write-back after a flush); returns cluster ->
-        file offset for those. Needs _alloc_lock."""
+        entries, as for appended ones, wait for a write-back after a flush, and the data is kept
+        until then as in _install_clusters); returns cluster -> file offset for those. Needs
+        _alloc_lock."""
         if not self._free_scanned:
             self._scan_free_clusters()
         placed: dict[int, int] = {}
@@ -569,7 +638,9 @@ class QedImage:
                 break
             offset = heapq.heappop(self._free)
             try:
-                _pwrite_all(self._append_fd([data], offset), data, offset)
+                with self._unsynced_lock:
+                    _pwrite_all(self._append_fd([data], offset), data, offset)
+                    self._keep_unsynced(offset, None if from_backing else data, cluster * self.cluster_size)
             except BaseException:
                 heapq.heappush(self._free, offset)  # nothing points there yet
                 raise
@@ -628,7 +699,7 @@ class QedImage:
                             padded = memoryview(mmap.mmap(-1, cs))
                             padded[: len(cluster)] = cluster
                             contents[(offset + at) // cs] = padded
-            self._install_clusters(contents)
+            self._install_clusters(contents, from_backing=True)
         return sum(cs for data in contents.values() if data is not None)
 
     def _cluster_content(self, cluster: int, extent: Extent, piece: memoryview) -> bytes | None:
@@ -666,8 +737,42 @@ class QedImage:
                 self._set_need_check()
         except BaseException:
             self.file_size = start  # nothing points there: the next allocation reuses the space
+            self._tail_unused = True
             raise
         return start
+
+    def _keep_unsynced(self, file_offset: int, data: bytes | memoryview | None, guest_offset: int) -> None:
+        """Remember a data write until an fdatasync has made it durable (see Unsynced); after
+        the write (see _sync). Needs _unsynced_lock."""
+        size = 0 if data is None else len(data)
+        if self._unsynced.data_bytes + size > UNSYNCED_DATA_MAX:
+            self._unkept = True
+            return
+        self._unsynced.writes.append((file_offset, data, guest_offset))
+        self._unsynced.data_bytes += size
+
+    def _write_unsynced_again(self) -> bool:
+        """After a failed fdatasync: write again, from memory, every cluster, L2 entry, L1 entry and
+        header written since the last good one, so that the next fdatasync covers them. Until this
+        has succeeded, no L2 entry is written: it could point at a cluster that is not on disk.
+        Returns whether there was anything to do."""
+        if self._flush_failed is None:
+            return False
+        with self._unsynced_lock:
+            unsynced = self._unsynced
+            for file_offset, data, guest_offset in unsynced.writes:
+                if data is None:
+                    data = self._fill(BlockStatus.UNALLOCATED, guest_offset, self.cluster_size)
+                _pwrite_all(self.fd, data, file_offset)
+        with self._table_lock:  # lookups may be evicting from the cache, which reads _unwritten
+            for l2_offset, (lo, hi) in unsynced.spans.items():
+                self._mark_unwritten(l2_offset, lo, hi)
+        for index in sorted(unsynced.l1):
+            self._write_l1_entry(index, self.l1[index])
+        if unsynced.header:
+            self._write_header()
+        self._flush_failed = None
+        return True
 
     def _append_fd(self, clusters: list[bytes | memoryview], start: int) -> int:
         """The O_DIRECT descriptor for clusters that all allow it (the stream's aligned buffers),
@@ -680,8 +785,12 @@ class QedImage:
         self.last_allocation = time.monotonic()
         if not self.header.features & QED_F_NEED_CHECK:
             self.header.features |= QED_F_NEED_CHECK
-            self._write_header()
-            os.fdatasync(self.fd)
+            try:
+                self._write_header()
+                self._sync()
+            except BaseException:
+                self.header.features &= ~QED_F_NEED_CHECK  # as on disk, or as it will be again
+                raise
             self._we_set_need_check = True
 
     def clear_need_check(self) -> None:
@@ -691,10 +800,14 @@ class QedImage:
             if not self._we_set_need_check:
                 return
             self._write_back()
-            os.fdatasync(self.fd)
+            self._sync()
             self.header.features &= ~QED_F_NEED_CHECK
-            self._write_header()
-            os.fdatasync(self.fd)
+            try:
+                self._write_header()
+                self._sync()
+            except BaseException:
+                self.header.features |= QED_F_NEED_CHECK
+                raise
             self._we_set_need_check = False
 
     def _set_l2_entries(self, entries: dict[int, int]) -> None:
@@ -718,8 +831,13 @@ class QedImage:
             table = self._l2_table(l2_offset)
             for index, entry in updates.items():
                 table[index] = entry
-            lo, hi = self._unwritten.get(l2_offset, (len(table), 0))
-            self._unwritten[l2_offset] = (min(lo, *updates), max(hi, max(updates) + 1))
+            self._mark_unwritten(l2_offset, min(updates), max(updates) + 1)
+
+    def _mark_unwritten(self, l2_offset: int, lo: int, hi: int) -> None:
+        """Entries [lo, hi) of a cached table are to be written at the next write-back. Needs
+        _table_lock."""
+        old_lo, old_hi = self._unwritten.get(l2_offset, (hi, lo))
+        self._unwritten[l2_offset] = (min(lo, old_lo), max(hi, old_hi))
 
     def write_back(self) -> None:
         """Write the L2 entries that allocations changed since the last write-back."""
@@ -728,21 +846,31 @@ class QedImage:
 
     @property
     def has_unwritten_tables(self) -> bool:
-        """Whether a write-back has work: entries to write, or freed clusters to release."""
-        return bool(self._unwritten or self._freed)
+        return bool(self._unwritten)
+
+    @property
+    def needs_write_back(self) -> bool:
+        """Entries to write, a failed fdatasync whose writes must be written again, or clusters
+        that discards freed to release."""
+        return bool(self._unwritten or self._freed) or self._flush_failed is not None
 
     def _write_back(self) -> None:
         """QEMU's order, batched: one fdatasync makes every cluster appended so far durable, and
         only then are the L2 entries that point to them written (they become durable at the
         next fdatasync). So an entry on disk never points at data that may not be there, and an
-        allocating write costs no flush of its own. Needs _alloc_lock."""
-        if self._unwritten:
-            os.fdatasync(self.fd)
+        allocating write costs no flush of its own. Needs _alloc_lock.
+
+        On a failure the entries not yet written stay in _unwritten and the next write-back
+        writes them; the tables stay cached until then."""
+        if self._write_unsynced_again() or self._unwritten:
+            self._sync()
             with self._table_lock:
                 for l2_offset, (lo, hi) in sorted(self._unwritten.items()):
                     table = self._l2_cache[l2_offset]
                     _pwrite_all(self.fd, table[lo:hi].tobytes(), l2_offset + lo * TABLE_ENTRY_SIZE)
                     del self._unwritten[l2_offset]
+                    written_lo, written_hi = self._unsynced.spans.get(l2_offset, (hi, lo))
+                    self._unsynced.spans[l2_offset] = (min(lo, written_lo), max(hi, written_hi))
         self._release_freed()
 
     def _release_freed(self) -> None:
@@ -750,7 +878,7 @@ class QedImage:
         durable: until then a power cut could bring an old entry back, and a reused cluster
         would then be referenced twice. Needs _alloc_lock, and nothing of theirs unwritten."""
         if self._freed:
-            os.fdatasync(self.fd)
+            self._sync()
             for offset in self._freed:
                 heapq.heappush(self._free, offset)
             self._freed.clear()
@@ -763,13 +891,14 @@ class QedImage:
         self.file_size += self.table_bytes
         try:
             _pwrite_all(self.fd, table.tobytes(), l2_offset)
-            os.fdatasync(self.fd)  # the table, and the data its entries point to, before the L1 entry
+            self._sync()  # the table, and the data its entries point to, before the L1 entry
+            with self._table_lock:
+                self._write_l1_entry(l1_index, l2_offset)
         except BaseException:
-            self.file_size = l2_offset
+            self.file_size = l2_offset  # nothing points at the table: the space is used again
+            self._tail_unused = True
             raise
-        entry = array.array("Q", [l2_offset]).tobytes()
         with self._table_lock:
-            _pwrite_all(self.fd, entry, self.header.l1_table_offset + l1_index * TABLE_ENTRY_SIZE)
             self.l1[l1_index] = l2_offset
             self._l2_offsets.add(l2_offset)
             self._cache_table(l2_offset, table)
@@ -885,27 +1014,37 @@ class QedImage:
         """
         if not self.writable:
             raise PermissionError(f"{self.path}: image is open read-only")
-        h = self.header
         with self._alloc_lock:
-            self._write_back()
-            os.fdatasync(self.fd)
-            if name is None:
-                h.features &= ~(QED_F_BACKING_FILE | QED_F_BACKING_FORMAT_NO_PROBE)
-                h.backing_filename_offset = h.backing_filename_size = 0
-            else:
-                encoded = name.encode("utf-8")
-                start = self._free_name_offset(len(encoded))
-                _pwrite_all(self.fd, encoded, start)
-                os.fdatasync(self.fd)
-                h.features |= QED_F_BACKING_FILE
-                if raw:
-                    h.features |= QED_F_BACKING_FORMAT_NO_PROBE
-                else:
-                    h.features &= ~QED_F_BACKING_FORMAT_NO_PROBE
-                h.backing_filename_offset, h.backing_filename_size = start, len(encoded)
-            self._write_header()
-            os.fdatasync(self.fd)
+            saved = self.header.copy()
+            try:
+                self._change_backing_file(name, raw)
+            except BaseException:
+                self.header = saved  # what the disk holds, or will once written again
+                raise
             self.backing_filename = name
+
+    def _change_backing_file(self, name: str | None, raw: bool) -> None:
+        """change_backing_file's steps. They change the header in memory as they go; on a
+        failure the caller puts back the header the disk holds."""
+        h = self.header
+        self._write_back()
+        self._sync()
+        if name is None:
+            h.features &= ~(QED_F_BACKING_FILE | QED_F_BACKING_FORMAT_NO_PROBE)
+            h.backing_filename_offset = h.backing_filename_size = 0
+        else:
+            encoded = name.encode("utf-8")
+            start = self._free_name_offset(len(encoded))
+            _pwrite_all(self.fd, encoded, start)
+            self._sync()
+            h.features |= QED_F_BACKING_FILE
+            if raw:
+                h.features |= QED_F_BACKING_FORMAT_NO_PROBE
+            else:
+                h.features &= ~QED_F_BACKING_FORMAT_NO_PROBE
+            h.backing_filename_offset, h.backing_filename_size = start, len(encoded)
+        self._write_header()
+        self._sync()
 
     def _free_name_offset(self, size: int) -> int:
         """Where a new backing name of `size` bytes fits in the header clusters without
@@ -920,11 +1059,22 @@ class QedImage:
     # -- durability and closing ----------------------------------------------------------------
 
     def flush(self) -> None:
-        """Make everything written so far durable (what fsync on the raw file asks for)."""
+        """Make everything written so far durable (what fsync on the raw file asks for). Once a
+        failed fdatasync has lost data that was not kept (see _sync), every flush fails with EIO:
+        a later success would claim what is not on disk."""
         if self.writable:
             with self._alloc_lock:
                 self._write_back()
-                os.fdatasync(self.fd)
+                self._sync()
+                if self._lost is not None:
+                    raise OSError(errno.EIO, f"an earlier flush failed ({self._lost.strerror}): "
+                                  "data written before it may be lost")
+
+    def _cut_unused_tail(self) -> None:
+        """Give back what failed appends left past the end that nothing points to."""
+        if self._tail_unused and os.fstat(self.fd).st_size > self.file_size:
+            os.ftruncate(self.fd, self.file_size)
+            os.fdatasync(self.fd)
 
     def allocated_bytes(self) -> int:
         """Disk space the image file really uses (for st_blocks)."""
@@ -954,7 +1104,11 @@ class QedImage:
             if self.writable:
                 self.flush()
                 self.clear_need_check()
+                self._cut_unused_tail()
                 self._trim_free_tail()
+        except OSError as err:
+            raise FusestreamError(f"{self.path}: not everything could be written at close: "
+                                  f"{err.strerror or err}") from None
         finally:
             self.direct.close()
             os.close(self.fd)

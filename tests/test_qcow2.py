@@ -623,3 +623,14 @@ def test_an_l1_entry_into_the_l1_table_is_refused_at_open(tmp_path):
     poke(image, header.l1_table_offset, header.l1_table_offset | (1 << 63))
     with pytest.raises(InvalidImageError, match="L1 entry 0: L2 table offset .* lies in the L1 table"):
         Qcow2Image(str(image))
+
+
+def test_a_backing_name_at_a_proc_file_is_refused_with_one_line(tmp_path):
+    """/proc/self/mem is a 'regular file' that cannot be locked: found by the fuzzer."""
+    image = tmp_path / "over.qcow2"
+    qemu_img("create", "-f", "qcow2", "-u", "-b", "/proc/self/mem", "-F", "raw", str(image), "1M")
+    top = tmp_path / "top.qed"
+    qemu_img("create", "-f", "qed", "-u", "-b", image.name, "-F", "qcow2", str(top), "1M")
+    result = fusestream("info", "--chain", str(top), check=False)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "/proc/self/mem" in result.stderr

@@ -284,8 +284,8 @@ class Qcow2Image:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise _fail(self.path, f"{what} is not valid UTF-8") from None
-        if "\0" in text:
-            raise _fail(self.path, f"{what} contains a NUL byte")
+        if not text.isprintable():  # a NUL, or a newline that would break the one-line messages naming it
+            raise _fail(self.path, f"{what} contains control characters")
         return text
 
     def _read_backing_filename(self, header_cluster: bytes) -> str | None:
@@ -546,8 +546,10 @@ class Qcow2Image:
             yield tuple(current)
 
     def _read_data_into(self, view: memoryview, file_offset: int, direct: bool) -> None:
-        """Read a normal cluster's data; what lies past the end of the file reads as zeros."""
-        filled = pread_into(self.fd, view, file_offset, self.direct.fd if direct else -1)
+        """Read a normal cluster's data; what lies past the end of the file (as it was at open)
+        reads as zeros, and is never asked for."""
+        inside = max(0, min(len(view), self.file_size - file_offset))
+        filled = pread_into(self.fd, view[:inside], file_offset, self.direct.fd if direct else -1)
         fill_zeros(view[filled:])
 
     def prefetch(self, offset: int, length: int) -> None:

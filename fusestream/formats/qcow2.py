@@ -38,6 +38,7 @@ from .layer import (
     open_regular_file,
     pread_into,
     prefetch_from,
+    read_from,
     read_into_from,
 )
 from .qcow2_structs import (
@@ -119,10 +120,6 @@ def _refuse(path: str, feature: str) -> UnsupportedImageError:
     return UnsupportedImageError(f"{path}: qcow2 {feature} is not supported")
 
 
-def _overlaps(start: int, length: int, region_start: int, region_length: int) -> bool:
-    return start < region_start + region_length and region_start < start + length
-
-
 class Qcow2Image:
     """One qcow2 file, read-only. ``backing`` is set by the chain once it has opened the
     backing layer named by ``backing_filename`` (in ``backing_format``, or probed if None)."""
@@ -193,6 +190,12 @@ class Qcow2Image:
             raise _refuse(self.path, f"external data file ({data_file!r})")
         self.backing_filename = self._read_backing_filename(header_cluster)
         self._check_geometry()
+        self._metadata_regions = (
+            (0, self.cluster_size, "header"),
+            (h.l1_table_offset, h.l1_table_offset + h.l1_size * 8, "L1 table"),
+            (h.refcount_table_offset, h.refcount_table_offset + h.refcount_table_clusters * self.cluster_size,
+             "refcount table"),
+        )
         self.l1 = self._read_l1()
         self._l2_offsets = frozenset(o for o in self.l1 if o)
         self._check_l1()
@@ -346,16 +349,18 @@ class Qcow2Image:
                 raise _fail(self.path, f"L1 entry {index}: L2 table offset {offset} {problem}")
 
     def _metadata_overlap(self, start: int, length: int, l2_tables: bool = True) -> str | None:
-        """Which metadata [start, start+length) of the file overlaps, if any."""
-        h, cs = self.header, self.cluster_size
-        if start < cs:
-            return "lies in the header"
-        if _overlaps(start, length, h.l1_table_offset, h.l1_size * 8):
-            return "lies in the L1 table"
-        if _overlaps(start, length, h.refcount_table_offset, h.refcount_table_clusters * cs):
-            return "lies in the refcount table"
-        if l2_tables and any(c * cs in self._l2_offsets for c in range(start // cs, (start + length - 1) // cs + 1)):
-            return "lies in an L2 table"
+        """Which metadata [start, start+length) of the file overlaps, if any. On every lookup's
+        path: the regions are worked out once (_metadata_regions)."""
+        end = start + length
+        for region_start, region_end, name in self._metadata_regions:
+            if start < region_end and region_start < end:
+                return f"lies in the {name}"
+        if l2_tables:
+            cs = self.cluster_size
+            if start % cs == 0 and length == cs:  # a data cluster: only a table at its very offset
+                return "lies in an L2 table" if start in self._l2_offsets else None
+            if any(c * cs in self._l2_offsets for c in range(start // cs, (end - 1) // cs + 1)):
+                return "lies in an L2 table"
         return None
 
     @property
@@ -504,7 +509,19 @@ class Qcow2Image:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def read(self, offset: int, length: int) -> bytearray:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        kind, _, run, where = next(self._pieces(offset, length), (None, 0, 0, None))
+        if run == length:  # the common small read: one lookup, no list of pieces
+            if kind is BlockStatus.FOUND:
+                inside = max(0, min(length, self.file_size - where))
+                data = os.pread(self.fd, inside, where)
+                return data if len(data) == length else data + bytes(length - len(data))
+            if kind == COMPRESSED:
+                within = offset % self.cluster_size
+                return self._inflate_all([where])[where.coffset][within : within + length]
+            if kind is BlockStatus.ZERO:
+                return bytes(length)
+            return read_from(self.backing, offset, length)
         buf = bytearray(length)
         self.read_into(memoryview(buf), offset)  # a short backing read leaves zeros, as read_from pads
         return buf
@@ -568,6 +585,8 @@ class Qcow2Image:
         cache, the others inflated (on the pool when there are several)."""
         clusters: dict[int, bytes] = {}
         missing = []
+        if not wanted:
+            return clusters
         with self._cluster_lock:
             for compressed in wanted:
                 data = self._clusters.get(compressed.coffset)

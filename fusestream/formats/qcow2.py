@@ -185,7 +185,7 @@ class Qcow2Image:
         self._load_v3_fields(head)
         header_cluster = os.pread(self.fd, self.cluster_size, 0)
         self._check_crypt_and_features()
-        self.backing_format, data_file, self.feature_names = self._read_extensions(header_cluster)
+        self.backing_format, data_file = self._read_extensions(header_cluster)
         if data_file is not None:
             raise _refuse(self.path, f"external data file ({data_file!r})")
         self.backing_filename = self._read_backing_filename(header_cluster)
@@ -240,10 +240,10 @@ class Qcow2Image:
         if self.extended_l2 and self.cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS:
             raise _fail(self.path, f"extended L2 entries with {self.cluster_size}-byte clusters (16 KiB at least)")
 
-    def _read_extensions(self, header_cluster: bytes) -> tuple[str | None, str | None, dict[int, str]]:
-        """(backing format, external data file name, incompatible feature names by bit) from the
-        header extensions; unknown ones are skipped. An image with unknown incompatible bits is
-        refused here, named from the feature name table when it names them."""
+    def _read_extensions(self, header_cluster: bytes) -> tuple[str | None, str | None]:
+        """(backing format, external data file name) from the header extensions; unknown ones
+        are skipped. An image with unknown incompatible bits is refused here, the bits named
+        from the feature name table when it names them."""
         backing_format = data_file = None
         names: dict[int, str] = {}
         at = self.header.header_length
@@ -268,7 +268,7 @@ class Qcow2Image:
             bits = [bit for bit in range(64) if unknown >> bit & 1]
             named = ", ".join(f"bit {bit}" + (f" ({names[bit]})" if bit in names else "") for bit in bits)
             raise _refuse(self.path, f"incompatible feature {named}")
-        return backing_format, data_file, names
+        return backing_format, data_file
 
     @staticmethod
     def _feature_names(data: bytes) -> dict[int, str]:

@@ -92,7 +92,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_NAME = "qcow2"
 DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
-DEFAULT_CLUSTER_CACHE_BYTES = 32 * 1024 * 1024
+DEFAULT_CLUSTER_CACHE_BYTES = 8 * 1024 * 1024  # 128 inflated 64 KiB clusters: see docs/qcow2-format.md
 # A read that needs at least this many clusters inflated inflates them on a thread pool.
 PARALLEL_INFLATE_MIN = 2
 

@@ -1,7 +1,8 @@
 """The backing chain: open an image and every layer below it, and read through them.
 
 Backing names are resolved relative to the directory of the image that names them; formats are
-probed by magic unless the image says the backing file is raw (QED_F_BACKING_FORMAT_NO_PROBE).
+probed by magic unless the image says the backing file is raw (QED_F_BACKING_FORMAT_NO_PROBE) or,
+for qcow2, names its format (the backing format header extension).
 Every failure names the file that caused it.
 """
 
@@ -15,7 +16,7 @@ import time
 from collections.abc import Iterator
 
 from .errors import BackingFileError, FusestreamError, describe_os_error
-from .formats import qed
+from .formats import qcow2, qed
 from .formats.layer import BlockStatus, Layer, open_regular_file, prefetch_from, read_into_from
 from .formats.qed_structs import QED_MAGIC
 from .formats.raw import RawLayer
@@ -82,7 +83,9 @@ def open_layer(path: str, fmt: str | None = None, lock: bool = True, allow_devic
         return RawLayer(path, lock=lock, allow_device=allow_device)
     if fmt == qed.FORMAT_NAME:
         return qed.QedImage(path, writable=False, lock=lock)
-    raise BackingFileError(f"{path}: unsupported image format '{fmt}' (raw and qed layers are supported)")
+    if fmt == qcow2.FORMAT_NAME:
+        return qcow2.Qcow2Image(path, lock=lock)
+    raise BackingFileError(f"{path}: unsupported image format '{fmt}' (raw, qed and qcow2 layers are supported)")
 
 
 class LayersInUse:
@@ -318,7 +321,7 @@ def _open_backing(layers: list[Layer], confinement: Confinement, lock: bool) -> 
     """Follow backing names down from layers[-1], appending each opened layer."""
     seen = {os.path.realpath(layers[0].path)}
     current = layers[0]
-    while isinstance(current, qed.QedImage) and current.backing_filename is not None:
+    while isinstance(current, qed.QedImage | qcow2.Qcow2Image) and current.backing_filename is not None:
         backing_path = resolve_backing(current.path, current.backing_filename)
         real = os.path.realpath(backing_path)
         if real in seen:
@@ -328,7 +331,7 @@ def _open_backing(layers: list[Layer], confinement: Confinement, lock: bool) -> 
         confinement.check(current.path, backing_path)
         if not os.path.exists(backing_path):
             raise BackingFileError(f"{current.path}: backing file {backing_path} does not exist")
-        fmt = "raw" if current.backing_format_is_raw else None
+        fmt = "raw" if current.backing_format_is_raw else getattr(current, "backing_format", None)
         try:
             layer = open_layer(backing_path, fmt, lock, confinement.allow_devices)
         except FusestreamError as err:  # say which image names the file at fault

@@ -27,7 +27,7 @@ POLL_SECONDS = 0.05
 # soon after a short stream ends and costs the daemon little during a long one.
 WAIT_POLL_MIN, WAIT_POLL_MAX = 0.01, 0.5
 
-SUPPORTED_BACKING_FORMATS = ("raw", "qed")
+SUPPORTED_BACKING_FORMATS = ("raw", "qed", "qcow2")
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -61,7 +61,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         overwrite=args.force,
     )
     print(f"Created {args.image}: qed, {format_size(size)} ({size} bytes)"
-          + (f", backing file {args.backing} ({'raw' if backing_raw else 'qed'})" if args.backing else ""))
+          + (f", backing file {args.backing} ({fmt})" if args.backing else ""))
     return 0
 
 
@@ -75,7 +75,7 @@ def _parse_size_arg(text: str) -> int:
 def describe_layer(layer: Layer) -> dict:
     """The facts `info` shows for one layer; keys follow qemu-img info's JSON where it has one."""
     from .chain import resolve_backing
-    from .formats import qed
+    from .formats import qcow2, qed
     from .formats.qed_structs import QED_F_NEED_CHECK
 
     info = {
@@ -88,12 +88,26 @@ def describe_layer(layer: Layer) -> dict:
         info["cluster-size"] = layer.cluster_size
         info["table-size"] = layer.header.table_size
         info["need-check"] = bool(layer.header.features & QED_F_NEED_CHECK)
-        if layer.backing_filename is not None:
-            info["backing-filename"] = layer.backing_filename
-            info["full-backing-filename"] = resolve_backing(layer.path, layer.backing_filename)
-            if layer.backing_format_is_raw:
-                info["backing-filename-format"] = "raw"
+    if isinstance(layer, qcow2.Qcow2Image):
+        info["cluster-size"] = layer.cluster_size
+        info["format-specific"] = {"type": "qcow2", "data": qcow2_specific(layer)}
+        info["dirty-flag"] = layer.dirty
+    if isinstance(layer, qed.QedImage | qcow2.Qcow2Image) and layer.backing_filename is not None:
+        info["backing-filename"] = layer.backing_filename
+        info["full-backing-filename"] = resolve_backing(layer.path, layer.backing_filename)
+        backing_format = "raw" if layer.backing_format_is_raw else getattr(layer, "backing_format", None)
+        if backing_format:
+            info["backing-filename-format"] = backing_format
     return info
+
+
+def qcow2_specific(layer) -> dict:
+    """qemu-img info's "format-specific" data of a qcow2 image, with its keys and order."""
+    data = {"compat": layer.compat, "compression-type": layer.compression_type}
+    if layer.header.version == 2:
+        return {**data, "refcount-bits": 16}
+    return {**data, "lazy-refcounts": layer.lazy_refcounts, "refcount-bits": 1 << layer.header.refcount_order,
+            "corrupt": False, "extended-l2": layer.extended_l2}  # a corrupt image is refused at open
 
 
 def render_info(info: dict) -> str:
@@ -105,7 +119,10 @@ def render_info(info: dict) -> str:
     ]
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
+    if "table-size" in info:
         lines.append(f"table_size: {info['table-size']}")
+    for key, value in info.get("format-specific", {}).get("data", {}).items():
+        lines.append(f"{key.replace('-', ' ')}: {str(value).lower() if isinstance(value, bool) else value}")
     if "backing-filename" in info:
         fmt = f" (format: {info['backing-filename-format']})" if "backing-filename-format" in info else ""
         lines.append(f"backing file: {info['backing-filename']}{fmt}")
@@ -139,9 +156,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """qemu-img check's meaning: 0 clean, 2 corruption, 3 leaks only, 1 the check itself failed."""
+    from .chain import probe_format
     from .formats import qed_check
 
     try:
+        fmt = probe_format(os.path.abspath(args.image))
+        if fmt == "qcow2":
+            raise FusestreamError(f"{os.path.abspath(args.image)}: a qcow2 image: check works on QED images "
+                                  "(use qemu-img check for qcow2)")
         result = qed_check.check_file(os.path.abspath(args.image), repair=args.repair)
     except FusestreamError as err:
         print(f"fusestream: {err}", file=sys.stderr)

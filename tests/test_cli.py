@@ -98,9 +98,9 @@ def test_create_never_destroys_an_image_in_use(tmp_path):
     assert "its own backing file" in fusestream(
         "create", "-b", "base.raw", "--force", str(tmp_path / "base.raw"), check=False).stderr
     assert (tmp_path / "base.raw").read_bytes() == b"\x07" * 65536
-    qemu_img("create", "-f", "qcow2", str(tmp_path / "b.qcow2"), "1M")
-    assert "unsupported image format 'qcow2'" in fusestream(
-        "create", "-b", "b.qcow2", str(tmp_path / "x.qed"), check=False).stderr
+    qemu_img("create", "-f", "vmdk", str(tmp_path / "b.vmdk"), "1M")
+    assert "unsupported image format 'vmdk'" in fusestream(
+        "create", "-b", "b.vmdk", str(tmp_path / "x.qed"), check=False).stderr
     image = tmp_path / "busy.qed"
     fusestream("create", "-s", "1M", str(image))
     chain = open_chain(str(image))

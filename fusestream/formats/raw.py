@@ -27,13 +27,16 @@ class RawLayer:
             if lock:
                 fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 lock_image(self.fd, path, writable=False)
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)  # st_size is 0 for a block device
         except BlockingIOError:
             os.close(self.fd)
             raise BackingFileError(f"{path}: in use for writing by another fusestream process") from None
+        except OSError as err:  # a "regular file" that cannot be locked or sized, such as /proc/self/mem
+            os.close(self.fd)
+            raise BackingFileError(describe_os_error(path, err)) from None
         except BaseException:
             os.close(self.fd)
             raise
-        self.size = os.lseek(self.fd, 0, os.SEEK_END)  # st_size is 0 for a block device
         self.direct = DirectTwin(self.fd, writable=False)
         self.advice = ReadAdvice(self.fd, path)
 

@@ -139,3 +139,16 @@ def test_qemu_cannot_write_a_mounted_image(small_chain, mount):
         assert qemu_io_result(top, "read 0 4k", "-U", "-r").returncode == 0
     finally:
         m.umount()
+
+
+def test_a_qcow2_backing_file_carries_the_locks_too(tmp_path):
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qed"
+    qemu_img("create", "-f", "qcow2", str(base), "1M")
+    qed.create(str(top), 1 << 20, backing_filename=base.name)
+    chain = open_chain(str(top))
+    try:
+        refused = qemu_io_result(base, "write 0 4k", "-f", "qcow2")
+        assert refused.returncode and 'Failed to get "write" lock' in refused.stderr
+    finally:
+        chain.close()
+    assert qemu_io_result(base, "write 0 4k", "-f", "qcow2").returncode == 0

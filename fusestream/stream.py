@@ -26,7 +26,7 @@ from .formats.layer import BlockStatus, Layer
 
 log = logging.getLogger(__name__)
 
-MAX_COPY = 8 * 1024 * 1024  # bytes copied per step at most (one read, one write)
+MAX_COPY = 8 * 1024 * 1024  # bytes copied per step at most (one read, one write), unless a cluster is larger
 # While the guest is busy (it read or wrote within GUEST_BUSY_SECONDS), the job gives way:
 # gentle steps of at most GENTLE_COPY, read exactly (no readahead) and installed before the next
 # read, so the guest's next request finds at most one small I/O of the stream ahead of it at the
@@ -74,9 +74,12 @@ class Copier:
         self._installer = ThreadPoolExecutor(1, thread_name_prefix="fusestream-install") if pipelined else None
         self._pending: Future | None = None
         self._next_step: Step | None = None  # planned one step early, its data prefetched
+        # The most one step reads and installs: MAX_COPY, or one cluster where clusters are
+        # larger (up to 64 MiB), since a cluster is copied whole or not at all.
+        self.max_step = max(MAX_COPY, chain.top.cluster_size)
         # One read buffer per step in flight, reused: fresh memory would cost a page fault per
         # page on every step. Anonymous mmaps are page-aligned, as O_DIRECT wants.
-        self._buffers = [mmap.mmap(-1, MAX_COPY) for _ in range(2 if pipelined else 1)]
+        self._buffers = [mmap.mmap(-1, self.max_step) for _ in range(2 if pipelined else 1)]
 
     @property
     def stop(self) -> int:
@@ -96,9 +99,9 @@ class Copier:
 
     def copy_step(self, offset: int, end: int, max_read: int = MAX_COPY, gentle: bool = False) -> tuple[int, int]:
         """Stream from `offset` (cluster-aligned) towards `end`: plan up to `max_read` bytes of
-        backing data to copy, looking up at most MAX_SCAN_CLUSTERS of the top image (and only as
-        far as needed), read it, and install it with one populate (in the background when
-        pipelined: drain() waits for it). Returns (where it stopped, bytes read): empty space is
+        backing data to copy (whole clusters: at least one, at most max_step), looking up at
+        most MAX_SCAN_CLUSTERS of the top image (and only as far as needed), read it, and
+        install it with one populate (in the background when pipelined: drain() waits for it). Returns (where it stopped, bytes read): empty space is
         crossed quickly and one step's work stays bounded.
 
         Unless `gentle`, the next step is planned here too, and its data prefetched
@@ -110,8 +113,8 @@ class Copier:
         `gentle`: give way to a busy guest, with one I/O at a time and no more than asked for:
         no prefetching, the reads bypass readahead (see Layer.read_into) and the install
         finishes here. (The first gentle step after full ones plans again; what the last full
-        step prefetched for it, up to MAX_COPY, has already gone to the device.)"""
-        step = self._take_step(offset, end, min(max_read, MAX_COPY), prefetch=not gentle)
+        step prefetched for it, up to max_step, has already gone to the device.)"""
+        step = self._take_step(offset, end, self._whole_clusters(max_read), prefetch=not gentle)
         if not gentle and step.stop < end:
             self._next_step = self._plan(step.stop, end, step.max_read, prefetch=True)
         pieces = self._read(step.ranges, direct=gentle)
@@ -119,6 +122,13 @@ class Copier:
         if gentle:
             self.drain()
         return step.stop, sum(len(data) for _, data in pieces)
+
+    def _whole_clusters(self, max_read: int) -> int:
+        """`max_read` as a step may read it: whole clusters, at least one, at most max_step
+        (a cluster is always installed whole, never in parts)."""
+        cs = self.chain.top.cluster_size
+        limit = max(cs, min(max_read, self.max_step))
+        return limit - limit % cs
 
     def _take_step(self, offset: int, end: int, max_read: int, prefetch: bool) -> Step:
         """The step the previous call planned, if this is the one; else a new plan."""
@@ -198,7 +208,7 @@ class Copier:
             yield current
 
     def _read(self, plan: tuple[tuple[int, int], ...], direct: bool) -> list[tuple[int, memoryview]]:
-        """The planned ranges (MAX_COPY bytes at most), read from the backing chain straight into
+        """The planned ranges (max_step bytes at most), read from the backing chain straight into
         the next page-aligned buffer: preadv copies without holding the GIL, so guest requests on
         the event loop are not held up, and the alignment lets the install bypass the page
         cache."""
@@ -223,6 +233,8 @@ class Copier:
         except OSError as err:
             top = self.chain.top.path
             raise StreamError(f"write error in {top} at offset {pieces[0][0]}: {err.strerror or err}") from None
+        except ValueError as err:  # a piece short of its cluster: refused, never padded with zeros
+            raise StreamError(str(err)) from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -129,10 +129,10 @@ def validate_header(path: str, h, file_size: int) -> None:
 
 def is_zero(data: bytes | memoryview) -> bool:
     """True if every byte is zero; a memcmp against zeros, not a Python loop over bytes (nor
-    memoryview's comparison, which goes item by item)."""
-    if len(data) > len(ZEROS):
-        return bytes(data) == bytes(len(data))
-    return ZEROS.startswith(bytes(data))
+    memoryview's comparison, which goes item by item), a megabyte at a time and copying nothing,
+    so that a 64 MiB cluster costs no extra memory."""
+    view = memoryview(data).cast("B")
+    return all(ZEROS.startswith(view[at : at + len(ZEROS)]) for at in range(0, len(view), len(ZEROS)))
 
 
 def _pread_exact(fd: int, offset: int, length: int) -> bytes:
@@ -521,13 +521,19 @@ class QedImage:
         the clusters they cover that are still unallocated; returns the bytes allocated. All
         pieces go in with one append; the L2 entries wait for the next write-back.
 
-        Clusters the guest has written meanwhile are left alone: guest writes win. Each offset is
-        cluster-aligned and each piece covers whole clusters (or runs to the end of the image).
-        An all-zero cluster becomes a zero cluster when `zero_clusters`, else stays unallocated.
+        Clusters the guest has written meanwhile are left alone: guest writes win. Each offset must
+        be cluster-aligned and each piece cover whole clusters (or run to the end of the image):
+        anything else is refused with ValueError, since the rest of a cluster cut short is not
+        known and must never become zeros. An all-zero cluster becomes a zero cluster when
+        `zero_clusters`, else stays unallocated.
         """
         if not self.writable:
             raise PermissionError(f"{self.path}: image is open read-only")
         cs = self.cluster_size
+        for offset, data in pieces:
+            end = offset + len(data)
+            if offset % cs or (end % cs and end != self.size) or end > self.size:
+                raise ValueError(f"{self.path}: populate of [{offset}, {end}) does not cover whole clusters")
         with self._alloc_lock:
             contents: dict[int, bytes | memoryview | None] = {}
             for offset, data in pieces:
@@ -542,7 +548,7 @@ class QedImage:
                                 contents[(offset + at) // cs] = None
                         elif len(cluster) == cs:
                             contents[(offset + at) // cs] = cluster
-                        else:  # the image's last, partial cluster: padded, still page-aligned
+                        else:  # the image's last cluster, past the image's end: padded, page-aligned
                             padded = memoryview(mmap.mmap(-1, cs))
                             padded[: len(cluster)] = cluster
                             contents[(offset + at) // cs] = padded

@@ -101,8 +101,9 @@ class Copier:
         """Stream from `offset` (cluster-aligned) towards `end`: plan up to `max_read` bytes of
         backing data to copy (whole clusters: at least one, at most max_step), looking up at
         most MAX_SCAN_CLUSTERS of the top image (and only as far as needed), read it, and
-        install it with one populate (in the background when pipelined: drain() waits for it). Returns (where it stopped, bytes read): empty space is
-        crossed quickly and one step's work stays bounded.
+        install it with one populate (in the background when pipelined: drain() waits for it).
+        Returns (where it stopped, bytes read): empty space is crossed quickly and one step's
+        work stays bounded.
 
         Unless `gentle`, the next step is planned here too, and its data prefetched
         (Layer.prefetch): the device reads it while this step is read and installed, and the

@@ -234,12 +234,16 @@ class QedImage:
         self.first_cluster = h.header_size * h.cluster_size
         self.file_size = file_size - file_size % h.cluster_size
         self.backing_filename = self._read_backing_filename()
-        self.l1 = self.read_table(h.l1_table_offset)
+        # Only the entries that address the virtual size are read: with 64 MiB clusters and
+        # table_size 16 a table is 1 GiB, while a 10 GiB image needs one L1 entry and 160 L2 ones.
+        self.l1_entries = -(-self.size // (self.cluster_size * self.nelems))
+        self.l2_entries = min(self.nelems, -(-self.size // self.cluster_size))
+        self.l1 = self.read_table(h.l1_table_offset, self.l1_entries)
         self._l2_offsets = {o for o in self.l1 if o != QED_UNALLOCATED}
         if check_tables:
             self._check_l1()
         self._l2_cache: collections.OrderedDict[int, array.array] = collections.OrderedDict()
-        self._l2_cache_max = max(1, l2_cache_bytes // self.table_bytes)
+        self._l2_cache_max = max(1, l2_cache_bytes // max(1, self.l2_entries * TABLE_ENTRY_SIZE))
         # L2 table offset -> [lo, hi): entries changed in the cached table and not yet written.
         # Such a table stays cached until write_back() has written them (see _write_back).
         self._unwritten: dict[int, tuple[int, int]] = {}
@@ -270,9 +274,13 @@ class QedImage:
         """QED_F_BACKING_FORMAT_NO_PROBE: the backing file is raw and must not be probed."""
         return bool(self.header.features & QED_F_BACKING_FORMAT_NO_PROBE)
 
-    def read_table(self, offset: int) -> array.array:
+    def read_table(self, offset: int, entries: int | None = None) -> array.array:
+        """The first `entries` entries of the table at `offset` (all of them by default). The
+        image reads l1_entries of its L1 table and l2_entries of each L2 table: the rest address
+        nothing inside the virtual size."""
         table = array.array("Q")
-        table.frombytes(_pread_exact(self.fd, offset, self.table_bytes))
+        count = self.nelems if entries is None else entries
+        table.frombytes(_pread_exact(self.fd, offset, count * TABLE_ENTRY_SIZE))
         return table
 
     def _check_l1(self) -> None:
@@ -316,7 +324,7 @@ class QedImage:
     def _l2_table(self, offset: int) -> array.array:
         table = self._l2_cache.get(offset)
         if table is None:
-            table = self.read_table(offset)
+            table = self.read_table(offset, self.l2_entries)
             self._cache_table(offset, table)
         else:
             self._l2_cache.move_to_end(offset)
@@ -669,13 +677,17 @@ class QedImage:
                 del self._unwritten[l2_offset]
 
     def _new_l2_table(self, l1_index: int, updates: dict[int, int]) -> None:
-        table = array.array("Q", bytes(self.table_bytes))
+        """Append a new L2 table, whole on disk: its l2_entries are written, the rest of it is
+        the zeros of a file extended past them (a table can be 1 GiB; see _load)."""
+        table = array.array("Q", bytes(self.l2_entries * TABLE_ENTRY_SIZE))
         for index, entry in updates.items():
             table[index] = entry
         l2_offset = self.file_size
         self.file_size += self.table_bytes
         try:
+            os.ftruncate(self.fd, l2_offset)  # what lay past the last cluster (nothing points there)
             _pwrite_all(self.fd, table.tobytes(), l2_offset)
+            os.ftruncate(self.fd, self.file_size)
             os.fdatasync(self.fd)  # the table, and the data its entries point to, before the L1 entry
         except BaseException:
             self.file_size = l2_offset

@@ -25,7 +25,7 @@ from fusestream.chain import open_chain
 from fusestream.cli import describe_layer
 from fusestream.formats import qed
 from fusestream.formats.qed_check import check_file
-from fusestream.stream import COMPLETED, Streamer
+from fusestream.stream import COMPLETED, FAILED, Copier, Streamer
 
 MiB = 1 << 20
 
@@ -83,6 +83,13 @@ def top_over(tmp: Path, base: Path, size: int, cluster_size: int, table_size: in
     return top
 
 
+def random_base_under_top(tmp: Path, size: int, cluster_size: int) -> tuple[bytes, Path]:
+    """A raw base of random data and a QED image over it; the base's bytes and the image."""
+    base = tmp / "base.raw"
+    expected = raw_base(base, size, [(0, size)])
+    return expected, top_over(tmp, base, size, cluster_size)
+
+
 async def inline(fn, *args):
     """Run a blocking step inline; a copy step must move forward (one that did not looped for ever)."""
     result = fn(*args)
@@ -91,13 +98,13 @@ async def inline(fn, *args):
     return result
 
 
-def stream_to_end(chain) -> str:
+def stream_to_end(chain, emit=lambda *_: None) -> str:
     """Run a whole stream job on a MockClock, the copy steps inline; returns its final state."""
 
     async def main():
         with trio.fail_after(600):
             async with trio.open_nursery() as nursery:
-                job = Streamer(chain, nursery, lambda *_: None, run_sync=inline).start()
+                job = Streamer(chain, nursery, emit, run_sync=inline).start()
                 await job.wait_finished()
                 return job.state
 
@@ -121,9 +128,7 @@ def assert_image_reads(top: Path, expected: bytes, tmp: Path) -> None:
 
 
 def test_a_stream_copies_whole_16m_clusters(tmp_path):
-    base = tmp_path / "base.raw"
-    expected = raw_base(base, 48 * MiB, [(0, 48 * MiB)])
-    top = top_over(tmp_path, base, len(expected), 16 * MiB)
+    expected, top = random_base_under_top(tmp_path, 48 * MiB, 16 * MiB)
     c = open_chain(str(top))
     try:
         assert stream_to_end(c) == COMPLETED
@@ -134,9 +139,7 @@ def test_a_stream_copies_whole_16m_clusters(tmp_path):
 
 
 def test_copy_on_read_copies_the_whole_16m_cluster(tmp_path):
-    base = tmp_path / "base.raw"
-    expected = raw_base(base, 32 * MiB, [(0, 32 * MiB)])
-    top = top_over(tmp_path, base, len(expected), 16 * MiB)
+    expected, top = random_base_under_top(tmp_path, 32 * MiB, 16 * MiB)
     c = open_chain(str(top))
     try:
         streamer = Streamer(c, None, lambda *_: None)
@@ -166,6 +169,21 @@ def test_populate_refuses_part_of_a_cluster(tmp_path):
         assert [e.status.name for e in image.extents(0, 2 * 65536 + 4096)] == ["UNALLOCATED", "FOUND"]
     finally:
         image.close()
+
+
+def test_a_step_short_of_its_cluster_fails_the_stream(tmp_path, monkeypatch):
+    """Were a step ever planned short of a cluster again, the job fails; no zeros are written."""
+    expected, top = random_base_under_top(tmp_path, 32 * MiB, 16 * MiB)
+    monkeypatch.setattr(Copier, "_whole_clusters", lambda self, max_read: 8 * MiB)
+    c = open_chain(str(top))
+    try:
+        events = []
+        assert stream_to_end(c, lambda name, data: events.append((name, data))) == FAILED
+        assert "does not cover whole clusters" in events[-1][1]["error"]
+        assert c.top.extents(0, len(expected))[0].status.name == "UNALLOCATED"
+        assert c.read(0, len(expected)) == expected
+    finally:
+        c.close()
 
 
 @pytest.mark.mount

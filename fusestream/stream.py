@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import logging
 import mmap
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +34,9 @@ MAX_COPY = 8 * 1024 * 1024  # bytes copied per step at most (one read, one write
 # device, not megabytes. Measured with bench/stream_bench.py (docs/performance.md).
 GENTLE_COPY = 64 * 1024
 GUEST_BUSY_SECONDS = 0.1
+# Copy-on-read copies in flight at once (more guest reads wait): each copier keeps a buffer of
+# one step, up to 64 MiB with 64 MiB clusters, and is reused by the reads that follow.
+COPY_ON_READ_COPIERS = 2
 MAX_SCAN_CLUSTERS = 16384  # clusters of the top image looked up per step (1 GiB at 64 KiB clusters)
 RATE_WINDOW = 3.0  # seconds of progress history behind the measured rate
 
@@ -91,6 +95,7 @@ class Copier:
         """Stream all of [offset, offset+length), cluster-aligned; returns the bytes read."""
         transferred = 0
         end = offset + length
+        self._next_step = None  # a plan left by an earlier range that failed half-way
         while offset < end:
             offset, step = self.copy_step(offset, end)
             transferred += step
@@ -425,6 +430,9 @@ class Streamer:
         self.default_base = default_base  # -o base=PATH: for `stream` without base= and copy-on-read
         self.default_speed = default_speed
         self.job: StreamJob | None = None
+        # Copy-on-read copiers not in use; COPY_ON_READ_COPIERS at most exist, one per slot.
+        self._idle_copiers: list[Copier] = []
+        self._copier_slots = threading.BoundedSemaphore(COPY_ON_READ_COPIERS)
 
     @property
     def active(self) -> bool:
@@ -499,4 +507,10 @@ class Streamer:
             base = self.job.copier.base
         else:  # the mount's base, unless a finished stream has already merged it away
             base = self.chain.find_layer(self.default_base) if self.default_base else None
-        return Copier(self.chain, base).copy_range(start, end - start)
+        with self._copier_slots:
+            copier = self._idle_copiers.pop() if self._idle_copiers else Copier(self.chain, base)
+            copier.base = base
+            try:
+                return copier.copy_range(start, end - start)
+            finally:
+                self._idle_copiers.append(copier)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import random
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from fusestream.chain import open_chain
 from fusestream.cli import describe_layer
 from fusestream.formats import qed
 from fusestream.formats.qed_check import check_file
-from fusestream.stream import COMPLETED, FAILED, Copier, Streamer
+from fusestream.stream import COMPLETED, COPY_ON_READ_COPIERS, FAILED, Copier, Streamer
 
 MiB = 1 << 20
 
@@ -153,6 +155,46 @@ def test_copy_on_read_copies_the_whole_16m_cluster(tmp_path):
         assert alone.read(16 * MiB, 16 * MiB) == expected[16 * MiB :]
     finally:
         alone.close()
+
+
+def test_copy_on_read_reuses_a_few_copiers(tmp_path, monkeypatch):
+    """Each copier holds a buffer of a whole step (64 MiB with 64 MiB clusters): guest reads
+    copying at once share a bounded few, built once, not one per read."""
+    expected, top = random_base_under_top(tmp_path, 8 * 65536, 65536)
+    built, in_flight, most = [], [0], [0]
+    copy_range, init = Copier.copy_range, Copier.__init__
+    lock = threading.Lock()
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        init(self, *args, **kwargs)
+
+    def slow_copy_range(self, offset, length):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.05)
+        try:
+            return copy_range(self, offset, length)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(Copier, "__init__", counting_init)
+    monkeypatch.setattr(Copier, "copy_range", slow_copy_range)
+    c = open_chain(str(top))
+    try:
+        streamer = Streamer(c, None, lambda *_: None)
+        readers = [threading.Thread(target=streamer.read_copying, args=(i * 65536, 4096)) for i in range(8)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join()
+        assert c.top.extents(0, len(expected))[0].status.name == "FOUND"
+        assert c.read(0, len(expected)) == expected
+    finally:
+        c.close()
+    assert 1 <= len(built) <= COPY_ON_READ_COPIERS and most[0] <= COPY_ON_READ_COPIERS
 
 
 def test_populate_refuses_part_of_a_cluster(tmp_path):

@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import logging
 import mmap
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,13 +28,16 @@ from .formats.layer import BlockStatus, Layer
 
 log = logging.getLogger(__name__)
 
-MAX_COPY = 8 * 1024 * 1024  # bytes copied per step at most (one read, one write)
+MAX_COPY = 8 * 1024 * 1024  # bytes copied per step at most (one read, one write), unless a cluster is larger
 # While the guest is busy (it read or wrote within GUEST_BUSY_SECONDS), the job gives way:
 # gentle steps of at most GENTLE_COPY, read exactly (no readahead) and installed before the next
 # read, so the guest's next request finds at most one small I/O of the stream ahead of it at the
 # device, not megabytes. Measured with bench/stream_bench.py (docs/performance.md).
 GENTLE_COPY = 64 * 1024
 GUEST_BUSY_SECONDS = 0.1
+# Copy-on-read copies in flight at once (more guest reads wait): each copier keeps a buffer of
+# one step, up to 64 MiB with 64 MiB clusters, and is reused by the reads that follow.
+COPY_ON_READ_COPIERS = 2
 MAX_SCAN_CLUSTERS = 16384  # clusters of the top image looked up per step (1 GiB at 64 KiB clusters)
 COUNT_WINDOW_CLUSTERS = 1024  # clusters the job's count of what to copy walks per call (a few ms)
 RATE_WINDOW = 3.0  # seconds of progress history behind the measured rate
@@ -81,9 +85,12 @@ class Copier:
         # (where the steps taken so far stop, the bytes they read): the copy never installs
         # anything at or past that stop before it has moved on. Read by the job's count.
         self.taken = (0, 0)
+        # The most one step reads and installs: MAX_COPY, or one cluster where clusters are
+        # larger (up to 64 MiB), since a cluster is copied whole or not at all.
+        self.max_step = max(MAX_COPY, chain.top.cluster_size)
         # One read buffer per step in flight, reused: fresh memory would cost a page fault per
         # page on every step. Anonymous mmaps are page-aligned, as O_DIRECT wants.
-        self._buffers = [mmap.mmap(-1, MAX_COPY) for _ in range(2 if pipelined else 1)]
+        self._buffers = [mmap.mmap(-1, self.max_step) for _ in range(2 if pipelined else 1)]
 
     @property
     def stop(self) -> int:
@@ -95,6 +102,7 @@ class Copier:
         """Stream all of [offset, offset+length), cluster-aligned; returns the bytes read."""
         transferred = 0
         end = offset + length
+        self._next_step = None  # a plan left by an earlier range that failed half-way
         while offset < end:
             offset, step = self.copy_step(offset, end)
             transferred += step
@@ -103,10 +111,11 @@ class Copier:
 
     def copy_step(self, offset: int, end: int, max_read: int = MAX_COPY, gentle: bool = False) -> tuple[int, int]:
         """Stream from `offset` (cluster-aligned) towards `end`: plan up to `max_read` bytes of
-        backing data to copy, looking up at most MAX_SCAN_CLUSTERS of the top image (and only as
-        far as needed), read it, and install it with one populate (in the background when
-        pipelined: drain() waits for it). Returns (where it stopped, bytes read): empty space is
-        crossed quickly and one step's work stays bounded.
+        backing data to copy (whole clusters: at least one, at most max_step), looking up at
+        most MAX_SCAN_CLUSTERS of the top image (and only as far as needed), read it, and
+        install it with one populate (in the background when pipelined: drain() waits for it).
+        Returns (where it stopped, bytes read): empty space is crossed quickly and one step's
+        work stays bounded.
 
         Unless `gentle`, the next step is planned here too, and its data prefetched
         (Layer.prefetch): the device reads it while this step is read and installed, and the
@@ -117,8 +126,8 @@ class Copier:
         `gentle`: give way to a busy guest, with one I/O at a time and no more than asked for:
         no prefetching, the reads bypass readahead (see Layer.read_into) and the install
         finishes here. (The first gentle step after full ones plans again; what the last full
-        step prefetched for it, up to MAX_COPY, has already gone to the device.)"""
-        step = self._take_step(offset, end, min(max_read, MAX_COPY), prefetch=not gentle)
+        step prefetched for it, up to max_step, has already gone to the device.)"""
+        step = self._take_step(offset, end, self._whole_clusters(max_read), prefetch=not gentle)
         self.taken = (step.stop, self.taken[1] + self._read_size(step.ranges))  # before any install of it
         if not gentle and step.stop < end:
             self._next_step = self._plan(step.stop, end, step.max_read, prefetch=True)
@@ -127,6 +136,13 @@ class Copier:
         if gentle:
             self.drain()
         return step.stop, sum(len(data) for _, data in pieces)
+
+    def _whole_clusters(self, max_read: int) -> int:
+        """`max_read` as a step may read it: whole clusters, at least one, at most max_step
+        (a cluster is always installed whole, never in parts)."""
+        cs = self.chain.top.cluster_size
+        limit = max(cs, min(max_read, self.max_step))
+        return limit - limit % cs
 
     def _take_step(self, offset: int, end: int, max_read: int, prefetch: bool) -> Step:
         """The step the previous call planned, if this is the one; else a new plan."""
@@ -229,7 +245,7 @@ class Copier:
             yield current
 
     def _read(self, plan: tuple[tuple[int, int], ...], direct: bool) -> list[tuple[int, memoryview]]:
-        """The planned ranges (MAX_COPY bytes at most), read from the backing chain straight into
+        """The planned ranges (max_step bytes at most), read from the backing chain straight into
         the next page-aligned buffer: preadv copies without holding the GIL, so guest requests on
         the event loop are not held up, and the alignment lets the install bypass the page
         cache."""
@@ -254,6 +270,8 @@ class Copier:
         except OSError as err:
             top = self.chain.top.path
             raise StreamError(f"write error in {top} at offset {pieces[0][0]}: {err.strerror or err}") from None
+        except ValueError as err:  # a piece short of its cluster: refused, never padded with zeros
+            raise StreamError(str(err)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -516,6 +534,9 @@ class Streamer:
         self.default_speed = default_speed
         self.job: StreamJob | None = None
         self.write_errors = None  # faults.WriteErrors, set by the mount: where copy-on-read reports
+        # Copy-on-read copiers not in use; COPY_ON_READ_COPIERS at most exist, one per slot.
+        self._idle_copiers: list[Copier] = []
+        self._copier_slots = threading.BoundedSemaphore(COPY_ON_READ_COPIERS)
 
     @property
     def active(self) -> bool:
@@ -595,4 +616,10 @@ class Streamer:
             base = self.job.copier.base
         else:  # the mount's base, unless a finished stream has already merged it away
             base = self.chain.find_layer(self.default_base) if self.default_base else None
-        return Copier(self.chain, base).copy_range(start, end - start)
+        with self._copier_slots:
+            copier = self._idle_copiers.pop() if self._idle_copiers else Copier(self.chain, base)
+            copier.base = base
+            try:
+                return copier.copy_range(start, end - start)
+            finally:
+                self._idle_copiers.append(copier)

@@ -95,7 +95,7 @@ class _Checker:
         image = self.image
         cs = image.cluster_size
         cleared = {}
-        for index, entry in enumerate(image.read_table(l2_offset)):
+        for index, entry in enumerate(image.read_table(l2_offset, image.l2_entries)):
             if entry in (QED_UNALLOCATED, QED_ZERO_CLUSTER):
                 continue
             where = f"L2 table at {l2_offset}, entry {index}: data cluster offset {entry}"

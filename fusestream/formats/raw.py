@@ -25,10 +25,13 @@ class RawLayer:
         try:
             if lock:
                 fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)  # st_size is 0 for a block device
         except BlockingIOError:
             os.close(self.fd)
             raise BackingFileError(f"{path}: in use for writing by another fusestream process") from None
-        self.size = os.lseek(self.fd, 0, os.SEEK_END)  # st_size is 0 for a block device
+        except OSError as err:  # a file without a size, such as those under /proc
+            os.close(self.fd)
+            raise BackingFileError(f"{path}: cannot tell its size: {err.strerror or err}") from None
         self.direct = DirectTwin(self.fd, writable=False)
         self.advice = ReadAdvice(self.fd, path)
 

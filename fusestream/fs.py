@@ -273,7 +273,9 @@ class Operations(pyfuse3.Operations):
         try:
             self.control.command(buf)
         except CommandError as err:
-            log.info("ctl: rejected %r (%d bytes): %s", bytes(buf[:MAX_ECHOED_BYTES]), len(buf), err)
+            # At debug level only: the reason is in `events`, and every write to ctl would
+            # otherwise be a log line, however many come.
+            log.debug("ctl: rejected %r (%d bytes): %s", bytes(buf[:MAX_ECHOED_BYTES]), len(buf), err)
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         return len(buf)
 

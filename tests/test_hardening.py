@@ -370,6 +370,24 @@ def test_rejected_megabyte_commands_keep_memory_bounded(chain):
     assert events.kept_bytes <= control.EVENTS_KEPT_BYTES
 
 
+@pytest.mark.mount
+def test_the_events_file_of_a_mount_stays_json_past_the_kept_tail(chain, mount):
+    m = mount(chain.top, "nostream")
+    events_file = m.mountpoint / "events"
+    for n in range(4000):  # ~1.7 MB of COMMAND_REJECTED lines: past the 1 MiB kept in memory
+        assert ctl_write(m.mountpoint, f"bogus{n} ".encode() + b"x" * 300) == errno.EINVAL
+    content = events_file.read_bytes()
+    assert len(content) == events_file.stat().st_size > control.EVENTS_KEPT_BYTES
+    lines = [json.loads(line) for line in content.splitlines()]
+    assert lines[0]["event"] == EVENTS_DROPPED
+    rejected = [line["data"]["command"].split()[0] for line in lines if line["event"] == "COMMAND_REJECTED"]
+    assert rejected == [f"bogus{n}" for n in range(4000 - len(rejected), 4000)]
+    assert sum(line["data"]["lines"] for line in lines if line["event"] == EVENTS_DROPPED) + len(rejected) == 4000
+    result = fusestream("speed", str(m.mountpoint), "fast")
+    assert "invalid size 'fast'" in one_line_error(result)  # the CLI still finds the newest reason
+    m.umount()
+
+
 def emit_numbered(events: EventLog, first: int, count: int) -> None:
     for n in range(first, first + count):
         events.emit("STREAM_PAUSED", {"offset": n, "len": 1000})

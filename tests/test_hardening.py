@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -23,7 +24,7 @@ from fusestream import control
 from fusestream.chain import open_chain
 from fusestream.cli import ctl_command
 from fusestream.control import EVENTS_DROPPED, MAX_COMMAND_BYTES, Control, EventLog, parse_command
-from fusestream.errors import printable
+from fusestream.errors import PrintableFormatter, printable
 from fusestream.formats import qed
 from fusestream.formats.qed_structs import QED_HEADER, QED_HEADER_SIZE
 from fusestream.stream import CANCELLED, COMPLETED, CommandError, Streamer
@@ -298,6 +299,9 @@ def test_an_image_cannot_write_lines_or_escapes_to_the_terminal(tmp_path):
 def test_printable_escapes_only_what_cannot_be_shown():
     assert printable("/vm/disk é.raw") == "/vm/disk é.raw"
     assert printable("a\nb\tc\x1b\x00\u202e\udcff") == "a\\nb\\tc\\x1b\\x00\\u202e\\udcff"
+    record = logging.LogRecord("fusestream", logging.ERROR, __file__, 1, "stream failed: %s", (EVIL_NAME,), None)
+    line = PrintableFormatter("%(levelname)s: %(message)s").format(record)
+    assert line == "ERROR: stream failed: " + printable(EVIL_NAME) and "\n" not in line
 
 
 def test_a_hard_linked_self_loop_is_a_loop_in_mount_and_info(tmp_path):

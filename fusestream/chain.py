@@ -319,12 +319,12 @@ def open_chain(path: str, writable: bool = True, lock: bool = True, confinement:
 
 def _open_backing(layers: list[Layer], confinement: Confinement, lock: bool) -> None:
     """Follow backing names down from layers[-1], appending each opened layer."""
-    seen = {os.path.realpath(layers[0].path)}
+    seen = {_file_identity(layers[0].path)}
     current = layers[0]
     while isinstance(current, qed.QedImage | qcow2.Qcow2Image) and current.backing_filename is not None:
         backing_path = resolve_backing(current.path, current.backing_filename)
-        real = os.path.realpath(backing_path)
-        if real in seen:
+        identity = _file_identity(backing_path)
+        if identity is not None and identity in seen:
             raise BackingFileError(f"{current.path}: backing file loop: {backing_path} is already in the chain")
         if len(layers) > confinement.max_depth:
             raise BackingFileError(f"{current.path}: backing chain deeper than {confinement.max_depth} layers")
@@ -336,7 +336,17 @@ def _open_backing(layers: list[Layer], confinement: Confinement, lock: bool) -> 
             layer = open_layer(backing_path, fmt, lock, confinement.allow_devices)
         except FusestreamError as err:  # say which image names the file at fault
             raise BackingFileError(f"{current.path}: backing file {err}") from None
-        seen.add(real)
+        seen.add(identity)
         layers.append(layer)
         current.backing = layer
         current = layer
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at `path`, links followed: one file under any name, hard
+    links included; None where there is no file to open (the checks after say why)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

@@ -6,12 +6,13 @@ import argparse
 import errno
 import json
 import os
+import shlex
 import sys
 import time
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .errors import FusestreamError
+from .errors import FusestreamError, printable
 from .units import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     backing_raw = False
     if args.backing:
         backing_path = resolve_backing(args.image, args.backing)
-        if os.path.realpath(backing_path) == os.path.realpath(args.image):
+        if _same_file(backing_path, args.image):
             raise FusestreamError(f"{args.image}: an image cannot be its own backing file")
         fmt = args.backing_format or probe_format(backing_path)
         backing = open_layer(backing_path, fmt)  # refuses formats we cannot read
@@ -63,6 +64,17 @@ def cmd_create(args: argparse.Namespace) -> int:
     print(f"Created {args.image}: qed, {format_size(size)} ({size} bytes)"
           + (f", backing file {args.backing} ({fmt})" if args.backing else ""))
     return 0
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two names are one file: by path once links are resolved, or (both existing) by
+    inode, so that a hard link counts too."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _parse_size_arg(text: str) -> int:
@@ -112,7 +124,7 @@ def qcow2_specific(layer) -> dict:
 
 def render_info(info: dict) -> str:
     lines = [
-        f"image: {info['filename']}",
+        f"image: {printable(info['filename'])}",
         f"file format: {info['format']}",
         f"virtual size: {format_size(info['virtual-size'])} ({info['virtual-size']} bytes)",
         f"disk size: {format_size(info['actual-size'])}",
@@ -125,8 +137,8 @@ def render_info(info: dict) -> str:
         lines.append(f"{key.replace('-', ' ')}: {str(value).lower() if isinstance(value, bool) else value}")
     if "backing-filename" in info:
         fmt = f" (format: {info['backing-filename-format']})" if "backing-filename-format" in info else ""
-        lines.append(f"backing file: {info['backing-filename']}{fmt}")
-        lines.append(f"backing file (resolved): {info['full-backing-filename']}")
+        lines.append(f"backing file: {printable(info['backing-filename'])}{fmt}")
+        lines.append(f"backing file (resolved): {printable(info['full-backing-filename'])}")
     if info.get("need-check"):
         lines.append("needs check: yes (not closed cleanly)")
     return "\n".join(lines)
@@ -166,7 +178,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                                   "(use qemu-img check for qcow2)")
         result = qed_check.check_file(os.path.abspath(args.image), repair=args.repair)
     except FusestreamError as err:
-        print(f"fusestream: {err}", file=sys.stderr)
+        print(f"fusestream: {printable(str(err))}", file=sys.stderr)
         return qed_check.EXIT_CHECK_FAILED
     print(qed_check.render(result, args.image))
     return result.exit_status
@@ -245,13 +257,19 @@ def cmd_stream(args: argparse.Namespace) -> int:
         words.append(f"base={os.path.abspath(args.base)}")
     if args.speed:
         words.append(f"speed={args.speed}")
-    send_command(args.mountpoint, " ".join(words))
+    send_command(args.mountpoint, ctl_command(words))
     return 0
 
 
 def cmd_rebase(args: argparse.Namespace) -> int:
-    send_command(args.mountpoint, f"rebase {os.path.abspath(args.base)}")
+    send_command(args.mountpoint, ctl_command(["rebase", os.path.abspath(args.base)]))
     return 0
+
+
+def ctl_command(words: list[str]) -> str:
+    """A ctl command line from its words, each quoted as ctl splits them (POSIX shell rules), so
+    that a path may hold spaces, quotes, backslashes or '='."""
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def cmd_simple(args: argparse.Namespace) -> int:
@@ -265,7 +283,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
         stream = read_status(args.mountpoint)["stream"]
         if stream["state"] not in ("running", "paused"):
             if stream["error"]:
-                print(f"fusestream: stream failed: {stream['error']}", file=sys.stderr)
+                print(f"fusestream: stream failed: {printable(stream['error'])}", file=sys.stderr)
             return WAIT_EXIT[stream["state"]]
         time.sleep(wait_poll_seconds(stream))
 
@@ -354,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FusestreamError as err:
-        print(f"fusestream: {err}", file=sys.stderr)
+        print(f"fusestream: {printable(str(err))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -1,5 +1,7 @@
 """The exception tree: every failure a user can meet is a FusestreamError naming the file."""
 
+import logging
+
 
 class FusestreamError(Exception):
     """Base of all fusestream errors; str() is the one line a user sees."""
@@ -28,3 +30,19 @@ class ImageBusyError(FusestreamError):
 def describe_os_error(path: str, err: OSError) -> str:
     """One line for an OSError on `path`, without Python's '[Errno N]' noise."""
     return f"{path}: {err.strerror or err}"
+
+
+def printable(text: str) -> str:
+    """`text` with every character that is not printable (newlines, terminal escapes, other
+    control and format characters) written as a Python escape, so that text an image supplies
+    (a backing file name) cannot start lines or drive the terminal where it is shown."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines whose message is passed through printable(): one record, one line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = printable(record.message)
+        return super().formatMessage(record)

@@ -20,7 +20,7 @@ import pyfuse3
 import trio
 
 from .chain import Chain
-from .control import Control
+from .control import MAX_ECHOED_BYTES, Control
 from .errors import CorruptionError, FusestreamError
 from .faults import WriteErrors
 from .formats.layer import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
@@ -149,7 +149,8 @@ class Operations(pyfuse3.Operations):
         elif inode in CONTROL_MODES and self.control is not None:
             attr.st_mode = stat.S_IFREG | CONTROL_MODES[inode]
             attr.st_nlink = 1
-            attr.st_size = len(self._control_content(inode))
+            # The events file's size, not its content: that may hold gaps of any length (EventLog).
+            attr.st_size = len(self.control.events) if inode == EVENTS_INODE else len(self._control_content(inode))
             attr.st_mtime_ns = attr.st_ctime_ns = time.time_ns()
             attr.attr_timeout = attr.entry_timeout = 0  # they change all the time: never cache
             return attr
@@ -164,8 +165,6 @@ class Operations(pyfuse3.Operations):
             return self.control.status()
         if inode == STATUS_JSON_INODE:
             return self.control.status_json()
-        if inode == EVENTS_INODE:
-            return self.control.events.read(0, len(self.control.events))
         return b""
 
     async def getattr(self, inode, ctx=None):
@@ -280,7 +279,9 @@ class Operations(pyfuse3.Operations):
         try:
             self.control.command(buf)
         except CommandError as err:
-            log.info("ctl: rejected %r: %s", buf, err)
+            # At debug level only: the reason is in `events`, and every write to ctl would
+            # otherwise be a log line, however many come.
+            log.debug("ctl: rejected %r (%d bytes): %s", bytes(buf[:MAX_ECHOED_BYTES]), len(buf), err)
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         return len(buf)
 

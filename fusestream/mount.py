@@ -25,7 +25,7 @@ import trio
 
 from .chain import Chain, Confinement, open_chain
 from .control import Control, EventLog
-from .errors import FusestreamError
+from .errors import FusestreamError, PrintableFormatter, printable
 from .faults import WriteErrors
 from .formats import qed_check
 from .fs import Operations, raw_name
@@ -127,10 +127,10 @@ def setup_logging(foreground: bool, debug: bool) -> None:
     level = logging.DEBUG if debug else logging.INFO
     if foreground or not os.path.exists("/dev/log"):
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        handler.setFormatter(PrintableFormatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     else:
         handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter("mount.fusestream[%(process)d]: %(levelname)s: %(message)s"))
+        handler.setFormatter(PrintableFormatter("mount.fusestream[%(process)d]: %(levelname)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except FusestreamError as err:
-        print(f"mount.fusestream: {err}", file=sys.stderr)
+        print(f"mount.fusestream: {printable(str(err))}", file=sys.stderr)
         return 1
 
 

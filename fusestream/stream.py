@@ -366,6 +366,7 @@ class StreamJob:
         self.to_copy: int | None = None  # what the whole job reads, once counted (_count_to_copy)
         self._wakeup = trio.Event()
         self._cancel_requested = False
+        self._completing = False  # past the point of no return: the rebase has begun
         self._next_slot = 0.0
         self._finished = trio.Event()
 
@@ -382,6 +383,10 @@ class StreamJob:
         self.emit("STREAM_RESUMED", {"offset": self.offset, "len": self.len})
 
     def cancel(self) -> None:
+        """Cancel the job, unless it is already completing: then the command is refused, so
+        that its answer is what happens."""
+        if self._completing:
+            raise CommandError("cannot cancel: the stream is completing")
         self._cancel_requested = True
         self._wake()
 
@@ -431,6 +436,7 @@ class StreamJob:
                 self.state = CANCELLED
                 self.emit("STREAM_CANCELLED", {"offset": self.offset, "len": self.len})
                 return
+            self._completing = True  # no await since the check above: a cancel is seen or refused
             base = await self.run_sync(self.chain.rebase, self.copier.stop)
             self.state = COMPLETED
             self.emit("BACKING_CHANGED", {"backing_file": self.chain.top.backing_filename,
@@ -577,7 +583,9 @@ class Streamer:
 
     def cancel(self) -> None:
         if not self.active:
-            raise CommandError("no stream to cancel")
+            ended = {COMPLETED: "has completed", CANCELLED: "was cancelled", FAILED: "has failed"}
+            state = self.job.state if self.job else IDLE
+            raise CommandError(f"cannot cancel: the stream {ended[state]}" if state in ended else "no stream to cancel")
         self.job.cancel()
 
     def set_speed(self, speed: int) -> None:

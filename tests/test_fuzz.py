@@ -23,11 +23,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusestream.chain import open_chain
-from fusestream.control import parse_command
+from fusestream.cli import ctl_command
+from fusestream.control import MAX_COMMAND_BYTES, decode_command, parse_command
 from fusestream.errors import CorruptionError, FusestreamError
 from fusestream.formats import qed
 from fusestream.formats.qed_structs import QED_HEADER, QED_HEADER_SIZE
 from fusestream.stream import CommandError
+from fusestream.units import MAX_SIZE
 
 U64 = st.one_of(
     st.integers(0, 2**64 - 1),
@@ -120,6 +122,7 @@ def test_hostile_backing_names(seed, tmp_path_factory, name):
 @given(text=st.one_of(st.text(max_size=200), st.sampled_from([
     "stream base=", "stream speed=1E", "speed 99999999999999999999999999P", "rebase ''", "stream base=a base=b",
     "pause\x00", "\n\n", "stream speed=-1", "speed 1.5", "speed 0.5", "resume\r\n",
+    "speed " + "9" * 400, "stream base=/a\x00b", "stream 'base=/vm dir/b.raw'", "rebase '/a\"b\\c=d'",
 ])))
 def test_fuzzed_control_commands(text):
     try:
@@ -128,6 +131,36 @@ def test_fuzzed_control_commands(text):
         return
     assert verb in ("stream", "speed", "pause", "resume", "cancel")
     assert all(isinstance(v, int) and v >= 0 for k, v in args.items() if k == "speed")
+
+
+CTL_WRITES = st.one_of(
+    st.binary(max_size=300),
+    st.integers(0, 10**500).map(lambda n: f"speed {n}\n".encode()),
+    st.integers(0, 10**500).map(lambda n: f"stream speed={n}P\n".encode()),
+    st.binary(max_size=64).map(lambda path: b"stream base=/" + path + b"\n"),  # NULs, controls, non-UTF-8
+    st.integers(MAX_COMMAND_BYTES - 64, 2 * 1024 * 1024).map(lambda n: b"rebase /" + b"a" * n + b"\n"),
+    st.text(alphabet=st.sampled_from(" '\"\\=ab/\t"), max_size=40).map(lambda path: f"rebase {path}\n".encode()),
+)
+
+
+@given(raw=CTL_WRITES)
+def test_fuzzed_control_writes(raw):
+    """Whatever one ctl write holds (huge numbers, NUL, non-UTF-8, megabyte lines, quotes): it
+    is one valid command or a CommandError, and a long one is refused without being parsed."""
+    try:
+        verb, args = parse_command(decode_command(raw))
+    except CommandError:
+        return
+    assert len(raw) <= MAX_COMMAND_BYTES
+    assert verb in ("stream", "speed", "pause", "resume", "cancel")
+    assert all(0 <= v <= MAX_SIZE for k, v in args.items() if k == "speed")
+    assert all(v and "\0" not in v for k, v in args.items() if k == "base")
+
+
+@given(path=st.text(min_size=1, max_size=200).filter(lambda p: not any(c < " " or c == "\x7f" for c in p)))
+def test_any_path_without_controls_goes_through_ctl(path):
+    """What the CLI sends for a path is what the daemon reads back."""
+    assert parse_command(ctl_command(["rebase", path]) + "\n") == ("stream", {"base": path})
 
 
 def test_writes_never_touch_metadata_of_a_hostile_image(seed, tmp_path):

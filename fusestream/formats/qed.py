@@ -25,9 +25,11 @@ import heapq
 import logging
 import mmap
 import os
+import stat
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 
 from construct import ConstructError
@@ -83,6 +85,10 @@ log = logging.getLogger(__name__)
 
 FORMAT_NAME = "qed"
 MAX_BACKING_NAME = 4095  # PATH_MAX less the NUL QEMU keeps
+# The largest virtual size: QEMU's BDRV_MAX_LENGTH (INT64_MAX aligned down to 1 GiB), which its
+# block layer enforces on every image it opens ("File too large"); it also keeps every offset
+# in the kernel's signed 64-bit off_t, which FUSE's st_size and requests use.
+BDRV_MAX_LENGTH = (1 << 63) - (1 << 30)
 DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
 # Pieces one block_status answer merges at most (~1 ms of lookups): see QedImage.block_status.
 BLOCK_STATUS_MAX_PIECES = 1024
@@ -141,7 +147,10 @@ def validate_header(path: str, h, file_size: int) -> None:
     if h.image_size % 512:
         raise _fail(path, f"invalid image_size {h.image_size} (not a multiple of 512)")
     if h.image_size > max_image_size(cs, ts):
-        raise _fail(path, f"invalid image_size {h.image_size} (more than the tables can address)")
+        raise _fail(path, f"invalid image_size {h.image_size} (more than the tables can address: "
+                          f"{max_image_size(cs, ts)} bytes)")
+    if h.image_size > BDRV_MAX_LENGTH:
+        raise _fail(path, f"invalid image_size {h.image_size} (more than QEMU's limit, {BDRV_MAX_LENGTH} bytes)")
     table_bytes = cs * ts
     l1 = h.l1_table_offset
     if l1 % cs or l1 < header_bytes or l1 + table_bytes > file_size:
@@ -1169,15 +1178,9 @@ def create(
             backing_filename_size=len(name),
         )
     file_size = cluster_size * (1 + table_size)
-    validate_header(path, QED_HEADER.parse(QED_HEADER.build(header)), file_size)
+    validate_header(path, types.SimpleNamespace(**header), file_size)  # before build: any int
     first_cluster = QED_HEADER.build(header) + name
-    mode = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if overwrite else os.O_EXCL)  # RDWR: read locks
-    try:
-        fd = os.open(path, mode, 0o644)
-    except FileExistsError:
-        raise InvalidImageError(f"{path}: already exists (use --force to overwrite it)") from None
-    except OSError as err:
-        raise InvalidImageError(describe_os_error(path, err)) from None
+    fd = _create_file(path, overwrite)
     try:
         _lock_file(fd, path, exclusive=True)  # never truncate an image that is in use
         lock_image(fd, path, writable=True)
@@ -1188,3 +1191,21 @@ def create(
     finally:
         os.close(fd)
     return size
+
+
+def _create_file(path: str, overwrite: bool) -> int:
+    """Open a new image file for writing; with `overwrite`, an existing one, if it is a regular
+    file: O_NONBLOCK keeps a FIFO from hanging the open, and a device is refused."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | (0 if overwrite else os.O_EXCL)  # RDWR: read locks
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        raise InvalidImageError(f"{path}: already exists (use --force to overwrite it)") from None
+    except OSError as err:
+        if err.errno == errno.ENXIO:  # a FIFO that nobody reads, or a socket
+            raise InvalidImageError(f"{path}: is a FIFO or socket, not a regular file") from None
+        raise InvalidImageError(describe_os_error(path, err)) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidImageError(f"{path}: is a device, FIFO or socket, not a regular file")
+    return fd

@@ -33,7 +33,7 @@ class RawLayer:
             raise BackingFileError(f"{path}: in use for writing by another fusestream process") from None
         except OSError as err:  # a "regular file" that cannot be locked or sized, such as /proc/self/mem
             os.close(self.fd)
-            raise BackingFileError(describe_os_error(path, err)) from None
+            raise BackingFileError(f"{path}: cannot lock it or tell its size: {err.strerror or err}") from None
         except BaseException:
             os.close(self.fd)
             raise

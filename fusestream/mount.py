@@ -61,15 +61,20 @@ class MountOptions:
     kernel_flags: list[str] = dataclasses.field(default_factory=list)
 
 
+VALUED_OPTIONS = ("base", "speed", "backing_dir")
+FLAG_OPTIONS = ("ro", "nostream", "copy_on_read", "allow_other", "debug", "allow_devices")
+OPTION_NAMES = VALUED_OPTIONS + FLAG_OPTIONS  # fusestream's own -o options (the man page names each)
+
+
 def parse_options(texts: list[str]) -> MountOptions:
     """Parse the -o lists; an unknown option is an error, never ignored."""
     opts = MountOptions()
     for text in texts:
         for item in filter(None, text.split(",")):
             name, has_value, value = item.partition("=")
-            if has_value and name in ("base", "speed", "backing_dir"):
+            if has_value and name in VALUED_OPTIONS:
                 _set_valued(opts, name, value)
-            elif not has_value and name in ("ro", "nostream", "copy_on_read", "allow_other", "debug", "allow_devices"):
+            elif not has_value and name in FLAG_OPTIONS:
                 setattr(opts, name, True)
             elif not has_value and name in KERNEL_FLAGS:
                 opts.kernel_flags.append(name)

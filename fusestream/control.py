@@ -1,5 +1,6 @@
 """The control files: status, status.json and events are rendered here; ctl commands parsed and
-applied here. The names, keys and wording are the product contract (PRODUCT.md section 3)."""
+applied here. The names, keys and wording are what users and management tools rely on (docs/mount.fusestream.md,
+THE CONTROL FILES): keep them exact."""
 
 from __future__ import annotations
 

@@ -276,8 +276,8 @@ class Copier:
 
 @dataclasses.dataclass(frozen=True)
 class StreamStatistics:
-    """A snapshot of the job, with the keys of status.json's "stream" object (PRODUCT.md's, then
-    the ones added for issue 12)."""
+    """A snapshot of the job, with the keys of status.json's "stream" object (the stable ones of
+    docs/mount.fusestream.md first, then those that issue 12 added)."""
 
     state: str
     offset: int

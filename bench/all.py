@@ -26,6 +26,7 @@ BENCHES = [
     ("Streaming on the chain shapes real images have: fragmented, 4 KiB-sparse, deep, ext4, 1 TiB",
      "shapes_bench.py", []),
     ("Sparse copy: cp --sparse=always of the raw file of a half-empty chain", "sparse_copy_bench.py", []),
+    ("qcow2: a zlib-compressed qcow2 base (every data cluster compressed)", "qcow2_bench.py", ["--compressible"]),
 ]
 
 

@@ -59,11 +59,16 @@ class MountOptions:
     backing_dir: str | None = None
     allow_devices: bool = False
     kernel_flags: list[str] = dataclasses.field(default_factory=list)
+    fuse_flags: list[str] = dataclasses.field(default_factory=list)
 
 
 VALUED_OPTIONS = ("base", "speed", "backing_dir")
 FLAG_OPTIONS = ("ro", "nostream", "copy_on_read", "allow_other", "debug", "allow_devices")
-OPTION_NAMES = VALUED_OPTIONS + FLAG_OPTIONS  # fusestream's own -o options (the man page names each)
+# The FUSE options users know from other FUSE filesystems, handed to libfuse as they are:
+# default_permissions is always set (pyfuse3.default_options), auto_unmount has libfuse mount
+# through fusermount3, whose watcher unmounts once the daemon is gone, even after a kill -9.
+FUSE_OPTIONS = ("default_permissions", "allow_root", "auto_unmount")
+OPTION_NAMES = VALUED_OPTIONS + FLAG_OPTIONS + FUSE_OPTIONS  # the -o options the man page names
 
 
 def parse_options(texts: list[str]) -> MountOptions:
@@ -78,10 +83,14 @@ def parse_options(texts: list[str]) -> MountOptions:
                 setattr(opts, name, True)
             elif not has_value and name in KERNEL_FLAGS:
                 opts.kernel_flags.append(name)
+            elif not has_value and name in FUSE_OPTIONS:
+                opts.fuse_flags.append(name)
             elif name in MOUNT_ONLY or name.startswith("x-") or name == "comment":
                 continue
             else:
                 raise UsageError(f"unknown mount option '{item}'")
+    if opts.allow_other and "allow_root" in opts.fuse_flags:
+        raise UsageError("mount options allow_other and allow_root exclude each other")
     return opts
 
 
@@ -101,7 +110,7 @@ def fuse_options(image: str, opts: MountOptions) -> set[str]:
     options = set(pyfuse3.default_options)
     fsname = image.replace("\\", "\\\\").replace(",", "\\,")  # libfuse splits options on commas
     options |= {f"fsname={fsname}", "subtype=fusestream"}
-    options |= set(opts.kernel_flags)
+    options |= set(opts.kernel_flags) | set(opts.fuse_flags)
     if opts.ro:
         options.add("ro")
     if opts.allow_other:

@@ -7,8 +7,10 @@ import errno
 import json
 import os
 import shlex
+import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import __version__
@@ -367,7 +369,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The exit status a shell reports for a process that SIGPIPE killed: what `cmd | head -1` expects.
+BROKEN_PIPE_EXIT = 128 + signal.SIGPIPE
+
+
+def quiet_on_broken_pipe(command: Callable[[], int]) -> int:
+    """Run a program's main; when the reader of stdout has gone (`fusestream info | true`),
+    exit BROKEN_PIPE_EXIT without a traceback. stdout is flushed here, so that the error is
+    raised here rather than at the interpreter's exit, then pointed at /dev/null, so that the
+    final flush has nowhere to fail: the way Python's documentation of SIGPIPE gives."""
+    try:
+        try:
+            return command()
+        finally:  # also after argparse's --help and --version, which exit through SystemExit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE_EXIT
+
+
 def main(argv: list[str] | None = None) -> int:
+    return quiet_on_broken_pipe(lambda: run_command(argv))
+
+
+def run_command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -23,7 +23,9 @@ import time
 import pyfuse3
 import trio
 
+from . import __version__
 from .chain import Chain, Confinement, open_chain
+from .cli import quiet_on_broken_pipe
 from .control import Control, EventLog
 from .errors import FusestreamError, PrintableFormatter, printable
 from .faults import WriteErrors
@@ -127,6 +129,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("image", help="the top QED image")
     parser.add_argument("mountpoint", help="an existing directory")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                         help="ro, nostream, base=PATH, speed=RATE, copy_on_read, allow_other, debug, "
@@ -332,7 +335,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return quiet_on_broken_pipe(lambda: run_command(sys.argv[1:] if argv is None else argv))
+
+
+def run_command(argv: list[str]) -> int:
+    args = parse_args(argv)
     try:
         return run(args)
     except FusestreamError as err:

@@ -70,9 +70,7 @@ def test_allow_root_with_allow_other_is_one_line(chain, tmp_path):
     [FUSESTREAM, "info", "--json", "{top}"],
     [FUSESTREAM, "info", "--chain", "{top}"],
     [FUSESTREAM, "check", "{top}"],
-    [FUSESTREAM, "--help"],
-    [MOUNT_HELPER, "--help"],
-    [MOUNT_HELPER, "--version"],
+    [FUSESTREAM, "check", "--output=json", "{top}"],
 ])
 def test_a_closed_pipe_is_no_traceback(chain, command):
     """`fusestream info --json IMG | true`: the reader is gone before anything is written."""

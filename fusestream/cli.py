@@ -33,6 +33,7 @@ WAIT_POLL_MIN, WAIT_POLL_MAX = 0.01, 0.5
 
 SUPPORTED_BACKING_FORMATS = ("raw", "qed", "qcow2")
 OUTPUT_FORMATS = ("human", "json")  # qemu-img's --output
+TABLE_SIZES = (2, 4, 8, 16)  # clusters per table: QED allows 1 too, but QEMU cannot open such images
 # qemu-img create's -o keys for QED, and the argument each stands for.
 CREATE_OPTIONS = {"backing_file": "backing", "backing_fmt": "backing_format",
                   "cluster_size": "cluster_size", "table_size": "table_size"}
@@ -84,9 +85,11 @@ def merge_create_options(args: argparse.Namespace) -> None:
     settings = [(f"-o {key}", CREATE_OPTIONS[key], value) for key, value in _create_option_items(args.create_options)]
     if args.size_arg is not None:
         settings.append(("SIZE", "size", args.size_arg))
+    given = {dest: flag for dest, flag in CREATE_FLAGS.items() if getattr(args, dest) is not None}
     for source, dest, value in settings:
-        if getattr(args, dest) is not None:
-            raise FusestreamError(f"{source}: given twice (also as {CREATE_FLAGS[dest]} or {source})")
+        if dest in given:
+            raise FusestreamError(f"{source}: given twice (and as {given[dest]})")
+        given[dest] = source
         setattr(args, dest, value)
     if args.backing_format not in (None, *SUPPORTED_BACKING_FORMATS):
         raise FusestreamError(f"-o backing_fmt: '{args.backing_format}' is not one of "
@@ -96,6 +99,9 @@ def merge_create_options(args: argparse.Namespace) -> None:
             args.table_size = int(args.table_size)
         except ValueError:
             raise FusestreamError(f"-o table_size: '{args.table_size}' is not a number") from None
+    if args.table_size is not None and args.table_size not in TABLE_SIZES:
+        why = " (QEMU cannot open an image with 1)" if args.table_size == 1 else ""
+        raise FusestreamError(f"table size {args.table_size}: a power of two from 2 to 16 is needed{why}")
 
 
 def _create_option_items(texts: list[str]) -> list[tuple[str, str]]:
@@ -435,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("-s", dest="size", metavar="SIZE", help="virtual size, e.g. 10G (default: the backing file's)")
     create.add_argument("--cluster-size", metavar="N", help="default 64K")
     create.add_argument("--table-size", type=int, metavar="N",
-                        help="clusters per table: a power of two from 2 to 16, default 4")
+                        help="clusters per table: a power of two from 2 to 16 (" + ", ".join(map(str, TABLE_SIZES))
+                             + "), default 4")
     create.add_argument("--force", action="store_true", help="overwrite an existing file")
     create.add_argument("image")
     create.add_argument("size_arg", nargs="?", metavar="SIZE", help="the virtual size, as -s (qemu-img's spelling)")

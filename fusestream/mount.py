@@ -133,7 +133,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                         help="ro, nostream, base=PATH, speed=RATE, copy_on_read, allow_other, debug, "
-                             "backing_dir=DIR, allow_devices")
+                             "backing_dir=DIR, allow_devices, default_permissions, allow_root, auto_unmount")
     # Flags that mount(8) passes to helpers: sloppy, no-mtab, verbose, and the type.
     parser.add_argument("-s", "-n", "-v", dest="mount_helper_flags", action="count", help=argparse.SUPPRESS)
     parser.add_argument("-t", dest="fstype", help=argparse.SUPPRESS)

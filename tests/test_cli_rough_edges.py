@@ -3,9 +3,15 @@ spellings, `status --watch` in a narrow terminal and in a pipe, and a mount whos
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
+import select
+import struct
 import subprocess
+import termios
 import time
 
 import pytest
@@ -204,6 +210,48 @@ def test_watch_in_a_pipe_prints_plain_lines_and_exits_like_wait(chain, mount):
     assert last.startswith("cancelled at ") and " copied in " in last and "/s)" in last, last
     waited = fusestream("wait", str(m.mountpoint), check=False)
     assert watch.returncode == cli.WAIT_EXIT["cancelled"] == waited.returncode
+    m.umount()
+
+
+def read_until_closed(fd: int, seconds: float) -> bytes:
+    """What a pty's other side wrote within `seconds`, or until it closed."""
+    data, deadline = b"", time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0 and select.select([fd], [], [], left)[0]:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: every writer has closed the pty
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.mount
+def test_watch_on_a_narrow_terminal_redraws_one_line_that_fits(chain, mount):
+    m = mount(chain.top, "nostream")
+    fusestream("stream", "--speed", "64K", str(m.mountpoint))
+    terminal, watch_side = pty.openpty()
+    fcntl.ioctl(watch_side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 30, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    watch = subprocess.Popen([FUSESTREAM, "status", "--watch", str(m.mountpoint)], stdout=watch_side,
+                             stderr=subprocess.PIPE, env=env)
+    os.close(watch_side)
+    try:
+        shown = read_until_closed(terminal, 1.0)
+        fusestream("cancel", str(m.mountpoint))
+        shown += read_until_closed(terminal, 30)
+        watch.wait(timeout=30)
+    finally:
+        os.close(terminal)
+        if watch.poll() is None:
+            watch.kill()
+        watch.communicate()
+    frames = re.findall(r"\r([^\r\n\x1b]*)\x1b\[K", shown.decode())
+    assert len(frames) > 2 and frames[0].startswith("["), shown
+    assert all(len(frame) <= 29 for frame in frames), frames
+    assert shown.decode().rstrip().rpartition("\x1b[K")[2].startswith("cancelled at "), shown
+    assert watch.returncode == cli.WAIT_EXIT["cancelled"]
     m.umount()
 
 

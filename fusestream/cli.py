@@ -20,6 +20,7 @@ from .units import format_size, parse_size
 
 if TYPE_CHECKING:
     from .formats.layer import Layer
+    from .formats.qed_check import CheckResult
 
 # The image commands (create, info, check) import the format modules when they run: without
 # them, the commands that talk to a mount (status, stream, wait, ...) start in half the time.
@@ -242,7 +243,7 @@ def _wants_json(args: argparse.Namespace) -> bool:
     return getattr(args, "json", False) or args.output == "json"
 
 
-def check_report(result, filename: str) -> dict:
+def check_report(result: CheckResult, filename: str) -> dict:
     """qemu-img check --output=json's keys for what a QED check finds; like qemu-img, a count
     that is zero is left out (check-errors, always 0 once the check ran, excepted)."""
     counts = {"corruptions": result.corruptions, "leaks": result.leaks,

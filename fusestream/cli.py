@@ -7,8 +7,11 @@ import errno
 import json
 import os
 import shlex
+import shutil
+import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import __version__
@@ -17,6 +20,7 @@ from .units import format_size, parse_size
 
 if TYPE_CHECKING:
     from .formats.layer import Layer
+    from .formats.qed_check import CheckResult
 
 # The image commands (create, info, check) import the format modules when they run: without
 # them, the commands that talk to a mount (status, stream, wait, ...) start in half the time.
@@ -29,12 +33,22 @@ POLL_SECONDS = 0.05
 WAIT_POLL_MIN, WAIT_POLL_MAX = 0.01, 0.5
 
 SUPPORTED_BACKING_FORMATS = ("raw", "qed", "qcow2")
+OUTPUT_FORMATS = ("human", "json")  # qemu-img's --output
+TABLE_SIZES = (2, 4, 8, 16)  # clusters per table: QED allows 1 too, but QEMU cannot open such images
+# qemu-img create's -o keys for QED, and the argument each stands for.
+CREATE_OPTIONS = {"backing_file": "backing", "backing_fmt": "backing_format",
+                  "cluster_size": "cluster_size", "table_size": "table_size"}
+CREATE_FLAGS = {"backing": "-b", "backing_format": "-F", "cluster_size": "--cluster-size",
+                "table_size": "--table-size", "size": "-s"}
 
 
 def cmd_create(args: argparse.Namespace) -> int:
     from .chain import open_layer, probe_format, resolve_backing
     from .formats import qed
 
+    if args.format not in (None, "qed"):
+        raise FusestreamError(f"create makes QED images only (-f qed), not '{args.format}'")
+    merge_create_options(args)
     size = _parse_size_arg(args.size) if args.size else None
     backing_raw = False
     if args.backing:
@@ -64,6 +78,44 @@ def cmd_create(args: argparse.Namespace) -> int:
     print(f"Created {args.image}: qed, {format_size(size)} ({size} bytes)"
           + (f", backing file {args.backing} ({fmt})" if args.backing else ""))
     return 0
+
+
+def merge_create_options(args: argparse.Namespace) -> None:
+    """Fold qemu-img's spellings, `-o KEY=VALUE` and the positional SIZE, into the arguments
+    they stand for. A setting given twice is refused, so that neither silently wins."""
+    settings = [(f"-o {key}", CREATE_OPTIONS[key], value) for key, value in _create_option_items(args.create_options)]
+    if args.size_arg is not None:
+        settings.append(("SIZE", "size", args.size_arg))
+    given = {dest: flag for dest, flag in CREATE_FLAGS.items() if getattr(args, dest) is not None}
+    for source, dest, value in settings:
+        if dest in given:
+            raise FusestreamError(f"{source}: given twice (and as {given[dest]})")
+        given[dest] = source
+        setattr(args, dest, value)
+    if args.backing_format not in (None, *SUPPORTED_BACKING_FORMATS):
+        raise FusestreamError(f"-o backing_fmt: '{args.backing_format}' is not one of "
+                              + ", ".join(SUPPORTED_BACKING_FORMATS))
+    if isinstance(args.table_size, str):
+        try:
+            args.table_size = int(args.table_size)
+        except ValueError:
+            raise FusestreamError(f"-o table_size: '{args.table_size}' is not a number") from None
+    if args.table_size is not None and args.table_size not in TABLE_SIZES:
+        why = " (QEMU cannot open an image with 1)" if args.table_size == 1 else ""
+        raise FusestreamError(f"table size {args.table_size}: a power of two from 2 to 16 is needed{why}")
+
+
+def _create_option_items(texts: list[str]) -> list[tuple[str, str]]:
+    """The KEY=VALUE items of the -o lists; a key QED's create does not take is refused."""
+    items = []
+    for item in filter(None, ",".join(texts).split(",")):
+        key, has_value, value = item.partition("=")
+        if key not in CREATE_OPTIONS:
+            raise FusestreamError(f"-o {key}: not an option of create (it takes {', '.join(CREATE_OPTIONS)})")
+        if not has_value or not value:
+            raise FusestreamError(f"-o {key}: needs a value ({key}=...)")
+        items.append((key, value))
+    return items
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -159,7 +211,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             infos = [describe_layer(layer)]
         finally:
             layer.close()
-    if args.json:
+    if _wants_json(args):
         print(json.dumps(infos if args.chain else infos[0], indent=4))
     else:
         print("\n\n".join(render_info(info) for info in infos))
@@ -180,24 +232,54 @@ def cmd_check(args: argparse.Namespace) -> int:
     except FusestreamError as err:
         print(f"fusestream: {printable(str(err))}", file=sys.stderr)
         return qed_check.EXIT_CHECK_FAILED
-    print(qed_check.render(result, args.image))
+    if _wants_json(args):
+        print(json.dumps(check_report(result, args.image), indent=4))
+    else:
+        print(qed_check.render(result, args.image))
     return result.exit_status
+
+
+def _wants_json(args: argparse.Namespace) -> bool:
+    return getattr(args, "json", False) or args.output == "json"
+
+
+def check_report(result: CheckResult, filename: str) -> dict:
+    """qemu-img check --output=json's keys for what a QED check finds; like qemu-img, a count
+    that is zero is left out (check-errors, always 0 once the check ran, excepted)."""
+    counts = {"corruptions": result.corruptions, "leaks": result.leaks,
+              "corruptions-fixed": result.corruptions_fixed, "leaks-fixed": result.leaks_fixed,
+              "total-clusters": result.total_clusters, "allocated-clusters": result.allocated_clusters}
+    return {"filename": filename, "format": "qed", "check-errors": 0,
+            **{key: count for key, count in counts.items() if count}}
 
 
 # -- driving a mount through its control files ---------------------------------------------------
 
 
 def _control_file(mountpoint: str, name: str) -> str:
-    path = os.path.join(mountpoint, name)
-    if not os.path.exists(os.path.join(mountpoint, "status.json")):
-        raise FusestreamError(f"{mountpoint}: not a fusestream mount")
-    return path
+    try:
+        os.stat(os.path.join(mountpoint, "status.json"))
+    except OSError as err:
+        raise _mount_error(mountpoint, err) from None
+    return os.path.join(mountpoint, name)
+
+
+def _mount_error(mountpoint: str, err: OSError) -> FusestreamError:
+    """What a failed look at a mount's control files means: ENOTCONN is a FUSE mount whose
+    daemon has died (killed, crashed), which stays until it is unmounted."""
+    if err.errno == errno.ENOTCONN:
+        return FusestreamError(f"{mountpoint}: the fusestream daemon of this mount is gone "
+                               "(unmount it with fusermount3 -u)")
+    return FusestreamError(f"{mountpoint}: not a fusestream mount")
 
 
 def read_status(mountpoint: str) -> dict:
     """The stream object of the (first) image of a mount, from status.json."""
-    with open(_control_file(mountpoint, "status.json")) as f:
-        return json.load(f)["images"][0]
+    try:
+        with open(_control_file(mountpoint, "status.json")) as f:
+            return json.load(f)["images"][0]
+    except OSError as err:  # the daemon died after the first look (`status --watch`, `wait`)
+        raise _mount_error(mountpoint, err) from None
 
 
 def send_command(mountpoint: str, command: str) -> None:
@@ -233,22 +315,64 @@ def progress_bar(stream: dict, width: int = 30) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    if not args.watch:
-        with open(_control_file(args.mountpoint, "status")) as f:
-            sys.stdout.write(f.read())
-        return 0
-    while True:
-        stream = read_status(args.mountpoint)["stream"]
-        if stream["state"] == "running":
-            line = progress_bar(stream)
-        else:
-            line = f"{stream['state']}" + (f": {stream['error']}" if stream["error"] else "")
-        sys.stdout.write("\r\033[K" + line)
-        sys.stdout.flush()
-        if stream["state"] not in ("running", "paused"):
-            sys.stdout.write("\n")
-            return 0
+    if args.watch:
+        return watch_status(args.mountpoint)
+    with open(_control_file(args.mountpoint, "status")) as f:
+        sys.stdout.write(f.read())
+    return 0
+
+
+def watch_status(mountpoint: str) -> int:
+    """Show the job until it ends, then the totals of what it copied meanwhile; the exit status
+    is `wait`'s. On a terminal one line is redrawn in place; otherwise a plain line is printed
+    every WATCH_LINE_SECONDS and at every change of state, for a log to keep."""
+    tty = sys.stdout.isatty()
+    started = time.monotonic()
+    stream = read_status(mountpoint)["stream"]
+    copied_at_start = stream.get("copied", 0)
+    printed_at, printed_state = -WATCH_LINE_SECONDS, None
+    while stream["state"] in ("running", "paused"):
+        if tty:
+            sys.stdout.write(watch_frame(watch_line(stream), shutil.get_terminal_size().columns))
+            sys.stdout.flush()
+        elif stream["state"] != printed_state or time.monotonic() - printed_at >= WATCH_LINE_SECONDS:
+            print(watch_line(stream), flush=True)
+            printed_at, printed_state = time.monotonic(), stream["state"]
         time.sleep(POLL_SECONDS)
+        stream = read_status(mountpoint)["stream"]
+    seconds = time.monotonic() - started
+    end = watch_end_line(stream, stream.get("copied", 0) - copied_at_start, seconds)
+    print(("\r\033[K" if tty else "") + end)  # the last line may wrap: nothing redraws it
+    return WAIT_EXIT[stream["state"]]
+
+
+WATCH_LINE_SECONDS = 1.0  # between the lines of `status --watch` when stdout is not a terminal
+
+
+def watch_line(stream: dict) -> str:
+    """The job as `status --watch` shows it while it runs or is paused, or once it has ended."""
+    if stream["state"] == "running":
+        return progress_bar(stream)
+    if stream["state"] in ("paused", "cancelled"):
+        done = stream["offset"] / stream["len"] * 100 if stream["len"] else 100.0
+        return (f"{stream['state']} at {format_size(stream['offset'])} of {format_size(stream['len'])}"
+                f" ({done:.1f}%)")
+    return stream["state"] + (f" ({printable(stream['error'])})" if stream["error"] else "")
+
+
+def watch_frame(line: str, columns: int) -> str:
+    """Redraw `line` in place. It is cut to the terminal's width less one column: a longer line
+    wraps, and as a carriage return goes back only to the start of its last row, every redraw
+    would leave a stale copy of the first rows above it."""
+    return "\r" + line[: max(columns - 1, 0)] + "\033[K"
+
+
+def watch_end_line(stream: dict, copied: int, seconds: float) -> str:
+    """How the job ended, and what it copied while watched: bytes, time and average rate."""
+    if stream["state"] == "idle":
+        return "idle: no stream has run in this mount"
+    rate = copied / seconds if seconds > 0 else 0
+    return f"{watch_line(stream)}: {format_size(copied)} copied in {seconds:.1f} s ({format_size(rate)}/s)"
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
@@ -308,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     create = sub.add_parser("create", help="create a QED image, optionally over a backing file")
+    create.add_argument("-f", dest="format", metavar="FORMAT", help="qed, the only one (qemu-img's -f)")
+    create.add_argument("-o", dest="create_options", action="append", default=[], metavar="KEY=VALUE[,...]",
+                        help="qemu-img's spellings: " + ", ".join(f"{key}=" for key in CREATE_OPTIONS))
     create.add_argument("-b", dest="backing", metavar="BACKING",
                         help="backing file (stored as given; a relative name is relative to IMAGE's directory)")
     create.add_argument("-F", dest="backing_format", choices=SUPPORTED_BACKING_FORMATS,
@@ -315,14 +442,17 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("-s", dest="size", metavar="SIZE", help="virtual size, e.g. 10G (default: the backing file's)")
     create.add_argument("--cluster-size", metavar="N", help="default 64K")
     create.add_argument("--table-size", type=int, metavar="N",
-                        help="clusters per table, default 4")
+                        help="clusters per table: a power of two from 2 to 16 (" + ", ".join(map(str, TABLE_SIZES))
+                             + "), default 4")
     create.add_argument("--force", action="store_true", help="overwrite an existing file")
     create.add_argument("image")
+    create.add_argument("size_arg", nargs="?", metavar="SIZE", help="the virtual size, as -s (qemu-img's spelling)")
     create.set_defaults(func=cmd_create)
 
     info = sub.add_parser("info", help="show an image, or its whole backing chain")
-    info.add_argument("--chain", action="store_true", help="every layer, top first")
+    info.add_argument("--chain", "--backing-chain", dest="chain", action="store_true", help="every layer, top first")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("--output", choices=OUTPUT_FORMATS, help="json is --json (qemu-img's spelling)")
     info.add_argument("image")
     info.set_defaults(func=cmd_info)
 
@@ -331,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "2 corruption found, 3 only leaked clusters found.")
     check.add_argument("--repair", action="store_true",
                        help="clear entries that point outside the file or into metadata; cut leaks off the end")
+    check.add_argument("--output", choices=OUTPUT_FORMATS, help="json: qemu-img check's JSON report")
     check.add_argument("image")
     check.set_defaults(func=cmd_check)
 
@@ -367,7 +498,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The exit status a shell reports for a process that SIGPIPE killed: what `cmd | head -1` expects.
+BROKEN_PIPE_EXIT = 128 + signal.SIGPIPE
+
+
+def quiet_on_broken_pipe(command: Callable[[], int]) -> int:
+    """Run a program's main; when the reader of stdout has gone (`fusestream info | true`),
+    exit BROKEN_PIPE_EXIT without a traceback. stdout is flushed here, so that the error is
+    raised here rather than at the interpreter's exit, then pointed at /dev/null, so that the
+    final flush has nowhere to fail: the way Python's documentation of SIGPIPE gives."""
+    try:
+        try:
+            return command()
+        finally:  # also after argparse's --help and --version, which exit through SystemExit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE_EXIT
+
+
 def main(argv: list[str] | None = None) -> int:
+    return quiet_on_broken_pipe(lambda: run_command(argv))
+
+
+def run_command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

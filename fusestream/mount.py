@@ -23,7 +23,9 @@ import time
 import pyfuse3
 import trio
 
+from . import __version__
 from .chain import Chain, Confinement, open_chain
+from .cli import quiet_on_broken_pipe
 from .control import Control, EventLog
 from .errors import FusestreamError, PrintableFormatter, printable
 from .faults import WriteErrors
@@ -59,11 +61,16 @@ class MountOptions:
     backing_dir: str | None = None
     allow_devices: bool = False
     kernel_flags: list[str] = dataclasses.field(default_factory=list)
+    fuse_flags: list[str] = dataclasses.field(default_factory=list)
 
 
 VALUED_OPTIONS = ("base", "speed", "backing_dir")
 FLAG_OPTIONS = ("ro", "nostream", "copy_on_read", "allow_other", "debug", "allow_devices")
-OPTION_NAMES = VALUED_OPTIONS + FLAG_OPTIONS  # fusestream's own -o options (the man page names each)
+# The FUSE options users know from other FUSE filesystems, handed to libfuse as they are:
+# default_permissions is always set (pyfuse3.default_options), auto_unmount has libfuse mount
+# through fusermount3, whose watcher unmounts once the daemon is gone, even after a kill -9.
+FUSE_OPTIONS = ("default_permissions", "allow_root", "auto_unmount")
+OPTION_NAMES = VALUED_OPTIONS + FLAG_OPTIONS + FUSE_OPTIONS  # the -o options the man page names
 
 
 def parse_options(texts: list[str]) -> MountOptions:
@@ -78,10 +85,14 @@ def parse_options(texts: list[str]) -> MountOptions:
                 setattr(opts, name, True)
             elif not has_value and name in KERNEL_FLAGS:
                 opts.kernel_flags.append(name)
+            elif not has_value and name in FUSE_OPTIONS:
+                opts.fuse_flags.append(name)
             elif name in MOUNT_ONLY or name.startswith("x-") or name == "comment":
                 continue
             else:
                 raise UsageError(f"unknown mount option '{item}'")
+    if opts.allow_other and "allow_root" in opts.fuse_flags:
+        raise UsageError("mount options allow_other and allow_root exclude each other")
     return opts
 
 
@@ -101,7 +112,7 @@ def fuse_options(image: str, opts: MountOptions) -> set[str]:
     options = set(pyfuse3.default_options)
     fsname = image.replace("\\", "\\\\").replace(",", "\\,")  # libfuse splits options on commas
     options |= {f"fsname={fsname}", "subtype=fusestream"}
-    options |= set(opts.kernel_flags)
+    options |= set(opts.kernel_flags) | set(opts.fuse_flags)
     if opts.ro:
         options.add("ro")
     if opts.allow_other:
@@ -118,10 +129,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("image", help="the top QED image")
     parser.add_argument("mountpoint", help="an existing directory")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                         help="ro, nostream, base=PATH, speed=RATE, copy_on_read, allow_other, debug, "
-                             "backing_dir=DIR, allow_devices")
+                             "backing_dir=DIR, allow_devices, default_permissions, allow_root, auto_unmount")
     # Flags that mount(8) passes to helpers: sloppy, no-mtab, verbose, and the type.
     parser.add_argument("-s", "-n", "-v", dest="mount_helper_flags", action="count", help=argparse.SUPPRESS)
     parser.add_argument("-t", dest="fstype", help=argparse.SUPPRESS)
@@ -323,7 +335,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return quiet_on_broken_pipe(lambda: run_command(sys.argv[1:] if argv is None else argv))
+
+
+def run_command(argv: list[str]) -> int:
+    args = parse_args(argv)
     try:
         return run(args)
     except FusestreamError as err:

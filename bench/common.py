@@ -356,6 +356,14 @@ def data_extents(fd: int) -> Iterator[tuple[int, int]]:
         yield start, pos
 
 
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
 def disk_usage(path: Path) -> int:
     """Bytes allocated to a file (st_blocks), as du counts them."""
     return path.stat().st_blocks * 512

@@ -42,6 +42,7 @@ from common import (
     check_same_bytes,
     copy_image,
     fusestream_daemon,
+    peak_rss,
     qsd_export,
     run_as_root,
     run_fio_cold,
@@ -116,12 +117,6 @@ def compressed_share(image: Path) -> str:
 def randread_params(runtime: float) -> dict[str, str]:
     return {"rw": "randread", "bs": "4k", "ioengine": "psync", "direct": "0", "time_based": "",
             "runtime": f"{runtime:g}s"}
-
-
-def peak_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
 
 
 def measure_reads(qchain: Chain, raw_chain: Chain, tmp: Path, settings: Settings) -> dict[str, list[float]]:

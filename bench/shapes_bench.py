@@ -28,13 +28,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from common import (
     MiB,
     Settings,
     check_streamed,
-    fusestream_daemon,
     run_as_root,
     scratch_dirs,
     spread,
@@ -51,8 +49,6 @@ from stream_bench import (
     StreamBench,
     StreamTooShort,
     chain_data,
-    fusestream_cli,
-    job_seconds,
     measure_latency,
 )
 
@@ -78,22 +74,7 @@ class ShapeResult:
 
 
 class ShapeBench(StreamBench):
-    """StreamBench's peers, plus the daemon's peak RSS and qemu-img convert."""
-
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
-        self.rss: list[int] = []
-
-    def fusestream(self) -> Run:
-        with fusestream_daemon(self.fresh_copy(), self.mountdir, ("nostream",)) as (_, proc):
-            self.cold_start()
-            started = time.monotonic()
-            fusestream_cli("stream", self.mountdir)
-            fusestream_cli("wait", self.mountdir)
-            seconds = time.monotonic() - started
-            job = job_seconds(self.mountdir)
-            self.rss.append(peak_rss(proc.pid))
-        return self.checked(FUSESTREAM, seconds, job)
+    """StreamBench's peers, plus qemu-img convert."""
 
     def convert(self) -> Run:
         """qemu-img convert of the chain into a fresh QED: what writing the data costs QEMU."""
@@ -107,13 +88,6 @@ class ShapeBench(StreamBench):
         out.unlink()
         self.problems += [f"{CONVERT}: {problem}" for problem in image.problems]
         return Run(seconds, None, image)
-
-
-def peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM for process {pid}")
 
 
 def measure_shape(name: str, bench: ShapeBench, rounds: int, qemu_peers: bool) -> dict[str, list[Run]]:

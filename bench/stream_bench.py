@@ -73,8 +73,10 @@ from common import (
     disk_usage,
     fio_argv,
     fusestream_argv,
+    fusestream_daemon,
     fusestream_mount,
     nonzero_clusters,
+    peak_rss,
     percentile,
     qsd_qmp,
     qsd_stream_argv,
@@ -142,6 +144,7 @@ class StreamBench:
         self.qmp_socket = tmp / "qmp.sock"
         self.export_file = tmp / "qsd.raw"
         self.problems: list[str] = []  # failed checks, with the run they came from
+        self.rss: list[int] = []  # the daemon's peak RSS of each fusestream run
 
     def fresh_copy(self) -> Path:
         return copy_image(self.template, self.copy)
@@ -158,13 +161,14 @@ class StreamBench:
     # -- the peers -------------------------------------------------------------------------------
 
     def fusestream(self) -> Run:
-        with fusestream_mount(self.fresh_copy(), self.mountdir, ("nostream",)):
+        with fusestream_daemon(self.fresh_copy(), self.mountdir, ("nostream",)) as (_, proc):
             self.cold_start()
             started = time.monotonic()
             fusestream_cli("stream", self.mountdir)
             fusestream_cli("wait", self.mountdir)
             seconds = time.monotonic() - started
             job = job_seconds(self.mountdir)
+            self.rss.append(peak_rss(proc.pid))
         return self.checked(FUSESTREAM, seconds, job)
 
     def block_stream(self, export: bool) -> Run:

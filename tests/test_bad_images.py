@@ -166,6 +166,7 @@ def test_unknown_autoclear_bits_are_cleared_on_a_read_write_open_only(tmp_path):
     assert QED_HEADER.parse(image.read_bytes()[:QED_HEADER_SIZE]).autoclear_features == 0
 
 
+@pytest.mark.mount
 def test_backing_dir_and_allow_devices_mount_options(tmp_path, mount):
     image = make_image(tmp_path)
     (tmp_path / "jail").mkdir()

@@ -138,6 +138,7 @@ def set_need_check(path) -> None:
         f.write(QED_HEADER.build(h))
 
 
+@pytest.mark.mount
 def test_a_read_write_mount_checks_and_repairs_a_dirty_image_first(image, mount):
     with open(image, "r+b") as f:
         f.truncate(os.path.getsize(image) + 2 * CS)
@@ -149,6 +150,7 @@ def test_a_read_write_mount_checks_and_repairs_a_dirty_image_first(image, mount)
     assert qemu_check(image).returncode == 0
 
 
+@pytest.mark.mount
 def test_a_dirty_image_that_stays_corrupt_is_not_mounted(image, tmp_path):
     first, second = l2_tables(image)
     set_entry(image, header(image).l1_table_offset, 1, first)  # two L1 entries, one L2 table

@@ -14,6 +14,7 @@ import random
 import threading
 import time
 
+import pytest
 from conftest import FUSESTREAM, build_chain, fallocate, qemu_check, qemu_convert, qemu_img, run
 
 from fusestream.formats.layer import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
@@ -75,6 +76,7 @@ def expected_after_crash(original: bytes, writer: GuestWriter, actual: bytes) ->
     return bytes(model)
 
 
+@pytest.mark.mount
 def test_kill_9_during_a_stream_with_fsynced_writes(tmp_path, mount, request):
     rounds = request.config.getoption("--crash-rounds")
     rng = random.Random(2024)

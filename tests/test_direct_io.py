@@ -74,7 +74,8 @@ def test_a_stream_writes_its_clusters_with_o_direct_and_reads_as_qemu_does(tmp_p
         assert chain.read(0, chain.size) == expected
     finally:
         chain.close()
-    qemu_check(c.top)
+    check = qemu_check(c.top)
+    assert check.returncode == 0, check.stdout + check.stderr
     assert qemu_convert(c.top, tmp_path / "after.raw") == expected
 
 

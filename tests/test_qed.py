@@ -228,7 +228,8 @@ def test_allocating_writes_batch_their_table_updates_behind_one_flush(tmp_path, 
         assert not chain.top.has_unwritten_tables
     finally:
         chain.close()
-    qemu_check(c.top)
+    check = qemu_check(c.top)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_a_table_with_unwritten_entries_is_never_evicted(tmp_path):
@@ -258,4 +259,5 @@ def test_a_table_with_unwritten_entries_is_never_evicted(tmp_path):
     finally:
         chain.close()
     assert qemu_convert(image, tmp_path / "out.raw")[1 << 20 : (1 << 20) + 5] == b"first"
-    qemu_check(image)
+    check = qemu_check(image)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -54,9 +54,19 @@ _UNSUPPORTED = {errno.ENOTSUP, errno.ENOLCK, errno.EINVAL, errno.ENOSYS}
 
 
 def lock_image(fd: int, path: str, writable: bool) -> None:
-    """Take QEMU's locks for a reader or a writer of the file open on `fd`; ImageBusyError
-    naming the permission, as QEMU names it, where another process (QEMU, or another fusestream
-    mount) holds a conflicting one. The caller closes `fd` on error, which drops what was taken."""
+    """Take the locks of a reader or a writer of the file open on `fd`, as every layer and
+    `create` do: fusestream's own flock (exclusive for a writer; scripts wait on it after an
+    unmount), then QEMU's locks. ImageBusyError where another process holds a conflicting one,
+    naming QEMU's permission for QEMU's locks. The caller closes `fd` on error, which drops what
+    was taken."""
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ImageBusyError(f"{path}: image is in use by another fusestream process") from None
+    _lock_qemu(fd, path, writable)
+
+
+def _lock_qemu(fd: int, path: str, writable: bool) -> None:
     perm, unshared = WRITER if writable else READER
     try:
         for i in _indexes(perm):

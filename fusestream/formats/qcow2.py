@@ -17,7 +17,6 @@ import array
 import collections
 import concurrent.futures
 import dataclasses
-import fcntl
 import logging
 import os
 import sys
@@ -28,7 +27,7 @@ from collections.abc import Iterator
 import zstandard
 from construct import ConstructError
 
-from ..errors import BackingFileError, CorruptionError, InvalidImageError, UnsupportedImageError, describe_os_error
+from ..errors import CorruptionError, InvalidImageError, UnsupportedImageError, describe_os_error
 from .image_lock import lock_image
 from .layer import (
     BlockStatus,
@@ -142,12 +141,8 @@ class Qcow2Image:
             raise InvalidImageError(describe_os_error(path, err)) from None
         try:
             if lock:
-                fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 lock_image(self.fd, path, writable=False)
             self._load()
-        except BlockingIOError:
-            os.close(self.fd)
-            raise BackingFileError(f"{path}: in use for writing by another fusestream process") from None
         except OSError as err:
             os.close(self.fd)
             raise InvalidImageError(describe_os_error(path, err)) from None

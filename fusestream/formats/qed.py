@@ -20,7 +20,6 @@ import array
 import collections
 import dataclasses
 import errno
-import fcntl
 import heapq
 import logging
 import mmap
@@ -37,7 +36,6 @@ from construct import ConstructError
 from ..errors import (
     CorruptionError,
     FusestreamError,
-    ImageBusyError,
     InvalidImageError,
     UnsupportedImageError,
     describe_os_error,
@@ -213,14 +211,6 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
             buffers[0] = buffers[0][written:]
 
 
-def _lock_file(fd: int, path: str, exclusive: bool) -> None:
-    """flock the image so no two fusestream processes write one image (or write a backing file)."""
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ImageBusyError(f"{path}: image is in use by another fusestream process") from None
-
-
 class QedImage:
     """One open QED file. ``backing`` is set by the chain once it has opened the backing layer."""
 
@@ -255,7 +245,6 @@ class QedImage:
             raise InvalidImageError(describe_os_error(path, err)) from None
         try:
             if lock:
-                _lock_file(self.fd, path, exclusive=writable)
                 lock_image(self.fd, path, writable)
             self._load(l2_cache_bytes, check_tables)
         except OSError as err:
@@ -1182,8 +1171,7 @@ def create(
     first_cluster = QED_HEADER.build(header) + name
     fd = _create_file(path, overwrite)
     try:
-        _lock_file(fd, path, exclusive=True)  # never truncate an image that is in use
-        lock_image(fd, path, writable=True)
+        lock_image(fd, path, writable=True)  # never truncate an image that is in use
         os.ftruncate(fd, 0)
         _pwrite_all(fd, first_cluster, 0)
         os.ftruncate(fd, file_size)

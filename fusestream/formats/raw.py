@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 
 from ..errors import BackingFileError, describe_os_error
@@ -25,12 +24,8 @@ class RawLayer:
             raise BackingFileError(describe_os_error(path, err)) from None
         try:
             if lock:
-                fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 lock_image(self.fd, path, writable=False)
             self.size = os.lseek(self.fd, 0, os.SEEK_END)  # st_size is 0 for a block device
-        except BlockingIOError:
-            os.close(self.fd)
-            raise BackingFileError(f"{path}: in use for writing by another fusestream process") from None
         except OSError as err:  # a "regular file" that cannot be locked or sized, such as /proc/self/mem
             os.close(self.fd)
             raise BackingFileError(f"{path}: cannot lock it or tell its size: {err.strerror or err}") from None

@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable
 
 from .chain import Chain
+from .errors import CommandError
 from .stream import (
     CANCELLED,
     COMPLETED,
     FAILED,
     PAUSED,
     RUNNING,
-    CommandError,
     Streamer,
     StreamStatistics,
 )

@@ -27,6 +27,27 @@ class ImageBusyError(FusestreamError):
     """The image is already opened for writing by another fusestream process."""
 
 
+class ReadOnlyImageError(FusestreamError):
+    """A write, discard or header change of an image opened read-only (EROFS to the guest)."""
+
+
+class SourceError(FusestreamError):
+    """A byte source cannot give what was asked, for longer than retries allow: a remote
+    object that changed since the mount, a server that keeps failing (EIO to the guest)."""
+
+
+class StreamError(FusestreamError):
+    """The stream job cannot go on; the message names the offset and the cause."""
+
+
+class CommandError(FusestreamError):
+    """A control command that is invalid now; nothing was changed (EINVAL to the writer of ctl)."""
+
+
+class UsageError(FusestreamError):
+    """Bad command line or -o option."""
+
+
 def describe_os_error(path: str, err: OSError) -> str:
     """One line for an OSError on `path`, without Python's '[Errno N]' noise."""
     return f"{path}: {err.strerror or err}"

@@ -21,10 +21,9 @@ import trio
 
 from .chain import Chain
 from .control import MAX_ECHOED_BYTES, Control
-from .errors import CorruptionError, FusestreamError
+from .errors import CommandError, CorruptionError, FusestreamError, ReadOnlyImageError
 from .faults import WriteErrors
 from .formats.layer import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
-from .stream import CommandError
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +67,10 @@ def fuse_errors() -> Iterator[None]:
     except CorruptionError as err:
         log.error("%s", err)
         raise pyfuse3.FUSEError(errno.EIO) from None
-    except PermissionError:
+    except ReadOnlyImageError:
         raise pyfuse3.FUSEError(errno.EROFS) from None
+    except CommandError:  # the reason is in `events` (see Operations._command)
+        raise pyfuse3.FUSEError(errno.EINVAL) from None
     except OSError as err:
         log.error("I/O error: %s", err)
         raise pyfuse3.FUSEError(err.errno or errno.EIO) from None
@@ -276,13 +277,14 @@ class Operations(pyfuse3.Operations):
             return None
 
     def _command(self, buf: bytes) -> int:
-        try:
-            self.control.command(buf)
-        except CommandError as err:
-            # At debug level only: the reason is in `events`, and every write to ctl would
-            # otherwise be a log line, however many come.
-            log.debug("ctl: rejected %r (%d bytes): %s", bytes(buf[:MAX_ECHOED_BYTES]), len(buf), err)
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        with fuse_errors():
+            try:
+                self.control.command(buf)
+            except CommandError as err:
+                # At debug level only: the reason is in `events`, and every write to ctl would
+                # otherwise be a log line, however many come.
+                log.debug("ctl: rejected %r (%d bytes): %s", bytes(buf[:MAX_ECHOED_BYTES]), len(buf), err)
+                raise
         return len(buf)
 
     async def lseek(self, fh, off, whence):

@@ -27,7 +27,7 @@ from . import __version__
 from .chain import Chain, Confinement, open_chain
 from .cli import quiet_on_broken_pipe
 from .control import Control, EventLog
-from .errors import FusestreamError, PrintableFormatter, printable
+from .errors import FusestreamError, PrintableFormatter, UsageError, printable
 from .faults import WriteErrors
 from .formats import qed_check
 from .fs import Operations, raw_name
@@ -43,10 +43,6 @@ KERNEL_FLAGS = {"nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "
 MOUNT_ONLY = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group",
               "nofail", "_netdev", "silent", "loud", "lazytime", "nolazytime",
               "relatime", "norelatime", "strictatime", "diratime", "nodiratime"}
-
-
-class UsageError(FusestreamError):
-    """Bad command line or -o option."""
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ import outcome
 import trio
 
 from .chain import Chain, StatusWalk, resolve_backing
-from .errors import FusestreamError
+from .errors import CommandError, FusestreamError, StreamError
 from .formats.layer import BlockStatus, Layer
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,6 @@ RATE_WINDOW = 3.0  # seconds of progress history behind the measured rate
 RATE_LAG = 1.0  # seconds without a step after which the measured rate starts to fall
 
 IDLE, RUNNING, PAUSED, COMPLETED, CANCELLED, FAILED = "idle", "running", "paused", "completed", "cancelled", "failed"
-
-
-class StreamError(FusestreamError):
-    """The stream job cannot go on; the message names the offset and the cause."""
-
-
-class CommandError(FusestreamError):
-    """A control command that is invalid now; nothing was changed."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,10 +25,9 @@ from hypothesis import strategies as st
 from fusestream.chain import open_chain
 from fusestream.cli import ctl_command
 from fusestream.control import MAX_COMMAND_BYTES, decode_command, parse_command
-from fusestream.errors import CorruptionError, FusestreamError
+from fusestream.errors import CommandError, CorruptionError, FusestreamError
 from fusestream.formats import qed
 from fusestream.formats.qed_structs import QED_HEADER, QED_HEADER_SIZE
-from fusestream.stream import CommandError
 from fusestream.units import MAX_SIZE
 
 U64 = st.one_of(

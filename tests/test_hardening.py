@@ -24,10 +24,10 @@ from fusestream import control
 from fusestream.chain import open_chain
 from fusestream.cli import ctl_command
 from fusestream.control import EVENTS_DROPPED, MAX_COMMAND_BYTES, Control, EventLog, parse_command
-from fusestream.errors import PrintableFormatter, printable
+from fusestream.errors import CommandError, PrintableFormatter, printable
 from fusestream.formats import qed
 from fusestream.formats.qed_structs import QED_HEADER, QED_HEADER_SIZE
-from fusestream.stream import CANCELLED, COMPLETED, CommandError, Streamer
+from fusestream.stream import CANCELLED, COMPLETED, Streamer
 from fusestream.units import parse_size
 
 HUGE = "9" * 400

@@ -37,6 +37,7 @@ from ..errors import (
     CorruptionError,
     FusestreamError,
     InvalidImageError,
+    ReadOnlyImageError,
     UnsupportedImageError,
     describe_os_error,
 )
@@ -573,7 +574,7 @@ class QedImage:
         With wait=False, an allocation that would have to wait for another one (or for a
         write-back's flush) raises BlockingIOError instead, having written nothing."""
         if not self.writable:
-            raise PermissionError(f"{self.path}: image is open read-only")
+            raise ReadOnlyImageError(f"{self.path}: image is open read-only")
         extents = self.extents(offset, len(data))
         if all(e.status is BlockStatus.FOUND for e in extents):
             self._write_found(extents, offset, data)
@@ -687,7 +688,7 @@ class QedImage:
         `zero_clusters`, else stays unallocated.
         """
         if not self.writable:
-            raise PermissionError(f"{self.path}: image is open read-only")
+            raise ReadOnlyImageError(f"{self.path}: image is open read-only")
         cs = self.cluster_size
         for offset, data in pieces:
             end = offset + len(data)
@@ -928,7 +929,7 @@ class QedImage:
         out of the file and reused by later allocations. Partial clusters are written with zeros.
         A discard is a guest write: the stream never brings backing data back under it."""
         if not self.writable:
-            raise PermissionError(f"{self.path}: image is open read-only")
+            raise ReadOnlyImageError(f"{self.path}: image is open read-only")
         cs = self.cluster_size
         end = min(offset + length, self.size)
         whole_start = -(-offset // cs) * cs
@@ -1029,7 +1030,7 @@ class QedImage:
         either the old backing file or the new one, never a torn name.
         """
         if not self.writable:
-            raise PermissionError(f"{self.path}: image is open read-only")
+            raise ReadOnlyImageError(f"{self.path}: image is open read-only")
         with self._alloc_lock:
             saved = self.header.copy()
             try:

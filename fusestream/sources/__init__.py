@@ -1,0 +1,51 @@
+"""Where an image's bytes come from: a local file, an HTTP(S) URL. A source knows nothing about
+image formats; formats parse and read through it, so any format can live on any source.
+
+Sources are synchronous and thread-safe: bulk and remote reads run in worker threads, and a
+read that may wait on a network (`remote`) never runs on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Protocol
+
+
+class Source(Protocol):
+    """The bytes of one image file, read-only from the formats' side (the top image's local
+    file adds writes: see sources.local)."""
+
+    name: str
+    """The path or URL, credentials removed: what messages, status and events name."""
+    size: int
+    """Its length in bytes, fixed at open (a source that changes under us is an error)."""
+    remote: bool
+    """Reads may wait on a network: callers keep them off the event loop."""
+
+    def identity(self) -> Hashable:
+        """The same value for the same object under any name (hard links, symbolic links, an
+        equivalent URL), so that a backing chain can refuse loops."""
+
+    def read_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
+        """Fill `view` from `offset` until it is full or the source ends; returns the bytes
+        filled. `direct`: bypass caches and readahead where the source has them (the stream,
+        while it gives way to the guest). Errors: OSError, or errors.SourceError for a
+        remote source that keeps failing or changed."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        """`length` bytes from `offset`, fewer only where the source ends (headers, tables)."""
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """A hint that the range will be read soon: start fetching it without waiting. Never
+        fails."""
+
+    def data_status(self, offset: int, length: int) -> tuple[bool, int]:
+        """(True, n): the source holds data for n bytes (<= length) from `offset`; (False, n): a
+        hole that reads zeros (SEEK_HOLE). A source with no notion of holes says (True, length)."""
+
+    def describe(self) -> dict[str, object]:
+        """What `info --chain` and status show of the source beyond its name (for a remote
+        one: what the server said, bytes fetched, connections, retries, the last error). Never
+        credentials."""
+
+    def close(self) -> None: ...

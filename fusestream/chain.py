@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import os
 import threading
-import time
 from collections.abc import Iterator
 
 from .errors import BackingFileError, FusestreamError, describe_os_error
@@ -154,7 +153,6 @@ class Chain:
     top: qed.QedImage
     layers: list[Layer]
     in_use: LayersInUse = dataclasses.field(default_factory=LayersInUse)
-    last_guest_io: float = -1e9  # time.monotonic() of the last read or write of the guest view
 
     @property
     def size(self) -> int:
@@ -166,7 +164,6 @@ class Chain:
 
     def read(self, offset: int, length: int) -> bytes | bytearray:
         """Read the guest view of [offset, offset+length), clamped to the virtual size."""
-        self.last_guest_io = time.monotonic()
         length = max(0, min(length, self.size - offset))
         if not length:
             return b""
@@ -190,7 +187,6 @@ class Chain:
     def write(self, offset: int, data: bytes, wait: bool = True) -> int:
         """Write guest data into the top image; returns how many bytes fit in the virtual size.
         `wait`: see QedImage.write."""
-        self.last_guest_io = time.monotonic()
         length = max(0, min(len(data), self.size - offset))
         if length:
             with self.in_use:
@@ -200,7 +196,6 @@ class Chain:
     def discard(self, offset: int, length: int) -> None:
         """Discard (or write zeros over) a guest range, clamped to the virtual size; see
         QedImage.discard."""
-        self.last_guest_io = time.monotonic()
         length = max(0, min(length, self.size - offset))
         if length:
             with self.in_use:

@@ -219,19 +219,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """qemu-img check's meaning: 0 clean, 2 corruption, 3 leaks only, 1 the check itself failed."""
+    """qemu-img check's meaning: 0 clean, 2 corruption, 3 leaks only, 1 the check itself failed
+    (a FusestreamError, which run_main turns into one line and exit status 1)."""
     from .chain import probe_format
     from .formats import qed_check
 
-    try:
-        fmt = probe_format(os.path.abspath(args.image))
-        if fmt == "qcow2":
-            raise FusestreamError(f"{os.path.abspath(args.image)}: a qcow2 image: check works on QED images "
-                                  "(use qemu-img check for qcow2)")
-        result = qed_check.check_file(os.path.abspath(args.image), repair=args.repair)
-    except FusestreamError as err:
-        print(f"fusestream: {printable(str(err))}", file=sys.stderr)
-        return qed_check.EXIT_CHECK_FAILED
+    fmt = probe_format(os.path.abspath(args.image))
+    if fmt == "qcow2":
+        raise FusestreamError(f"{os.path.abspath(args.image)}: a qcow2 image: check works on QED images "
+                              "(use qemu-img check for qcow2)")
+    result = qed_check.check_file(os.path.abspath(args.image), repair=args.repair)
     if _wants_json(args):
         print(json.dumps(check_report(result, args.image), indent=4))
     else:
@@ -407,7 +404,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
         stream = read_status(args.mountpoint)["stream"]
         if stream["state"] not in ("running", "paused"):
             if stream["error"]:
-                print(f"fusestream: stream failed: {printable(stream['error'])}", file=sys.stderr)
+                print_error("fusestream", f"stream failed: {stream['error']}")
             return WAIT_EXIT[stream["state"]]
         time.sleep(wait_poll_seconds(stream))
 
@@ -518,19 +515,38 @@ def quiet_on_broken_pipe(command: Callable[[], int]) -> int:
         return BROKEN_PIPE_EXIT
 
 
+# The exit status of a command that failed with a FusestreamError (check's EXIT_CHECK_FAILED too).
+ERROR_EXIT = 1
+
+
+def print_error(prog: str, message: str) -> None:
+    """The one line a command prints for what went wrong, text an image supplied made printable."""
+    print(f"{prog}: {printable(message)}", file=sys.stderr)
+
+
+def run_main(prog: str, command: Callable[[], int]) -> int:
+    """Run a program's main, the one place where the CLI turns errors into what a user sees: a
+    FusestreamError is one line on stderr and ERROR_EXIT, ^C is 130, a reader of stdout that
+    has gone is BROKEN_PIPE_EXIT; never a traceback."""
+    def guarded() -> int:
+        try:
+            return command()
+        except FusestreamError as err:
+            print_error(prog, str(err))
+            return ERROR_EXIT
+        except KeyboardInterrupt:
+            return 130
+
+    return quiet_on_broken_pipe(guarded)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return quiet_on_broken_pipe(lambda: run_command(argv))
+    return run_main("fusestream", lambda: run_command(argv))
 
 
 def run_command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except FusestreamError as err:
-        print(f"fusestream: {printable(str(err))}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from .chain import Chain
 from .errors import CommandError
+from .faults import WriteErrors
 from .stream import (
     CANCELLED,
     COMPLETED,
@@ -266,24 +267,21 @@ def _stream_args(args: list[str]) -> dict:
 class Control:
     """The control files of one mounted image."""
 
-    def __init__(self, name: str, chain: Chain, streamer: Streamer, events: EventLog):
+    def __init__(self, name: str, chain: Chain, streamer: Streamer, events: EventLog, write_errors: WriteErrors):
         self.name = name
         self.chain = chain
         self.streamer = streamer
         self.events = events
+        self.write_errors = write_errors
 
     def status(self) -> bytes:
         line = render_status(self.name, self.streamer.statistics())
-        if self._write_error() is not None:
-            line = line.rstrip("\n") + f"; write error: {self._write_error()}\n"
+        if self.write_errors.error is not None:
+            line = line.rstrip("\n") + f"; write error: {self.write_errors.error}\n"
         return line.encode()
 
     def status_json(self) -> bytes:
-        return render_status_json(self.name, self.chain, self.streamer.statistics(), self._write_error()).encode()
-
-    def _write_error(self) -> str | None:
-        errors = self.streamer.write_errors
-        return errors.error if errors is not None else None
+        return render_status_json(self.name, self.chain, self.streamer.statistics(), self.write_errors.error).encode()
 
     def command(self, raw: bytes) -> None:
         """Apply one ctl command; an invalid one changes nothing, raises CommandError and is

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import threading
 
 import trio
 
@@ -32,16 +31,15 @@ def error_number(err: BaseException) -> int:
 
 
 class WriteErrors:
-    """The current write error of the mounted top image, if any. Created on the event loop;
-    report() and cleared() may be called from any thread."""
+    """The current write error of the mounted top image, if any. report() and cleared() may be
+    called on the event loop or in its worker threads (trio.to_thread): the state and the
+    event change on the loop."""
 
     def __init__(self, image_name: str, emit: EventSink):
         self.image_name = image_name
         self.emit = emit
         self.error: str | None = None  # "<origin>: <reason>" while a write error is unresolved
         self._errno: int | None = None
-        self._token = trio.lowlevel.current_trio_token()
-        self._loop_thread = threading.current_thread()
 
     def report(self, origin: str, err: BaseException | int) -> None:
         """A write to the top image failed in `origin` (guest write, guest fsync, write-back,
@@ -55,10 +53,10 @@ class WriteErrors:
             self._on_loop(self._clear)
 
     def _on_loop(self, fn, *args) -> None:
-        if threading.current_thread() is self._loop_thread:
+        if trio.lowlevel.in_trio_run():
             fn(*args)
         else:
-            self._token.run_sync_soon(fn, *args)
+            trio.from_thread.run_sync(fn, *args)
 
     def _report(self, origin: str, code: int) -> None:
         reason = os.strerror(code)

@@ -1,8 +1,12 @@
-"""pyfuse3 Operations: the mount's directory and its raw file. Translation only, no format logic.
+"""pyfuse3 Operations: the mount's directory, its raw file and the control files. Translation
+only, no format logic; fuse_errors is the one place that turns errors into errnos.
 
-Image I/O runs in worker threads (``trio.to_thread``) so that a slow disk or a long allocating
-write never stalls the event loop, which also serves the other requests and later the stream
-job. The image is thread-safe for exactly this reason (see formats/qed.py).
+Small reads and writes of the raw file (INLINE_READ_MAX, INLINE_WRITE_MAX) run on the event loop
+itself, measured to cost less than a hand-over to a thread; a small write that would wait (for
+another allocation, or a write-back's flush) goes to a thread instead. Larger requests, discards,
+fsync, lseek and every read with copy-on-read run in worker threads (``trio.to_thread``), so
+that a slow disk or a long allocating write never stalls the event loop, which also serves the
+other requests and the stream job. The image is thread-safe for this reason (formats/qed.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .control import MAX_ECHOED_BYTES, Control
 from .errors import CommandError, CorruptionError, FusestreamError, ReadOnlyImageError
 from .faults import WriteErrors
 from .formats.layer import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+from .stream import CopyOnRead, GuestActivity
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +102,13 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, chain: Chain, read_only: bool = False):
+    def __init__(self, chain: Chain, control: Control, write_errors: WriteErrors, guest: GuestActivity,
+                 copy_on_read: CopyOnRead | None = None, read_only: bool = False):
         super().__init__()
         self.chain = chain
+        self.control = control
+        self.write_errors = write_errors  # where failed writes and fsyncs are also reported
+        self.guest = guest  # noted at every request of the raw file, for the stream to give way
         self.read_only = read_only or not chain.top.writable
         self.raw_name = raw_name(chain.top.path).encode()
         self.uid, self.gid = os.getuid(), os.getgid()
@@ -107,13 +116,11 @@ class Operations(pyfuse3.Operations):
         self.raw_uid, self.raw_gid = self.uid, self.gid
         now = time.time_ns()
         self.mtime_ns = self.ctime_ns = self.atime_ns = now
-        self.control: Control | None = None
-        self.read_raw: Callable[[int, int], bytes | bytearray] = chain.read
-        self.inline_small_reads = True  # not with copy-on-read: such a read may write
+        self.read_raw: Callable[[int, int], bytes | bytearray] = copy_on_read.read if copy_on_read else chain.read
+        self.inline_small_reads = copy_on_read is None  # a read with copy-on-read may write
         self._snapshots: dict[int, bytes] = {}  # open status files: what that open() saw
         self._next_fh = FIRST_SNAPSHOT_FH
         self.after_init: Callable[[], None] | None = None  # see init()
-        self.write_errors: WriteErrors | None = None  # set by the mount
 
     def init(self) -> None:
         """The kernel's FUSE_INIT request, answered as soon as this returns. The kernel applies
@@ -121,14 +128,6 @@ class Operations(pyfuse3.Operations):
         next turn, once the answer is in."""
         if self.after_init is not None:
             trio.lowlevel.current_trio_token().run_sync_soon(self.after_init)
-
-    def attach(self, control: Control, read_raw: Callable[[int, int], bytes | bytearray] | None = None) -> None:
-        """Connect the control files (they need the running trio loop) and, for copy-on-read,
-        the function that serves raw-file reads."""
-        self.control = control
-        if read_raw is not None:
-            self.read_raw = read_raw
-            self.inline_small_reads = False
 
     # -- attributes ----------------------------------------------------------------------------
 
@@ -147,7 +146,7 @@ class Operations(pyfuse3.Operations):
             attr.st_nlink = 1
             attr.st_size = self.chain.size
             attr.st_blocks = self.chain.top.allocated_bytes() // 512
-        elif inode in CONTROL_MODES and self.control is not None:
+        elif inode in CONTROL_MODES:
             attr.st_mode = stat.S_IFREG | CONTROL_MODES[inode]
             attr.st_nlink = 1
             # The events file's size, not its content: that may hold gaps of any length (EventLog).
@@ -174,7 +173,7 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx=None):
         if parent_inode == ROOT_INODE and name == self.raw_name:
             return self._attr(RAW_INODE)
-        if parent_inode == ROOT_INODE and name in CONTROL_FILES and self.control is not None:
+        if parent_inode == ROOT_INODE and name in CONTROL_FILES:
             return self._attr(CONTROL_FILES[name][0])
         raise pyfuse3.FUSEError(errno.ENOENT)
 
@@ -215,9 +214,7 @@ class Operations(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh, start_id, token):
-        entries = [(self.raw_name, RAW_INODE)]
-        if self.control is not None:
-            entries += [(name, inode) for name, (inode, _) in CONTROL_FILES.items()]
+        entries = [(self.raw_name, RAW_INODE)] + [(name, inode) for name, (inode, _) in CONTROL_FILES.items()]
         for index, (name, inode) in enumerate(entries[start_id:], start=start_id + 1):
             if not pyfuse3.readdir_reply(token, name, self._attr(inode), index):
                 break
@@ -228,7 +225,7 @@ class Operations(pyfuse3.Operations):
     # -- the raw file --------------------------------------------------------------------------
 
     async def open(self, inode, flags, ctx):
-        if inode in CONTROL_MODES and self.control is not None:
+        if inode in CONTROL_MODES:
             return self._open_control(inode, flags)
         if inode != RAW_INODE:
             raise pyfuse3.FUSEError(errno.EISDIR if inode == ROOT_INODE else errno.ENOENT)
@@ -252,6 +249,7 @@ class Operations(pyfuse3.Operations):
             return self._snapshots[fh][off : off + size]
         if fh == EVENTS_INODE:
             return self.control.events.read(off, size)
+        self.guest.note()
         if size <= INLINE_READ_MAX and self.inline_small_reads:
             return run_inline(self.chain.read, off, size)
         return await run_io(self.read_raw, off, size)
@@ -263,6 +261,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if off >= self.chain.size:
             raise pyfuse3.FUSEError(errno.ENOSPC)  # a disk does not grow when written past its end
+        self.guest.note()
         with self._reporting_write_errors("guest write"):
             written = run_inline(self._write_unless_blocked, off, buf) if len(buf) <= INLINE_WRITE_MAX else None
             if written is None:
@@ -314,6 +313,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if not mode & FALLOC_FL_KEEP_SIZE and offset + length > self.chain.size:
             raise pyfuse3.FUSEError(errno.ENOSPC)
+        self.guest.note()
         with self._reporting_write_errors("guest discard"):
             await run_io(self.chain.discard, offset, length)
         self.mtime_ns = self.ctime_ns = time.time_ns()
@@ -322,8 +322,7 @@ class Operations(pyfuse3.Operations):
         if fh == RAW_INODE:
             with self._reporting_write_errors("guest fsync"):
                 await run_io(self.chain.flush)
-            if self.write_errors is not None:
-                self.write_errors.cleared()
+            self.write_errors.cleared()
 
     @contextlib.contextmanager
     def _reporting_write_errors(self, origin: str) -> Iterator[None]:
@@ -331,8 +330,7 @@ class Operations(pyfuse3.Operations):
         try:
             yield
         except pyfuse3.FUSEError as err:
-            if self.write_errors is not None:
-                self.write_errors.report(origin, err.errno)
+            self.write_errors.report(origin, err.errno)
             raise
 
     async def flush(self, fh):

@@ -18,20 +18,20 @@ import re
 import signal
 import stat
 import sys
-import time
 
 import pyfuse3
 import trio
 
 from . import __version__
 from .chain import Chain, Confinement, open_chain
-from .cli import quiet_on_broken_pipe
+from .cli import run_main
 from .control import Control, EventLog
-from .errors import FusestreamError, PrintableFormatter, UsageError, printable
+from .errors import FusestreamError, PrintableFormatter, UsageError
 from .faults import WriteErrors
 from .formats import qed_check
 from .fs import Operations, raw_name
-from .stream import Streamer
+from .services import NeedCheckTimer, Service, WriteBackTimer
+from .stream import CopyOnRead, Streamer
 from .units import parse_size
 
 log = logging.getLogger("fusestream")
@@ -240,52 +240,46 @@ def daemonize() -> None:
     os.close(devnull)
 
 
-async def serve(ops: Operations, opts: MountOptions) -> None:
-    """Run the FUSE loop and the stream job until unmounted; SIGTERM and SIGINT unmount cleanly.
-    Unmounting cancels the job between two chunks; the next mount resumes it."""
-    chain = ops.chain
+@dataclasses.dataclass
+class MountedImage:
+    """What serves one mounted image: the Operations the kernel calls, connected to the control
+    files at construction, and the services that run beside them on one nursery."""
+
+    ops: Operations
+    streamer: Streamer
+    services: list[Service]
+
+
+def build_mount(chain: Chain, opts: MountOptions) -> MountedImage:
+    """Everything a mount of `chain` serves with, before the event loop runs (pyfuse3.init needs
+    the Operations before the daemon forks)."""
+    name = raw_name(chain.top.path)
+    events = EventLog(name)
+    write_errors = WriteErrors(name, events.emit)
+    streamer = Streamer(chain, events.emit, default_base=opts.base, default_speed=opts.speed)
+    control = Control(name, chain, streamer, events, write_errors)
+    copy_on_read = CopyOnRead(streamer, write_errors) if opts.copy_on_read else None
+    ops = Operations(chain, control, write_errors, streamer.guest, copy_on_read, read_only=opts.ro)
+    services: list[Service] = [streamer]
+    if not ops.read_only:
+        services += [WriteBackTimer(chain.top, write_errors), NeedCheckTimer(chain.top, write_errors)]
+    return MountedImage(ops, streamer, services)
+
+
+async def serve(mounted: MountedImage, opts: MountOptions) -> None:
+    """Run the FUSE loop and the services until unmounted; SIGTERM and SIGINT unmount cleanly.
+    Unmounting cancels the stream job between two steps; the next mount resumes it."""
     async with trio.open_nursery() as nursery:
-        name = raw_name(chain.top.path)
-        events = EventLog(name)
-        write_errors = WriteErrors(name, events.emit)
-        streamer = Streamer(chain, nursery, events.emit, default_base=opts.base, default_speed=opts.speed)
-        streamer.write_errors = ops.write_errors = write_errors
-        ops.attach(Control(name, chain, streamer, events), streamer.read_copying if opts.copy_on_read else None)
-        if not opts.nostream and not ops.read_only and chain.top.backing is not None:
-            streamer.start()
-        nursery.start_soon(_unmount_on_signal, nursery.cancel_scope)
-        if not ops.read_only:
-            nursery.start_soon(_write_back_tables, chain, write_errors)
+        for service in mounted.services:
+            await nursery.start(service.run)
+        if not opts.nostream and not mounted.ops.read_only and mounted.ops.chain.top.backing is not None:
+            mounted.streamer.start()
+        nursery.start_soon(_unmount_on_signal)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-NEED_CHECK_IDLE = 5.0  # seconds without allocating writes before QED_F_NEED_CHECK is cleared (QEMU's)
-WRITE_BACK_INTERVAL = 1.0  # seconds that allocations' L2 entries may wait in memory, at most
-
-
-async def _write_back_tables(chain: Chain, write_errors: WriteErrors) -> None:
-    """Allocations write their L2 entries in batches (QedImage.write_back): every second, and
-    at every fsync. Without a backing file they also set QED_F_NEED_CHECK; clear it once they
-    pause, so that the image on disk is marked clean long before the unmount.
-
-    A write error (a full filesystem, a failing device) is reported and the next second tries
-    again: what was not written stays in memory until it is, and the guest's fsync fails
-    meanwhile."""
-    top = chain.top
-    while True:
-        await trio.sleep(WRITE_BACK_INTERVAL)
-        try:
-            if top.needs_write_back:
-                await trio.to_thread.run_sync(top.write_back)
-                write_errors.cleared()
-            if top.need_check_set_by_us and time.monotonic() - top.last_allocation >= NEED_CHECK_IDLE:
-                await trio.to_thread.run_sync(top.clear_need_check)
-        except (OSError, FusestreamError) as err:
-            write_errors.report("write-back", err)
-
-
-async def _unmount_on_signal(scope: trio.CancelScope) -> None:
+async def _unmount_on_signal() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
@@ -301,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
     if opts.base is not None and chain.find_layer(opts.base) is None:
         chain.close()
         raise FusestreamError(f"base {opts.base} is not in the backing chain of {image}")
-    ops = Operations(chain, read_only=opts.ro)
+    mounted = build_mount(chain, opts)
+    ops = mounted.ops
     # From the mount on, SIGTERM and SIGINT must never kill the process half-way: the loop's own
     # receiver takes them while it runs; before and after it (mounting, closing) they are ignored.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -322,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     log.info("mounted %s on %s (%s)", image, args.mountpoint, "read-only" if ops.read_only else "read-write")
     try:
-        trio.run(serve, ops, opts)
+        trio.run(serve, mounted, opts)
     finally:
         pyfuse3.close(unmount=True)
         chain.close()
@@ -331,16 +326,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return quiet_on_broken_pipe(lambda: run_command(sys.argv[1:] if argv is None else argv))
-
-
-def run_command(argv: list[str]) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except FusestreamError as err:
-        print(f"mount.fusestream: {printable(str(err))}", file=sys.stderr)
-        return 1
+    return run_main("mount.fusestream", lambda: run(parse_args(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """The stream job: copy the data of the backing chain into the top image while it is in use.
 
-QEMU's block-stream, as a trio task. The copying itself (`Copier`) is synchronous and runs in a
-worker thread, a chunk at a time, so guest I/O keeps flowing on the event loop; between chunks
-the job honours pause, cancel and the rate limit. Guest writes win because the copy only fills
+QEMU's block-stream, as a trio service (`Streamer`, started with `nursery.start`) that runs one
+job at a time. The copying itself (copy.Copier) is synchronous and runs in a worker thread, a
+step at a time, so guest I/O keeps flowing on the event loop; between steps the job honours
+pause, cancel, the rate limit and a busy guest. Guest writes win because the copy only fills
 clusters that are still unallocated when it takes the allocation lock (QedImage.populate).
+Copy-on-read (`CopyOnRead`) copies what guest reads touch with copiers of its own.
 
-Progress follows QEMU's block-job meaning: `offset` of `len` bytes of the virtual disk.
+Progress follows QEMU's block-job meaning: `offset` of `len` bytes of the virtual disk. Time is
+trio's clock throughout, so tests drive the job with trio.testing.MockClock.
 """
 
 from __future__ import annotations
@@ -13,24 +16,27 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import mmap
-import threading
-import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+import math
+import queue
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import outcome
 import trio
 
 from .chain import Chain, StatusWalk, resolve_backing
+from .copy import MAX_COPY, Copier
 from .errors import CommandError, FusestreamError, StreamError
-from .formats.layer import BlockStatus, Layer
+from .formats.layer import Layer
+from .services import Service
+
+if TYPE_CHECKING:
+    from .faults import WriteErrors
 
 log = logging.getLogger(__name__)
 
-MAX_COPY = 8 * 1024 * 1024  # bytes copied per step at most (one read, one write), unless a cluster is larger
 # While the guest is busy (it read or wrote within GUEST_BUSY_SECONDS), the job gives way:
-# gentle steps of at most GENTLE_COPY, read exactly (no readahead) and installed before the next
+# gentle steps of at most GENTLE_COPY, read exactly (no readahead) and populated before the next
 # read, so the guest's next request finds at most one small I/O of the stream ahead of it at the
 # device, not megabytes. Measured with bench/stream_bench.py (docs/performance.md).
 GENTLE_COPY = 64 * 1024
@@ -38,232 +44,11 @@ GUEST_BUSY_SECONDS = 0.1
 # Copy-on-read copies in flight at once (more guest reads wait): each copier keeps a buffer of
 # one step, up to 64 MiB with 64 MiB clusters, and is reused by the reads that follow.
 COPY_ON_READ_COPIERS = 2
-MAX_SCAN_CLUSTERS = 16384  # clusters of the top image looked up per step (1 GiB at 64 KiB clusters)
 COUNT_WINDOW_CLUSTERS = 1024  # clusters the job's count of what to copy walks per call (a few ms)
 RATE_WINDOW = 3.0  # seconds of progress history behind the measured rate
 RATE_LAG = 1.0  # seconds without a step after which the measured rate starts to fall
 
 IDLE, RUNNING, PAUSED, COMPLETED, CANCELLED, FAILED = "idle", "running", "paused", "completed", "cancelled", "failed"
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """One planned step of a copy: the cluster-aligned ranges to copy, and where it stops."""
-
-    offset: int
-    end: int
-    max_read: int
-    ranges: tuple[tuple[int, int], ...]
-    stop: int
-
-
-class Copier:
-    """Copies what the merged layers hold for a range into the top image (synchronous).
-
-    The merged layers are those above `base` (all of them when base is None). Where they hold
-    nothing, the top stays unallocated. Where they say zero, the top gets zero clusters only when
-    a base remains below that they must hide; with no base, unallocated already reads as zeros.
-    """
-
-    def __init__(self, chain: Chain, base: Layer | None, pipelined: bool = False):
-        self.chain = chain
-        self.base = base
-        # Pipelined: a step's install (its write and table updates) runs in a second thread
-        # while the next step is planned and read. At most one install is in flight.
-        self._installer = ThreadPoolExecutor(1, thread_name_prefix="fusestream-install") if pipelined else None
-        self._pending: Future | None = None
-        self._next_step: Step | None = None  # planned one step early, its data prefetched
-        self._walk = StatusWalk(0)  # the merged layers' runs, along the steps' walk to their end
-        # (where the steps taken so far stop, the bytes they read): the copy never installs
-        # anything at or past that stop before it has moved on. Read by the job's count.
-        self.taken = (0, 0)
-        # The most one step reads and installs: MAX_COPY, or one cluster where clusters are
-        # larger (up to 64 MiB), since a cluster is copied whole or not at all.
-        self.max_step = max(MAX_COPY, chain.top.cluster_size)
-        # One read buffer per step in flight, reused: fresh memory would cost a page fault per
-        # page on every step. Anonymous mmaps are page-aligned, as O_DIRECT wants.
-        self._buffers = [mmap.mmap(-1, self.max_step) for _ in range(2 if pipelined else 1)]
-
-    @property
-    def stop(self) -> int:
-        """Index of the first layer not merged (len(layers) when everything is)."""
-        layers = self.chain.layers
-        return layers.index(self.base) if self.base in layers else len(layers)
-
-    def copy_range(self, offset: int, length: int) -> int:
-        """Stream all of [offset, offset+length), cluster-aligned; returns the bytes read."""
-        transferred = 0
-        end = offset + length
-        self._next_step = None  # a plan left by an earlier range that failed half-way
-        while offset < end:
-            offset, step = self.copy_step(offset, end)
-            transferred += step
-        self.drain()
-        return transferred
-
-    def copy_step(self, offset: int, end: int, max_read: int = MAX_COPY, gentle: bool = False) -> tuple[int, int]:
-        """Stream from `offset` (cluster-aligned) towards `end`: plan up to `max_read` bytes of
-        backing data to copy (whole clusters: at least one, at most max_step), looking up at
-        most MAX_SCAN_CLUSTERS of the top image (and only as far as needed), read it, and
-        install it with one populate (in the background when pipelined: drain() waits for it).
-        Returns (where it stopped, bytes read): empty space is crossed quickly and one step's
-        work stays bounded.
-
-        Unless `gentle`, the next step is planned here too, and its data prefetched
-        (Layer.prefetch): the device reads it while this step is read and installed, and the
-        scattered clusters of each step come in together. A plan made a step early stays right:
-        the merged layers do not change while a job runs, top clusters never become unallocated
-        again, and populate skips those allocated since.
-
-        `gentle`: give way to a busy guest, with one I/O at a time and no more than asked for:
-        no prefetching, the reads bypass readahead (see Layer.read_into) and the install
-        finishes here. (The first gentle step after full ones plans again; what the last full
-        step prefetched for it, up to max_step, has already gone to the device.)"""
-        step = self._take_step(offset, end, self._whole_clusters(max_read), prefetch=not gentle)
-        self.taken = (step.stop, self.taken[1] + self._read_size(step.ranges))  # before any install of it
-        if not gentle and step.stop < end:
-            self._next_step = self._plan(step.stop, end, step.max_read, prefetch=True)
-        pieces = self._read(step.ranges, direct=gentle)
-        self._install(pieces)
-        if gentle:
-            self.drain()
-        return step.stop, sum(len(data) for _, data in pieces)
-
-    def _whole_clusters(self, max_read: int) -> int:
-        """`max_read` as a step may read it: whole clusters, at least one, at most max_step
-        (a cluster is always installed whole, never in parts)."""
-        cs = self.chain.top.cluster_size
-        limit = max(cs, min(max_read, self.max_step))
-        return limit - limit % cs
-
-    def _take_step(self, offset: int, end: int, max_read: int, prefetch: bool) -> Step:
-        """The step the previous call planned, if this is the one; else a new plan."""
-        planned, self._next_step = self._next_step, None
-        if planned is not None and (planned.offset, planned.end, planned.max_read) == (offset, end, max_read):
-            return planned
-        return self._plan(offset, end, max_read, prefetch)
-
-    def _plan(self, offset: int, end: int, max_read: int, prefetch: bool) -> Step:
-        cs = self.chain.top.cluster_size
-        scan_end = min(end, offset + MAX_SCAN_CLUSTERS * cs)
-        ranges: list[tuple[int, int]] = []
-        planned = 0
-        stop = scan_end
-        if self._walk.horizon != end:
-            self._walk = StatusWalk(end)
-        for start, range_end in self._unallocated_ranges_to_copy(offset, scan_end, max(1, max_read // cs), self._walk):
-            piece_end = min(range_end, start + max_read - planned)
-            if ranges and ranges[-1][1] == start:  # a range that went on into the next top run
-                ranges[-1] = (ranges[-1][0], piece_end)
-            else:
-                ranges.append((start, piece_end))
-            planned += piece_end - start
-            if planned >= max_read:
-                stop = piece_end
-                break
-        if prefetch:
-            for start, range_end in ranges:
-                self.chain.prefetch_backing(start, range_end - start)
-        return Step(offset, end, max_read, tuple(ranges), stop)
-
-    def _unallocated_ranges_to_copy(self, offset: int, end: int, top_pieces: int,
-                                    walk: StatusWalk) -> Iterator[tuple[int, int]]:
-        """_ranges_to_copy over the runs of [offset, end) that the top image leaves unallocated;
-        both look up only as far as the caller goes (a step stops at max_read, however far an
-        unallocated run goes): the top is asked `top_pieces` lookups at a time, so a step that
-        stops looks at most that far past its end, which the next step looks up again. The top
-        is asked afresh by every step (the guest may allocate in it at any time); the merged
-        layers, which do not change, along the caller's `walk`."""
-        pos = offset
-        while pos < end:
-            status, run = self.chain.top.block_status(pos, end - pos, top_pieces)
-            if status is BlockStatus.UNALLOCATED:
-                yield from self._ranges_to_copy(pos, run, walk)
-            pos += run
-
-    def bytes_to_copy(self, offset: int, end: int, walk: StatusWalk) -> int:
-        """What streaming [offset, end) reads from the backing chain, as the top image is now:
-        the walk of the planning alone (linear in the chain), no data read. `walk`: the
-        caller's, along its forward walk. Safe beside the copy in another thread."""
-        return self._read_size(self._unallocated_ranges_to_copy(offset, end, MAX_SCAN_CLUSTERS, walk))
-
-    def _read_size(self, ranges: Iterable[tuple[int, int]]) -> int:
-        """The bytes _read reads for these ranges (nothing past the virtual size)."""
-        return sum(min(range_end, self.chain.size) - start for start, range_end in ranges)
-
-    def _install(self, pieces: list[tuple[int, memoryview]]) -> None:
-        self.drain()  # the previous step first: errors surface in order, memory stays bounded
-        if not pieces:
-            return
-        if self._installer is None:
-            self._populate(pieces)
-        else:
-            self._pending = self._installer.submit(self._populate, pieces)
-
-    def drain(self) -> None:
-        """Wait for the install in flight, if any; its error, if any, is raised here."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def close(self) -> None:
-        """Wait for the install in flight and stop the installer thread."""
-        try:
-            self.drain()
-        finally:
-            if self._installer is not None:
-                self._installer.shutdown()
-
-    def _ranges_to_copy(self, offset: int, length: int, walk: StatusWalk) -> Iterator[tuple[int, int]]:
-        """Cluster-aligned ranges of [offset, offset+length) that the merged layers say something
-        about, adjacent ones merged; a cluster partly covered is copied whole."""
-        cs = self.chain.top.cluster_size
-        stop, keep_zeros = self.stop, self.base is not None
-        end = offset + length
-        current: tuple[int, int] | None = None
-        pos = offset
-        while pos < end:
-            status, run = self.chain.status_above(pos, end - pos, stop, walk)
-            if status is BlockStatus.FOUND or (status is BlockStatus.ZERO and keep_zeros):
-                lo, hi = pos - pos % cs, min(-(-(pos + run) // cs) * cs, end)
-                if current is not None and lo <= current[1]:
-                    current = (current[0], hi)
-                else:
-                    if current is not None:
-                        yield current
-                    current = (lo, hi)
-            pos += run
-        if current is not None:
-            yield current
-
-    def _read(self, plan: tuple[tuple[int, int], ...], direct: bool) -> list[tuple[int, memoryview]]:
-        """The planned ranges (max_step bytes at most), read from the backing chain straight into
-        the next page-aligned buffer: preadv copies without holding the GIL, so guest requests on
-        the event loop are not held up, and the alignment lets the install bypass the page
-        cache."""
-        self._buffers.append(buffer := self._buffers.pop(0))  # not the one an install may be using
-        pieces = []
-        used = 0
-        for start, end in plan:
-            data = memoryview(buffer)[used : used + min(end, self.chain.size) - start]
-            used += len(data)
-            try:
-                filled = self.chain.read_backing_into(data, start, direct)
-            except OSError as err:
-                raise StreamError(f"read error in the backing chain at offset {start}: {err.strerror or err}") from None
-            if filled != len(data):  # never let a short read become zeros on disk
-                raise StreamError(f"short read from the backing chain at offset {start}: {filled} of {len(data)} bytes")
-            pieces.append((start, data))
-        return pieces
-
-    def _populate(self, pieces: list[tuple[int, memoryview]]) -> None:
-        try:
-            self.chain.top.populate(pieces, zero_clusters=self.base is not None)
-        except OSError as err:
-            top = self.chain.top.path
-            raise StreamError(f"write error in {top} at offset {pieces[0][0]}: {err.strerror or err}") from None
-        except ValueError as err:  # a piece short of its cluster: refused, never padded with zeros
-            raise StreamError(str(err)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,12 +123,28 @@ EventSink = Callable[[str, dict], None]
 RunSync = Callable[..., Awaitable]
 
 
+class GuestActivity:
+    """When the guest last read, wrote or discarded, on trio's clock: fs.Operations notes each
+    request of the raw file as it arrives (on the event loop), and the stream job gives way
+    while the last one is recent."""
+
+    def __init__(self) -> None:
+        self.last = -math.inf
+
+    def note(self) -> None:
+        self.last = trio.current_time()
+
+    def busy(self) -> bool:
+        return trio.current_time() - self.last < GUEST_BUSY_SECONDS
+
+
 class StreamJob:
     """One run of streaming over the whole virtual disk."""
 
-    def __init__(self, chain: Chain, base: Layer | None, speed: int, emit: EventSink,
+    def __init__(self, chain: Chain, base: Layer | None, speed: int, emit: EventSink, guest: GuestActivity,
                  run_sync: RunSync = trio.to_thread.run_sync):
         self.chain = chain
+        self.guest = guest
         self.run_sync = run_sync  # how blocking copy steps run: worker threads, or inline in tests
         self.copier = Copier(chain, base, pipelined=True)
         self.base_path = base.path if base is not None else None
@@ -408,7 +209,7 @@ class StreamJob:
         try:
             await self._run()
         finally:
-            # Even when the mount is going away (cancelled), the install in flight must finish
+            # Even when the mount is going away (cancelled), the populate in flight must finish
             # before anyone may close the image.
             with trio.CancelScope(shield=True):
                 await self._close_copier()
@@ -417,7 +218,7 @@ class StreamJob:
     async def _close_copier(self) -> None:
         try:
             await self.run_sync(self.copier.close)
-        except (OSError, FusestreamError) as err:  # an install that failed after the job ended
+        except (OSError, FusestreamError) as err:  # a populate that failed after the job ended
             log.error("stream of %s: %s", self.chain.top.path, err)
 
     async def _run(self) -> None:
@@ -429,7 +230,7 @@ class StreamJob:
                 self.emit("STREAM_CANCELLED", {"offset": self.offset, "len": self.len})
                 return
             self._completing = True  # no await since the check above: a cancel is seen or refused
-            base = await self.run_sync(self.chain.rebase, self.copier.stop)
+            base = await self.run_sync(self.chain.rebase, self.copier.base_index)
             self.state = COMPLETED
             self.emit("BACKING_CHANGED", {"backing_file": self.chain.top.backing_filename,
                                           "base": base.path if base is not None else None})
@@ -456,7 +257,7 @@ class StreamJob:
                 return
             if not self._progress.started:  # the start, or a resume
                 self._progress.record(trio.current_time(), self.offset, self.copied)
-            gentle = self._guest_busy()
+            gentle = self.guest.busy()
             self.offset, transferred = await self.run_sync(
                 self.copier.copy_step, self.offset, self.len, self._max_read(gentle), gentle)
             self.copied += transferred
@@ -466,14 +267,14 @@ class StreamJob:
 
     async def _count_to_copy(self) -> None:
         """Set `to_copy`, for the time left: the bytes the whole job reads, counted by walking its
-        plan (Copier.bytes_to_copy, no data read: linear in the chain, about 0.06 s per GiB of
+        plan (copy.Copier.bytes_to_copy, no data read: linear in the chain, about 0.06 s per GiB of
         disk under allocated tables) a COUNT_WINDOW_CLUSTERS window at a time, in a worker
         thread beside the copy, so that counting does not delay it.
 
         The count stays exact although the copy allocates in the top image meanwhile: a window
         counts only if, once counted, no step taken so far reaches into it (Copier.taken is
-        set before a step installs anything). Otherwise the copy got there first: the count
-        goes on from where the steps taken stop, plus the bytes those read."""
+        set before a step populates anything). Otherwise the copy got there first: the count
+        goes on from where the steps taken end, plus the bytes those read."""
         walk = StatusWalk(self.len)
         window = COUNT_WINDOW_CLUSTERS * self.chain.top.cluster_size
         pos, counted = 0, 0
@@ -489,9 +290,6 @@ class StreamJob:
             else:
                 pos, counted = min(self.len, pos + window), counted + ahead
         self.to_copy = counted
-
-    def _guest_busy(self) -> bool:
-        return time.monotonic() - self.chain.last_guest_io < GUEST_BUSY_SECONDS
 
     def _max_read(self, gentle: bool) -> int:
         """Read at most a tenth of a second's worth per step at the speed limit, in whole
@@ -519,22 +317,31 @@ class StreamJob:
                 await self._wakeup.wait()
 
 
-class Streamer:
-    """The stream job of one mounted image: starts jobs and checks commands against its state."""
+class Streamer(Service):
+    """The stream service of one mounted image: runs one job at a time in its own nursery,
+    started by the mount or by ctl commands, which it checks against the job's state. Stopping
+    the service cancels a running job between two steps; the next mount resumes it."""
 
-    def __init__(self, chain: Chain, nursery: trio.Nursery, emit: EventSink, default_base: str | None = None,
-                 default_speed: int = 0, run_sync: RunSync = trio.to_thread.run_sync):
+    def __init__(self, chain: Chain, emit: EventSink, default_base: str | None = None, default_speed: int = 0,
+                 run_sync: RunSync = trio.to_thread.run_sync):
+        super().__init__()
         self.chain = chain
         self.run_sync = run_sync
-        self.nursery = nursery
         self.emit = emit
         self.default_base = default_base  # -o base=PATH: for `stream` without base= and copy-on-read
         self.default_speed = default_speed
+        self.guest = GuestActivity()
         self.job: StreamJob | None = None
-        self.write_errors = None  # faults.WriteErrors, set by the mount: where copy-on-read reports
-        # Copy-on-read copiers not in use; COPY_ON_READ_COPIERS at most exist, one per slot.
-        self._idle_copiers: list[Copier] = []
-        self._copier_slots = threading.BoundedSemaphore(COPY_ON_READ_COPIERS)
+        self._nursery: trio.Nursery | None = None  # the jobs', while the service runs
+
+    async def serve(self, task_status: trio.TaskStatus[None]) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
 
     @property
     def active(self) -> bool:
@@ -547,15 +354,16 @@ class Streamer:
         return self.job.statistics()
 
     def start(self, base: str | None = None, speed: int | None = None) -> StreamJob:
+        """Start a job (the service must be running)."""
         if self.active:
             raise CommandError("a stream is already running (cancel it first)")
         if not self.chain.top.writable:
             raise CommandError("the image is mounted read-only")
         base_layer = self._base_layer(base or self.default_base)
         speed = self.default_speed if speed is None else speed
-        self.job = StreamJob(self.chain, base_layer, speed, self.emit, self.run_sync)
+        self.job = StreamJob(self.chain, base_layer, speed, self.emit, self.guest, self.run_sync)
         self.emit("STREAM_STARTED", {"len": self.job.len, "speed": speed, "base": self.job.base_path})
-        self.nursery.start_soon(self.job.run)
+        self._nursery.start_soon(self.job.run)
         return self.job
 
     def _base_layer(self, base: str | None) -> Layer | None:
@@ -566,6 +374,13 @@ class Streamer:
         if layer is None:
             raise CommandError(f"base {base} is not in the backing chain of {self.chain.top.path}")
         return layer
+
+    def copy_on_read_base(self) -> Layer | None:
+        """The base a copy-on-read stops above: the running job's, else the mount's, unless a
+        finished stream has already merged it away."""
+        if self.active:
+            return self.job.copier.base
+        return self.chain.find_layer(self.default_base) if self.default_base else None
 
     def pause(self) -> None:
         self._require(RUNNING, "pause").pause()
@@ -591,35 +406,44 @@ class Streamer:
             raise CommandError(f"cannot {command}: the stream is {current}")
         return self.job
 
-    def read_copying(self, offset: int, length: int) -> bytes | bytearray:
-        """A guest read with copy-on-read (run in a thread): the clusters it touches are copied
-        into the top image first. A failed copy is logged and the read still served; if the read
-        works, the copy's write to the top image failed, and that is a write error."""
+
+class CopyOnRead:
+    """Guest reads that first copy the clusters they touch into the top image (-o copy_on_read;
+    called in worker threads).
+
+    It owns COPY_ON_READ_COPIERS copiers, made here and each lent to one read at a time (more
+    reads wait for one), so that a read builds no copier and the copiers' buffers stay bounded.
+    A failed copy is logged and the read still served; if the read works, the copy's write to
+    the top image failed, and that is reported as a write error."""
+
+    def __init__(self, streamer: Streamer, write_errors: WriteErrors):
+        self.streamer = streamer
+        self.chain = streamer.chain
+        self.write_errors = write_errors
+        self._idle: queue.SimpleQueue[Copier] = queue.SimpleQueue()
+        for _ in range(COPY_ON_READ_COPIERS):
+            self._idle.put(Copier(self.chain, None))
+
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         try:
-            self.copy_on_read(offset, length)
+            self.copy(offset, length)
         except (OSError, FusestreamError) as err:
             log.warning("copy-on-read at offset %d failed: %s", offset, err)
             data = self.chain.read(offset, length)
-            if self.write_errors is not None:
-                self.write_errors.report("copy-on-read", err)
+            self.write_errors.report("copy-on-read", err)
             return data
         return self.chain.read(offset, length)
 
-    def copy_on_read(self, offset: int, length: int) -> int:
-        """Copy the clusters a guest read touches into the top image."""
+    def copy(self, offset: int, length: int) -> int:
+        """Copy the clusters a guest read touches into the top image; returns the bytes read."""
         if self.chain.top.backing is None or not self.chain.top.writable:
             return 0
         cs = self.chain.top.cluster_size
         start = offset - offset % cs
         end = min(-(-(offset + length) // cs) * cs, self.chain.size)
-        if self.active:
-            base = self.job.copier.base
-        else:  # the mount's base, unless a finished stream has already merged it away
-            base = self.chain.find_layer(self.default_base) if self.default_base else None
-        with self._copier_slots:
-            copier = self._idle_copiers.pop() if self._idle_copiers else Copier(self.chain, base)
-            copier.base = base
-            try:
-                return copier.copy_range(start, end - start)
-            finally:
-                self._idle_copiers.append(copier)
+        copier = self._idle.get()
+        try:
+            copier.base = self.streamer.copy_on_read_base()
+            return copier.copy_range(start, end - start)
+        finally:
+            self._idle.put(copier)

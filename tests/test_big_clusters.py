@@ -25,9 +25,11 @@ from hypothesis import strategies as st
 
 from fusestream.chain import open_chain
 from fusestream.cli import describe_layer
+from fusestream.copy import Copier
+from fusestream.faults import WriteErrors
 from fusestream.formats import qed
 from fusestream.formats.qed_check import check_file
-from fusestream.stream import COMPLETED, COPY_ON_READ_COPIERS, FAILED, Copier, Streamer
+from fusestream.stream import COMPLETED, COPY_ON_READ_COPIERS, FAILED, CopyOnRead, Streamer
 
 MiB = 1 << 20
 
@@ -106,8 +108,11 @@ def stream_to_end(chain, emit=lambda *_: None) -> str:
     async def main():
         with trio.fail_after(600):
             async with trio.open_nursery() as nursery:
-                job = Streamer(chain, nursery, emit, run_sync=inline).start()
+                streamer = Streamer(chain, emit, run_sync=inline)
+                await nursery.start(streamer.run)
+                job = streamer.start()
                 await job.wait_finished()
+                streamer.stop()
                 return job.state
 
     return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
@@ -144,8 +149,8 @@ def test_copy_on_read_copies_the_whole_16m_cluster(tmp_path):
     expected, top = random_base_under_top(tmp_path, 32 * MiB, 16 * MiB)
     c = open_chain(str(top))
     try:
-        streamer = Streamer(c, None, lambda *_: None)
-        assert streamer.read_copying(16 * MiB + 4096, 4096) == expected[16 * MiB + 4096 : 16 * MiB + 8192]
+        copy_on_read = CopyOnRead(Streamer(c, lambda *_: None), WriteErrors("top.raw", lambda *_: None))
+        assert copy_on_read.read(16 * MiB + 4096, 4096) == expected[16 * MiB + 4096 : 16 * MiB + 8192]
         assert c.read(0, len(expected)) == expected
     finally:
         c.close()
@@ -184,8 +189,8 @@ def test_copy_on_read_reuses_a_few_copiers(tmp_path, monkeypatch):
     monkeypatch.setattr(Copier, "copy_range", slow_copy_range)
     c = open_chain(str(top))
     try:
-        streamer = Streamer(c, None, lambda *_: None)
-        readers = [threading.Thread(target=streamer.read_copying, args=(i * 65536, 4096)) for i in range(8)]
+        copy_on_read = CopyOnRead(Streamer(c, lambda *_: None), WriteErrors("top.raw", lambda *_: None))
+        readers = [threading.Thread(target=copy_on_read.read, args=(i * 65536, 4096)) for i in range(8)]
         for reader in readers:
             reader.start()
         for reader in readers:

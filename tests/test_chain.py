@@ -12,10 +12,10 @@ import pytest
 from conftest import qemu_convert, qemu_img, qemu_io
 
 from fusestream.chain import PREFETCH_READ_MIN, Confinement, open_chain
+from fusestream.copy import Copier
 from fusestream.errors import BackingFileError, ImageBusyError
 from fusestream.formats import qed
 from fusestream.formats.qed_structs import QED_MAGIC
-from fusestream.stream import Copier
 
 
 def test_no_probe_reads_a_raw_backing_file_that_starts_with_qed_magic(tmp_path):
@@ -287,7 +287,7 @@ def test_a_kernel_that_refuses_read_ahead_advice_costs_one_warning_per_file_and_
         copier = Copier(c, None, pipelined=True)
         copier.copy_range(0, chain.size)
         copier.close()
-        c.rebase(copier.stop)
+        c.rebase(copier.base_index)
         assert c.read(0, chain.size) == expected
     c.close()
     assert len(refused) == len(set(refused)) == 3  # one try per file of the chain

@@ -11,8 +11,8 @@ import pytest
 from conftest import build_chain, qemu_check, qemu_convert
 
 from fusestream.chain import open_chain
+from fusestream.copy import Copier
 from fusestream.formats.layer import direct_io_allowed
-from fusestream.stream import Copier
 
 
 @pytest.fixture

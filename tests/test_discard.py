@@ -12,9 +12,9 @@ import pytest
 from conftest import build_chain, fallocate, qemu_check, qemu_convert, qemu_img, run
 
 from fusestream.chain import open_chain
+from fusestream.copy import Copier
 from fusestream.formats import qed
 from fusestream.formats.layer import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
-from fusestream.stream import Copier
 
 CS = 65536
 

@@ -22,9 +22,9 @@ from conftest import FUSESTREAM, qemu_check, qemu_convert, qemu_img, run
 from test_stream_mount import ctl
 
 from fusestream.chain import open_chain
+from fusestream.copy import Copier
 from fusestream.errors import FusestreamError
 from fusestream.formats import qed
-from fusestream.stream import Copier
 
 CLUSTER = 65536
 

@@ -25,6 +25,7 @@ from fusestream.chain import open_chain
 from fusestream.cli import ctl_command
 from fusestream.control import EVENTS_DROPPED, MAX_COMMAND_BYTES, Control, EventLog, parse_command
 from fusestream.errors import CommandError, PrintableFormatter, printable
+from fusestream.faults import WriteErrors
 from fusestream.formats import qed
 from fusestream.formats.qed_structs import QED_HEADER, QED_HEADER_SIZE
 from fusestream.stream import CANCELLED, COMPLETED, Streamer
@@ -62,8 +63,10 @@ def run_with_control(chain, body, run_sync=inline, events: EventLog | None = Non
     async def main():
         with trio.fail_after(600):
             async with trio.open_nursery() as nursery:
-                streamer = Streamer(chain, nursery, events.emit, run_sync=run_sync)
-                await body(Control("top.raw", chain, streamer, events))
+                streamer = Streamer(chain, events.emit, run_sync=run_sync)
+                await nursery.start(streamer.run)
+                await body(Control("top.raw", chain, streamer, events, WriteErrors("top.raw", events.emit)))
+                streamer.stop()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     return events

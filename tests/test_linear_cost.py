@@ -20,8 +20,9 @@ from test_progress import sample_stream
 
 from fusestream.chain import open_chain
 from fusestream.control import EventLog
+from fusestream.faults import WriteErrors
 from fusestream.formats import qed, raw
-from fusestream.stream import Streamer
+from fusestream.stream import CopyOnRead, Streamer
 
 CLUSTER = 65536
 SIZE = 64 << 20
@@ -156,7 +157,10 @@ def read_whole_disk(top: Path, copy_on_read: bool) -> bytes:
     is copied into the top image first)."""
     c = open_chain(str(top))
     try:
-        read = Streamer(c, nursery=None, emit=EventLog("top.raw").emit).read_copying if copy_on_read else c.read
+        events = EventLog("top.raw")
+        read = c.read
+        if copy_on_read:
+            read = CopyOnRead(Streamer(c, events.emit), WriteErrors("top.raw", events.emit)).read
         return b"".join(read(offset, 128 * 1024) for offset in range(0, SIZE, 128 * 1024))
     finally:
         c.close()

@@ -234,24 +234,6 @@ def test_a_crashed_mount_point_is_named_as_such(chain, mount, tmp_path):
             or "something is already mounted there" in result.stderr), result.stderr
 
 
-def test_need_check_is_cleared_once_allocating_writes_pause(tmp_path, mount):
-    """QEMU's timer: an image without a backing file is marked clean a few seconds after the
-    last allocating write, long before the unmount."""
-    image = tmp_path / "solo.qed"
-    qed.create(str(image), 16 << 20)
-    m = mount(image)
-    with open(m.raw, "r+b") as f:
-        f.write(os.urandom(100_000))
-    header = QED_HEADER.parse(image.read_bytes()[:64])
-    assert header.features & QED_F_NEED_CHECK
-    deadline = time.monotonic() + 15
-    while QED_HEADER.parse(image.read_bytes()[:64]).features & QED_F_NEED_CHECK:
-        assert time.monotonic() < deadline, "QED_F_NEED_CHECK still set while idle"
-        time.sleep(0.5)
-    assert os.path.ismount(m.mountpoint)
-    m.umount()
-
-
 def test_table_updates_reach_the_disk_within_seconds_without_fsync(chain, mount):
     """Allocations write their L2 entries in batches: at fsync, and every second anyway."""
     image = qed.QedImage(str(chain.top), lock=False)

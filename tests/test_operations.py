@@ -4,6 +4,7 @@ for the failing range only."""
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 
@@ -13,7 +14,10 @@ import trio
 from test_stream import FaultyLayer
 
 from fusestream.chain import open_chain
-from fusestream.fs import INLINE_READ_MAX, RAW_INODE, Operations
+from fusestream.errors import CorruptionError, ReadOnlyImageError
+from fusestream.formats.layer import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+from fusestream.fs import INLINE_READ_MAX, INLINE_WRITE_MAX, RAW_INODE
+from fusestream.mount import MountOptions, build_mount
 
 
 @pytest.mark.parametrize("size", [4096, INLINE_READ_MAX * 4], ids=["inline", "threaded"])
@@ -22,7 +26,7 @@ def test_a_failing_backing_range_is_eio_for_that_range_only(chain, size):
     fail_start = 4 << 20
     faulty = FaultyLayer(c.layers[2], fail_start, fail_start + 65536)
     c.layers[2] = c.layers[1].backing = faulty
-    ops = Operations(c, read_only=True)
+    ops = build_mount(c, MountOptions(ro=True)).ops
     unallocated = next(e for e in c.top.extents(fail_start, 65536) if e.status.value == "unallocated")
 
     async def main():
@@ -44,7 +48,7 @@ def test_an_allocating_write_that_would_wait_goes_to_a_thread(chain):
     write-back's flush) holds the allocation lock, the write waits in a worker thread, and the
     event loop keeps serving reads."""
     c = open_chain(str(chain.top))
-    ops = Operations(c, read_only=False)
+    ops = build_mount(c, MountOptions()).ops
     unallocated = next(e for e in c.top.extents(0, chain.size) if e.status.value == "unallocated")
     held, release = threading.Event(), threading.Event()
 
@@ -89,5 +93,51 @@ def test_write_without_waiting_writes_nothing_when_it_would_wait(chain):
             c.write(found.offset, b"in place", wait=False)  # no allocation: never waits
         assert c.read(unallocated.offset, 10) == before
         assert c.read(found.offset, 8) == b"in place"
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("error, expected", [
+    (PermissionError(errno.EACCES, "Permission denied"), errno.EACCES),  # the OS's own: stays EACCES
+    (ReadOnlyImageError("top.qed: image is open read-only"), errno.EROFS),
+    (OSError(errno.ENOSPC, "No space left on device"), errno.ENOSPC),
+    (CorruptionError("top.qed: L2 table offset out of range"), errno.EIO),
+], ids=["eacces", "read-only-image", "enospc", "corruption"])
+@pytest.mark.parametrize("size", [4096, INLINE_WRITE_MAX * 2], ids=["inline", "threaded"])
+def test_an_error_of_the_top_image_reaches_the_guest_as_its_errno(chain, monkeypatch, error, expected, size):
+    c = open_chain(str(chain.top))
+    ops = build_mount(c, MountOptions()).ops
+
+    def failing_write(offset, data, wait=True):
+        raise error
+
+    monkeypatch.setattr(c.top, "write", failing_write)
+
+    async def main():
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            await ops.write(RAW_INODE, 0, b"x" * size)
+        assert err.value.errno == expected
+        assert ops.control.events.events()[-1]["event"] == "BLOCK_IO_ERROR"
+        assert ops.write_errors.error == f"guest write: {os.strerror(expected)}"
+
+    try:
+        trio.run(main)
+    finally:
+        c.close()
+
+
+def test_a_read_only_mount_refuses_writes_and_discards_with_erofs(chain):
+    c = open_chain(str(chain.top), writable=False)
+    ops = build_mount(c, MountOptions(ro=True)).ops
+
+    async def main():
+        for request in (ops.open(RAW_INODE, os.O_RDWR, None), ops.write(RAW_INODE, 0, b"x"),
+                        ops.fallocate(RAW_INODE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)):
+            with pytest.raises(pyfuse3.FUSEError) as err:
+                await request
+            assert err.value.errno == errno.EROFS
+
+    try:
+        trio.run(main)
     finally:
         c.close()

@@ -18,8 +18,8 @@ import pytest
 from conftest import build_chain, qemu_check
 
 from fusestream.chain import open_chain
+from fusestream.copy import Copier
 from fusestream.formats import qed, qed_check
-from fusestream.stream import Copier
 
 
 @dataclass

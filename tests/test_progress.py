@@ -60,7 +60,8 @@ def sample_stream(top: Path, speed: int, times: list[float], pause: tuple[float,
     async def main():
         with trio.fail_after(600):
             async with trio.open_nursery() as nursery:
-                streamer = Streamer(c, nursery, EventLog("top.raw").emit, run_sync=inline)
+                streamer = Streamer(c, EventLog("top.raw").emit, run_sync=inline)
+                await nursery.start(streamer.run)
                 start = trio.current_time()
                 job = streamer.start(speed=speed)
 
@@ -81,6 +82,7 @@ def sample_stream(top: Path, speed: int, times: list[float], pause: tuple[float,
                 await job.wait_finished()
                 result["seconds"] = trio.current_time() - start
                 result["state"] = job.state
+                streamer.stop()
 
     try:
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -19,13 +19,14 @@ from conftest import qemu_check, qemu_convert, qemu_img, qemu_io, run
 from fusestream import stream
 from fusestream.chain import open_chain
 from fusestream.control import Control, EventLog, parse_command, render_status
+from fusestream.copy import MAX_COPY, Copier
+from fusestream.faults import WriteErrors
 from fusestream.formats.layer import BlockStatus
 from fusestream.stream import (
     CANCELLED,
     COMPLETED,
     FAILED,
     GENTLE_COPY,
-    MAX_COPY,
     PAUSED,
     RUNNING,
     CommandError,
@@ -47,8 +48,10 @@ def run_with_streamer(chain, body, **streamer_args):
     async def main():
         with trio.fail_after(TIMEOUT):
             async with trio.open_nursery() as nursery:
-                streamer = Streamer(chain, nursery, events.emit, run_sync=inline, **streamer_args)
+                streamer = Streamer(chain, events.emit, run_sync=inline, **streamer_args)
+                await nursery.start(streamer.run)
                 await body(streamer, events)
+                streamer.stop()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     return [e["event"] for e in events.events()]
@@ -266,7 +269,6 @@ def test_the_job_gives_way_to_a_busy_guest(tmp_path, chain, monkeypatch, busy):
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     monkeypatch.setattr(stream, "GUEST_BUSY_SECONDS", 3600.0 if busy else 0.0)
     c = open_chain(str(chain.top))
-    c.read(0, 512)  # the guest
     steps: list[tuple[int, bool, bool]] = []  # (max_read, gentle, an install still pending after it)
     direct_reads: set[bool] = set()
     read_backing_into = c.read_backing_into
@@ -289,9 +291,13 @@ def test_the_job_gives_way_to_a_busy_guest(tmp_path, chain, monkeypatch, busy):
 
     async def main():
         async with trio.open_nursery() as nursery:
-            job = Streamer(c, nursery, events.emit, run_sync=recording_run_sync).start()
+            streamer = Streamer(c, events.emit, run_sync=recording_run_sync)
+            await nursery.start(streamer.run)
+            streamer.guest.note()  # the guest
+            job = streamer.start()
             await job.wait_finished()
             assert job.state == COMPLETED
+            streamer.stop()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert c.read(0, chain.size) == expected
@@ -328,7 +334,7 @@ def test_each_step_prefetches_the_next_steps_data_before_reading_its_own(tmp_pat
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     c = open_chain(str(chain.top))
     calls = record_steps(c, monkeypatch)
-    copier = stream.Copier(c, None, pipelined=True)
+    copier = Copier(c, None, pipelined=True)
     offset, step = 0, 0
     prefetched_in: dict[int, int] = {}
     read_in: dict[int, int] = {}
@@ -345,7 +351,7 @@ def test_each_step_prefetches_the_next_steps_data_before_reading_its_own(tmp_pat
     assert prefetched_in.keys() == read_in.keys()
     first = min(read_in.values())
     assert all(prefetched_in[at] == max(first, read_in[at] - 1) for at in read_in)
-    c.rebase(copier.stop)
+    c.rebase(copier.base_index)
     assert c.read(0, chain.size) == expected
     c.close()
     assert qemu_check(chain.top).returncode == 0
@@ -370,7 +376,7 @@ def test_a_step_planned_ahead_is_planned_again_when_asked_for_less(chain, monkey
     must not be used for it."""
     c = open_chain(str(chain.top))
     calls = record_steps(c, monkeypatch)
-    copier = stream.Copier(c, None, pipelined=True)
+    copier = Copier(c, None, pipelined=True)
     big, small = 16 * chain.cluster_size, chain.cluster_size
     offset, _ = copy_until_a_step_is_planned_ahead(copier, calls, chain.size, big)
     while offset < chain.size:
@@ -390,10 +396,10 @@ def test_a_step_looks_up_the_merged_layers_only_as_far_as_it_copies(tmp_path, ch
     lookups = []
     status_above = c.status_above
     monkeypatch.setattr(c, "status_above", lambda *args: lookups.append(args) or status_above(*args))
-    copier = stream.Copier(c, None)
-    stop, _ = copier.copy_step(0, chain.size, max_read=2 * chain.cluster_size)  # and plans the next step
+    copier = Copier(c, None)
+    end, _ = copier.copy_step(0, chain.size, max_read=2 * chain.cluster_size)  # and plans the next step
     first_step = len(lookups)
-    copier.copy_range(stop, chain.size - stop)
+    copier.copy_range(end, chain.size - end)
     copier.close()
     c.close()
     assert len(lookups) > 20 and first_step * 4 < len(lookups), (first_step, len(lookups))
@@ -404,7 +410,7 @@ def test_a_guest_write_into_a_step_planned_ahead_wins(chain, monkeypatch):
     in between. The guest's data must survive the step."""
     c = open_chain(str(chain.top))
     calls = record_steps(c, monkeypatch)
-    copier = stream.Copier(c, None, pipelined=True)
+    copier = Copier(c, None, pipelined=True)
     offset, ahead = copy_until_a_step_is_planned_ahead(copier, calls, chain.size, 4 * chain.cluster_size)
     target = ahead[0] + 100
     c.write(target, b"guest" * 1000)
@@ -435,11 +441,14 @@ def test_a_new_job_resumes_where_the_allocation_says_and_copies_nothing_twice(tm
 
         async def main():
             async with trio.open_nursery() as nursery:
-                job = Streamer(c, nursery, lambda *_: None, run_sync=counting).start(speed=256 * 1024)
+                streamer = Streamer(c, lambda *_: None, run_sync=counting)
+                await nursery.start(streamer.run)
+                job = streamer.start(speed=256 * 1024)
                 if interrupt_after is not None:
                     await trio.sleep(interrupt_after)
                     job.cancel()
                 await job.wait_finished()
+                streamer.stop()
 
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
         c.close()
@@ -508,7 +517,10 @@ def test_a_backing_read_error_fails_the_job_and_a_later_stream_completes(tmp_pat
 
     async def main():
         async with trio.open_nursery() as nursery:
-            await body(Streamer(c, nursery, events.emit, run_sync=inline), events)
+            streamer = Streamer(c, events.emit, run_sync=inline)
+            await nursery.start(streamer.run)
+            await body(streamer, events)
+            streamer.stop()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     failed = next(e for e in events.events() if e["event"] == "STREAM_FAILED")
@@ -546,7 +558,8 @@ def test_a_slow_layer_streams_correctly_and_cancel_is_prompt(tmp_path, chain):
     async def main():
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                streamer = Streamer(c, nursery, events.emit)
+                streamer = Streamer(c, events.emit)
+                await nursery.start(streamer.run)
                 job = streamer.start(speed=1 << 20)
                 await trio.sleep(0.3)
                 assert job.state == RUNNING
@@ -557,6 +570,7 @@ def test_a_slow_layer_streams_correctly_and_cancel_is_prompt(tmp_path, chain):
                 job = streamer.start()
                 await job.wait_finished()
                 assert job.state == COMPLETED
+                streamer.stop()
 
     trio.run(main)
     assert c.read(0, chain.size) == expected
@@ -621,7 +635,7 @@ def test_a_rejected_command_changes_nothing_and_is_an_event(chain):
     c = open_chain(str(chain.top))
 
     async def body(streamer, events):
-        control = Control("top.raw", c, streamer, events)
+        control = Control("top.raw", c, streamer, events, WriteErrors("top.raw", events.emit))
         for bad in (b"resume\n", b"cancel\n", b"stream base=/not/in/chain\n", b"\xff\xfe\n", b"bogus\n"):
             with pytest.raises(CommandError):
                 control.command(bad)

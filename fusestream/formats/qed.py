@@ -27,7 +27,6 @@ import os
 import stat
 import sys
 import threading
-import time
 import types
 from collections.abc import Iterator
 
@@ -259,7 +258,7 @@ class QedImage:
         self._table_lock = threading.RLock()
         self._alloc_lock = threading.Lock()
         self._we_set_need_check = False
-        self.last_allocation = 0.0  # time.monotonic() of the last write that set NEED_CHECK
+        self.need_check_allocations = 0  # allocations that set or kept NEED_CHECK (services.NeedCheckTimer)
         # Data clusters nothing references, lowest first: allocations take them before the file
         # grows. Found by one scan of the tables at the first allocation (the leaks a crash or an
         # earlier mount's discards left), then fed by discards. A cluster a discard frees waits
@@ -795,7 +794,7 @@ class QedImage:
         return self.fd
 
     def _set_need_check(self) -> None:
-        self.last_allocation = time.monotonic()
+        self.need_check_allocations += 1
         if not self.header.features & QED_F_NEED_CHECK:
             self.header.features |= QED_F_NEED_CHECK
             try:

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FUSESTREAM, qemu_check, qemu_convert, qemu_img, run
-from test_stream_mount import ctl
+from conftest import FUSESTREAM, ctl, qemu_check, qemu_convert, qemu_img, run
 
 from fusestream.chain import open_chain
 from fusestream.errors import FusestreamError

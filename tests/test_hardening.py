@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conftest import FUSESTREAM, MOUNT_HELPER, build_chain, qemu_img, run
+from conftest import FUSESTREAM, MOUNT_HELPER, build_chain, inline, qemu_img, run
 
 from fusestream import control
 from fusestream.chain import open_chain
@@ -49,10 +49,6 @@ def fusestream(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
 
 def mount_helper(*args: str) -> subprocess.CompletedProcess:
     return run(MOUNT_HELPER, *args, check=False, timeout=30)
-
-
-async def inline(fn, *args):
-    return fn(*args)
 
 
 def run_with_control(chain, body, run_sync=inline, events: EventLog | None = None) -> EventLog:

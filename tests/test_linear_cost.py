@@ -15,8 +15,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import qemu_convert, qemu_img, qemu_io
-from test_progress import sample_stream
+from conftest import qemu_convert, qemu_img, qemu_io, sample_stream
 
 from fusestream.chain import open_chain
 from fusestream.control import EventLog

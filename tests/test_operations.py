@@ -10,7 +10,7 @@ import time
 import pyfuse3
 import pytest
 import trio
-from test_stream import FaultyLayer
+from conftest import FaultyLayer
 
 from fusestream.chain import open_chain
 from fusestream.fs import INLINE_READ_MAX, RAW_INODE, Operations

@@ -8,21 +8,15 @@ import random
 from pathlib import Path
 
 import pytest
-import trio
-import trio.testing
-from conftest import qemu_img, qemu_io
+from conftest import qemu_img, qemu_io, sample_stream
 
 from fusestream.chain import open_chain
 from fusestream.cli import progress_bar, wait_poll_seconds
-from fusestream.control import EventLog, render_status, render_status_json
-from fusestream.stream import COMPLETED, RUNNING, Streamer, StreamStatistics
+from fusestream.control import render_status, render_status_json
+from fusestream.stream import RUNNING, StreamStatistics
 
 MiB = 1 << 20
 CLUSTER = 65536
-
-
-async def inline(fn, *args):
-    return fn(*args)
 
 
 def fragmented_chain(tmp: Path, size: int) -> Path:
@@ -48,46 +42,6 @@ def sparse_chain(tmp: Path) -> Path:
     qemu_img("create", "-f", "qed", "-b", "base.raw", "-F", "raw", str(tmp / "top.qed"))
     qemu_io(tmp / "top.qed", "write -P 7 200M 64K")
     return tmp / "top.qed"
-
-
-def sample_stream(top: Path, speed: int, times: list[float], pause: tuple[float, float] | None = None):
-    """Stream the image at `speed`; returns ({t: statistics at t}, seconds the job took). With
-    `pause` (at, seconds): paused at `at` for `seconds`."""
-    c = open_chain(str(top))
-    samples: dict[float, StreamStatistics] = {}
-    result = {}
-
-    async def main():
-        with trio.fail_after(600):
-            async with trio.open_nursery() as nursery:
-                streamer = Streamer(c, nursery, EventLog("top.raw").emit, run_sync=inline)
-                start = trio.current_time()
-                job = streamer.start(speed=speed)
-
-                async def sampler():
-                    for t in times:
-                        await trio.sleep_until(start + t)
-                        samples[t] = job.statistics()
-
-                async def pauser():
-                    await trio.sleep_until(start + pause[0])
-                    streamer.pause()
-                    await trio.sleep(pause[1])
-                    streamer.resume()
-
-                nursery.start_soon(sampler)
-                if pause:
-                    nursery.start_soon(pauser)
-                await job.wait_finished()
-                result["seconds"] = trio.current_time() - start
-                result["state"] = job.state
-
-    try:
-        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    finally:
-        c.close()
-    assert result["state"] == COMPLETED
-    return samples, result["seconds"]
 
 
 def assert_time_left_is_true(stats: StreamStatistics, t: float, end: float) -> None:

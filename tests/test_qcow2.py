@@ -12,8 +12,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import FUSESTREAM, qemu_check, qemu_convert, qemu_img, qemu_io, run
-from test_stream import run_with_streamer, stream_to_end
+from conftest import FUSESTREAM, qemu_check, qemu_convert, qemu_img, qemu_io, run, run_with_streamer, stream_to_end
 
 from fusestream.chain import open_chain, open_layer
 from fusestream.errors import CorruptionError, InvalidImageError, UnsupportedImageError

@@ -8,7 +8,7 @@ import os
 import random
 
 import pytest
-from conftest import build_chain, qemu_check, qemu_convert, qemu_img, qemu_io, sha256
+from conftest import build_chain, qemu_check, qemu_convert, qemu_img, qemu_io, random_writes, sha256
 
 from fusestream.chain import open_chain
 from fusestream.errors import CorruptionError
@@ -56,16 +56,6 @@ def test_extents_report_qemu_lookup_results(tmp_path):
         assert image.block_status(65536, 4096) == (BlockStatus.ZERO, 4096)
     finally:
         image.close()
-
-
-def random_writes(rng: random.Random, size: int, count: int) -> list[tuple[int, bytes]]:
-    writes = []
-    for _ in range(count):
-        length = rng.choice([1, rng.randrange(1, 4096), rng.randrange(1, 300_000)])
-        offset = rng.randrange(size - length)
-        data = bytes(length) if rng.random() < 0.1 else rng.randbytes(length)
-        writes.append((offset, data))
-    return writes
 
 
 def test_random_writes_read_back_and_qemu_agrees(chain, tmp_path):

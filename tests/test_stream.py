@@ -9,12 +9,21 @@ from __future__ import annotations
 import errno
 import json
 import random
-import time
 
 import pytest
 import trio
 import trio.testing
-from conftest import qemu_check, qemu_convert, qemu_img, qemu_io, run
+from conftest import (
+    FaultyLayer,
+    inline,
+    qemu_check,
+    qemu_convert,
+    qemu_img,
+    qemu_io,
+    run,
+    run_with_streamer,
+    stream_to_end,
+)
 
 from fusestream import stream
 from fusestream.chain import open_chain
@@ -32,32 +41,6 @@ from fusestream.stream import (
     Streamer,
     StreamStatistics,
 )
-
-TIMEOUT = 600  # virtual seconds
-
-
-async def inline(fn, *args):
-    return fn(*args)
-
-
-def run_with_streamer(chain, body, **streamer_args):
-    """Run `await body(streamer, events)` with a Streamer on a MockClock; returns the events."""
-    events = EventLog("top.raw", clock=lambda: 0.0)
-
-    async def main():
-        with trio.fail_after(TIMEOUT):
-            async with trio.open_nursery() as nursery:
-                streamer = Streamer(chain, nursery, events.emit, run_sync=inline, **streamer_args)
-                await body(streamer, events)
-
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    return [e["event"] for e in events.events()]
-
-
-async def stream_to_end(streamer, events, **args):
-    job = streamer.start(**args)
-    await job.wait_finished()
-    return job
 
 
 def test_full_stream_merges_every_layer(tmp_path, chain):
@@ -451,43 +434,6 @@ def test_a_new_job_resumes_where_the_allocation_says_and_copies_nothing_twice(tm
     assert 0 < first < whole
     assert first + second == whole
     assert qemu_img("info", str(chain.top)).count("backing file") == 0
-
-
-class FaultyLayer:
-    """Wraps a layer; reads overlapping [fail_start, fail_end) fail with `err` (or come back short
-    when `short`) while `failing`; every read takes `delay` seconds."""
-
-    def __init__(self, layer, fail_start: int, fail_end: int, err: int = errno.EIO, short: bool = False,
-                 delay: float = 0.0):
-        self.layer, self.fail_start, self.fail_end, self.err = layer, fail_start, fail_end, err
-        self.short, self.delay = short, delay
-        self.failing = True
-        self.path, self.format_name, self.size = layer.path, layer.format_name, layer.size
-
-    def read(self, offset, length):
-        time.sleep(self.delay)
-        if self.failing and offset < self.fail_end and offset + length > self.fail_start:
-            if self.short:
-                return self.layer.read(offset, length)[: length // 2]
-            raise OSError(self.err, "Input/output error")
-        return self.layer.read(offset, length)
-
-    def read_into(self, view, offset, direct=False):
-        time.sleep(self.delay)
-        if self.failing and offset < self.fail_end and offset + len(view) > self.fail_start:
-            if self.short:
-                return self.layer.read_into(view[: len(view) // 2], offset, direct)
-            raise OSError(self.err, "Input/output error")
-        return self.layer.read_into(view, offset, direct)
-
-    def prefetch(self, offset, length):  # a hint: a failing device says nothing here, as fadvise
-        self.layer.prefetch(offset, length)
-
-    def block_status(self, offset, length):
-        return self.layer.block_status(offset, length)
-
-    def close(self):
-        self.layer.close()
 
 
 def test_a_backing_read_error_fails_the_job_and_a_later_stream_completes(tmp_path, chain):

@@ -1,9 +1,10 @@
-"""Shared test helpers: QEMU as the oracle, chains built by QEMU, the stream job on trio's
-MockClock, and real FUSE mounts that are always unmounted (cleanup as in pyfuse3's own tests:
-fusermount3 -u, then lazy, then kill)."""
+"""Shared test helpers: QEMU as the oracle, chains built by QEMU and chains opened by us that are
+always closed, the stream job on trio's MockClock, and real FUSE mounts that are always
+unmounted (cleanup as in pyfuse3's own tests: fusermount3 -u, then lazy, then kill)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -20,7 +21,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, settings
 
-from fusestream.chain import open_chain
+from fusestream.chain import Chain, open_chain
 from fusestream.control import EventLog
 from fusestream.stream import COMPLETED, Streamer, StreamStatistics
 
@@ -141,6 +142,25 @@ def random_writes(rng: random.Random, size: int, count: int) -> list[tuple[int, 
         data = bytes(length) if rng.random() < 0.1 else rng.randbytes(length)
         writes.append((offset, data))
     return writes
+
+
+# -- chains opened by us -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def open_chains():
+    """open_chains(path, **options) -> Chain: open_chain, and every chain it opened is closed
+    after the test, pass or fail, the last opened first. A test that checks what closing does
+    (the clean header, qemu-img check, opening the image again) closes its chain itself at that
+    point; closing a closed chain again does nothing."""
+    with contextlib.ExitStack() as opened:
+
+        def _open(path: str | Path, **options) -> Chain:
+            c = open_chain(str(path), **options)
+            opened.callback(c.close)
+            return c
+
+        yield _open
 
 
 class FaultyLayer:

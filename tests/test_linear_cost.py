@@ -9,6 +9,7 @@ QEMU (`qemu-img map` of each layer alone), the clusters from the layers' sizes.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import random
@@ -101,9 +102,8 @@ def layer_map(path: Path) -> list[dict]:
 
 def work_units(top: Path) -> int:
     """Clusters plus extents of every layer of the chain."""
-    c = open_chain(str(top), writable=False)
-    paths = [Path(layer.path) for layer in c.layers]
-    c.close()
+    with contextlib.closing(open_chain(str(top), writable=False)) as c:
+        paths = [Path(layer.path) for layer in c.layers]
     return sum(SIZE // CLUSTER + len(layer_map(path)) for path in paths)
 
 

@@ -12,13 +12,12 @@ import pytest
 import trio
 from conftest import FaultyLayer
 
-from fusestream.chain import open_chain
 from fusestream.fs import INLINE_READ_MAX, RAW_INODE, Operations
 
 
 @pytest.mark.parametrize("size", [4096, INLINE_READ_MAX * 4], ids=["inline", "threaded"])
-def test_a_failing_backing_range_is_eio_for_that_range_only(chain, size):
-    c = open_chain(str(chain.top), writable=False)
+def test_a_failing_backing_range_is_eio_for_that_range_only(chain, size, open_chains):
+    c = open_chains(chain.top, writable=False)
     fail_start = 4 << 20
     faulty = FaultyLayer(c.layers[2], fail_start, fail_start + 65536)
     c.layers[2] = c.layers[1].backing = faulty
@@ -33,17 +32,14 @@ def test_a_failing_backing_range_is_eio_for_that_range_only(chain, size):
         faulty.failing = False
         assert len(await ops.read(RAW_INODE, unallocated.offset, size)) == size
 
-    try:
-        trio.run(main)
-    finally:
-        c.close()
+    trio.run(main)
 
 
-def test_an_allocating_write_that_would_wait_goes_to_a_thread(chain):
+def test_an_allocating_write_that_would_wait_goes_to_a_thread(chain, open_chains):
     """Small writes run on the event loop, but never wait there: while another allocation (or a
     write-back's flush) holds the allocation lock, the write waits in a worker thread, and the
     event loop keeps serving reads."""
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
     ops = Operations(c, read_only=False)
     unallocated = next(e for e in c.top.extents(0, chain.size) if e.status.value == "unallocated")
     held, release = threading.Event(), threading.Event()
@@ -73,21 +69,17 @@ def test_an_allocating_write_that_would_wait_goes_to_a_thread(chain):
     finally:
         release.set()
         other.join()
-        c.close()
 
 
-def test_write_without_waiting_writes_nothing_when_it_would_wait(chain):
-    c = open_chain(str(chain.top))
-    try:
-        extents = c.top.extents(0, chain.size)
-        unallocated = next(e for e in extents if e.status.value == "unallocated")
-        found = next(e for e in extents if e.status.value == "found")
-        before = c.read(unallocated.offset, 10)
-        with c.top._alloc_lock:
-            with pytest.raises(BlockingIOError):
-                c.write(unallocated.offset, b"guest data", wait=False)
-            c.write(found.offset, b"in place", wait=False)  # no allocation: never waits
-        assert c.read(unallocated.offset, 10) == before
-        assert c.read(found.offset, 8) == b"in place"
-    finally:
-        c.close()
+def test_write_without_waiting_writes_nothing_when_it_would_wait(chain, open_chains):
+    c = open_chains(chain.top)
+    extents = c.top.extents(0, chain.size)
+    unallocated = next(e for e in extents if e.status.value == "unallocated")
+    found = next(e for e in extents if e.status.value == "found")
+    before = c.read(unallocated.offset, 10)
+    with c.top._alloc_lock:
+        with pytest.raises(BlockingIOError):
+            c.write(unallocated.offset, b"guest data", wait=False)
+        c.write(found.offset, b"in place", wait=False)  # no allocation: never waits
+    assert c.read(unallocated.offset, 10) == before
+    assert c.read(found.offset, 8) == b"in place"

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from conftest import qemu_img, qemu_io, sample_stream
 
-from fusestream.chain import open_chain
 from fusestream.cli import progress_bar, wait_poll_seconds
 from fusestream.control import render_status, render_status_json
 from fusestream.stream import RUNNING, StreamStatistics
@@ -89,16 +88,14 @@ def test_after_a_pause_the_rate_is_measured_afresh(tmp_path):
         assert_time_left_is_true(samples[t], t, end)
 
 
-def test_status_status_json_and_the_watch_bar_show_both_rates_and_the_time_left(tmp_path):
+def test_status_status_json_and_the_watch_bar_show_both_rates_and_the_time_left(tmp_path, open_chains):
     running = StreamStatistics(RUNNING, 512 * MiB, 1024 * MiB, 0, 100 * MiB, None, None, "base.raw",
                                copied=300 * MiB, remaining=250 * MiB, progress_rate=200 * MiB)
     assert render_status("top.raw", running) == (
         "Streaming top.raw: Completed 536870912 of 1073741824 bytes (50.0%, 100 MiB/s, 2 s left)\n")
-    c = open_chain(str(sparse_chain(tmp_path)), writable=False)
-    try:
-        stream = json.loads(render_status_json("top.raw", c, running))["images"][0]["stream"]
-    finally:
-        c.close()
+    c = open_chains(sparse_chain(tmp_path), writable=False)
+    stream = json.loads(render_status_json("top.raw", c, running))["images"][0]["stream"]
+    c.close()
     assert stream == {"state": "running", "offset": 512 * MiB, "len": 1024 * MiB, "speed": 0,
                       "rate": 100 * MiB, "base": None, "error": None, "copied": 300 * MiB,
                       "remaining": 250 * MiB, "progress_rate": 200 * MiB, "seconds_left": 2.5}

@@ -345,9 +345,10 @@ def copy_until_a_step_is_planned_ahead(copier, calls, size: int, max_read: int) 
     raise AssertionError("no step was planned ahead")
 
 
-def test_a_step_planned_ahead_is_planned_again_when_asked_for_less(chain, monkeypatch, open_chains):
+def test_a_step_planned_ahead_is_planned_again_when_asked_for_less(tmp_path, chain, monkeypatch, open_chains):
     """The speed limit or a busy guest may shrink the next step: the plan made for a bigger one
-    must not be used for it."""
+    must not be used for it, and the smaller steps still copy every byte of the chain."""
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     c = open_chains(chain.top)
     calls = record_steps(c, monkeypatch)
     copier = stream.Copier(c, None, pipelined=True)
@@ -357,6 +358,11 @@ def test_a_step_planned_ahead_is_planned_again_when_asked_for_less(chain, monkey
         offset, transferred = copier.copy_step(offset, chain.size, max_read=small, gentle=True)
         assert transferred <= small
     copier.close()
+    c.rebase(copier.stop)
+    assert c.read(0, chain.size) == expected
+    c.close()
+    assert qemu_check(chain.top).returncode == 0
+    assert qemu_convert(chain.top, tmp_path / "after.raw") == expected  # the top alone, no backing file
 
 
 def test_a_step_looks_up_the_merged_layers_only_as_far_as_it_copies(tmp_path, chain, monkeypatch, open_chains):

@@ -1,10 +1,13 @@
-"""Shared test helpers: QEMU as the oracle, chains built by QEMU, and real FUSE mounts that are
-always unmounted (cleanup as in pyfuse3's own tests: fusermount3 -u, then lazy, then kill)."""
+"""Shared test helpers: QEMU as the oracle, chains built by QEMU and chains opened by us that are
+always closed, the stream job on trio's MockClock, and real FUSE mounts that are always
+unmounted (cleanup as in pyfuse3's own tests: fusermount3 -u, then lazy, then kill)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
+import errno
 import hashlib
 import os
 import random
@@ -14,7 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 from hypothesis import HealthCheck, settings
+
+from fusestream.chain import Chain, open_chain
+from fusestream.control import EventLog
+from fusestream.stream import COMPLETED, Streamer, StreamStatistics
 
 # Fuzzing (test_fuzz.py): a quick set on every run; `--hypothesis-profile long` for the long tier.
 settings.register_profile("default", max_examples=150, deadline=2000,
@@ -125,6 +134,145 @@ def chain(tmp_path) -> TestChain:
     return build_chain(tmp_path, size=8 * 1024 * 1024 + 512, cluster_size=4096, table_size=2)
 
 
+def random_writes(rng: random.Random, size: int, count: int) -> list[tuple[int, bytes]]:
+    writes = []
+    for _ in range(count):
+        length = rng.choice([1, rng.randrange(1, 4096), rng.randrange(1, 300_000)])
+        offset = rng.randrange(size - length)
+        data = bytes(length) if rng.random() < 0.1 else rng.randbytes(length)
+        writes.append((offset, data))
+    return writes
+
+
+# -- chains opened by us -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def open_chains():
+    """open_chains(path, **options) -> Chain: open_chain, and every chain it opened is closed
+    after the test, pass or fail, the last opened first. A test that checks what closing does
+    (the clean header, qemu-img check, opening the image again) closes its chain itself at that
+    point; closing a closed chain again does nothing."""
+    with contextlib.ExitStack() as opened:
+
+        def _open(path: str | Path, **options) -> Chain:
+            c = open_chain(str(path), **options)
+            opened.callback(c.close)
+            return c
+
+        yield _open
+
+
+class FaultyLayer:
+    """Wraps a layer; reads overlapping [fail_start, fail_end) fail with `err` (or come back short
+    when `short`) while `failing`; every read takes `delay` seconds."""
+
+    def __init__(self, layer, fail_start: int, fail_end: int, err: int = errno.EIO, short: bool = False,
+                 delay: float = 0.0):
+        self.layer, self.fail_start, self.fail_end, self.err = layer, fail_start, fail_end, err
+        self.short, self.delay = short, delay
+        self.failing = True
+        self.path, self.format_name, self.size = layer.path, layer.format_name, layer.size
+
+    def read(self, offset, length):
+        time.sleep(self.delay)
+        if self.failing and offset < self.fail_end and offset + length > self.fail_start:
+            if self.short:
+                return self.layer.read(offset, length)[: length // 2]
+            raise OSError(self.err, "Input/output error")
+        return self.layer.read(offset, length)
+
+    def read_into(self, view, offset, direct=False):
+        time.sleep(self.delay)
+        if self.failing and offset < self.fail_end and offset + len(view) > self.fail_start:
+            if self.short:
+                return self.layer.read_into(view[: len(view) // 2], offset, direct)
+            raise OSError(self.err, "Input/output error")
+        return self.layer.read_into(view, offset, direct)
+
+    def prefetch(self, offset, length):  # a hint: a failing device says nothing here, as fadvise
+        self.layer.prefetch(offset, length)
+
+    def block_status(self, offset, length):
+        return self.layer.block_status(offset, length)
+
+    def close(self):
+        self.layer.close()
+
+
+# -- the stream job on trio's MockClock, its copy steps inline ---------------------------------
+
+STREAM_TIMEOUT = 600  # virtual seconds
+
+
+async def inline(fn, *args):
+    return fn(*args)
+
+
+def run_with_streamer(chain, body, **streamer_args):
+    """Run `await body(streamer, events)` with a Streamer on a MockClock; returns the events."""
+    events = EventLog("top.raw", clock=lambda: 0.0)
+
+    async def main():
+        with trio.fail_after(STREAM_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                streamer = Streamer(chain, events.emit, run_sync=inline, **streamer_args)
+                await nursery.start(streamer.run)
+                await body(streamer, events)
+                streamer.stop()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return [e["event"] for e in events.events()]
+
+
+async def stream_to_end(streamer, events, **args):
+    job = streamer.start(**args)
+    await job.wait_finished()
+    return job
+
+
+def sample_stream(top: Path, speed: int, times: list[float], pause: tuple[float, float] | None = None):
+    """Stream the image at `speed`; returns ({t: statistics at t}, seconds the job took). With
+    `pause` (at, seconds): paused at `at` for `seconds`."""
+    c = open_chain(str(top))
+    samples: dict[float, StreamStatistics] = {}
+    result = {}
+
+    async def main():
+        with trio.fail_after(STREAM_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                streamer = Streamer(c, EventLog("top.raw").emit, run_sync=inline)
+                await nursery.start(streamer.run)
+                start = trio.current_time()
+                job = streamer.start(speed=speed)
+
+                async def sampler():
+                    for t in times:
+                        await trio.sleep_until(start + t)
+                        samples[t] = job.statistics()
+
+                async def pauser():
+                    await trio.sleep_until(start + pause[0])
+                    streamer.pause()
+                    await trio.sleep(pause[1])
+                    streamer.resume()
+
+                nursery.start_soon(sampler)
+                if pause:
+                    nursery.start_soon(pauser)
+                await job.wait_finished()
+                result["seconds"] = trio.current_time() - start
+                result["state"] = job.state
+                streamer.stop()
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        c.close()
+    assert result["state"] == COMPLETED
+    return samples, result["seconds"]
+
+
 # -- real mounts -------------------------------------------------------------------------------
 
 
@@ -177,8 +325,11 @@ class Mount:
 
 
 @pytest.fixture
-def mount(tmp_path):
-    """mount(image, *options) -> Mount; every mount is torn down after the test, pass or fail."""
+def mount(request, tmp_path):
+    """mount(image, *options) -> Mount; every mount is torn down after the test, pass or fail.
+    Only a test with the mount marker may use it, so that `-m "not mount"` leaves out every test
+    that mounts through it."""
+    assert request.node.get_closest_marker("mount"), f"{request.node.nodeid} mounts: mark it @pytest.mark.mount"
     mounts: list[Mount] = []
 
     def _mount(image: Path, *options: str) -> Mount:
@@ -191,6 +342,15 @@ def mount(tmp_path):
     yield _mount
     for m in mounts:
         m.cleanup()
+
+
+def ctl(m: Mount, command: str) -> None:
+    """Write one command line to the mount's ctl file."""
+    fd = os.open(m.mountpoint / "ctl", os.O_WRONLY)
+    try:
+        os.write(fd, command.encode() + b"\n")
+    finally:
+        os.close(fd)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -9,6 +9,7 @@ with fusestream; qemu-img is the oracle wherever it can open the image.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import struct
@@ -134,26 +135,22 @@ def assert_image_reads(top: Path, expected: bytes, tmp: Path) -> None:
 # -- finding 1: clusters larger than the copy buffers --------------------------------------------
 
 
-def test_a_stream_copies_whole_16m_clusters(tmp_path):
+def test_a_stream_copies_whole_16m_clusters(tmp_path, open_chains):
     expected, top = random_base_under_top(tmp_path, 48 * MiB, 16 * MiB)
-    c = open_chain(str(top))
-    try:
-        assert stream_to_end(c) == COMPLETED
-        assert c.read(0, len(expected)) == expected
-    finally:
-        c.close()
+    c = open_chains(top)
+    assert stream_to_end(c) == COMPLETED
+    assert c.read(0, len(expected)) == expected
+    c.close()
     assert_image_reads(top, expected, tmp_path)
 
 
-def test_copy_on_read_copies_the_whole_16m_cluster(tmp_path):
+def test_copy_on_read_copies_the_whole_16m_cluster(tmp_path, open_chains):
     expected, top = random_base_under_top(tmp_path, 32 * MiB, 16 * MiB)
-    c = open_chain(str(top))
-    try:
-        copy_on_read = CopyOnRead(Streamer(c, lambda *_: None), WriteErrors("top.raw", lambda *_: None))
-        assert copy_on_read.read(16 * MiB + 4096, 4096) == expected[16 * MiB + 4096 : 16 * MiB + 8192]
-        assert c.read(0, len(expected)) == expected
-    finally:
-        c.close()
+    c = open_chains(top)
+    copy_on_read = CopyOnRead(Streamer(c, lambda *_: None), WriteErrors("top.raw", lambda *_: None))
+    assert copy_on_read.read(16 * MiB + 4096, 4096) == expected[16 * MiB + 4096 : 16 * MiB + 8192]
+    assert c.read(0, len(expected)) == expected
+    c.close()
     alone = qed.QedImage(str(top), lock=False)  # no backing layer attached: reads only what it holds
     try:
         assert alone.extents(0, len(expected))[0].status.name == "UNALLOCATED"
@@ -162,7 +159,7 @@ def test_copy_on_read_copies_the_whole_16m_cluster(tmp_path):
         alone.close()
 
 
-def test_copy_on_read_reuses_a_few_copiers(tmp_path, monkeypatch):
+def test_copy_on_read_reuses_a_few_copiers(tmp_path, monkeypatch, open_chains):
     """Each copier holds a buffer of a whole step (64 MiB with 64 MiB clusters): guest reads
     copying at once share a bounded few, built once, not one per read."""
     expected, top = random_base_under_top(tmp_path, 8 * 65536, 65536)
@@ -187,18 +184,15 @@ def test_copy_on_read_reuses_a_few_copiers(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Copier, "__init__", counting_init)
     monkeypatch.setattr(Copier, "copy_range", slow_copy_range)
-    c = open_chain(str(top))
-    try:
-        copy_on_read = CopyOnRead(Streamer(c, lambda *_: None), WriteErrors("top.raw", lambda *_: None))
-        readers = [threading.Thread(target=copy_on_read.read, args=(i * 65536, 4096)) for i in range(8)]
-        for reader in readers:
-            reader.start()
-        for reader in readers:
-            reader.join()
-        assert c.top.extents(0, len(expected))[0].status.name == "FOUND"
-        assert c.read(0, len(expected)) == expected
-    finally:
-        c.close()
+    c = open_chains(top)
+    copy_on_read = CopyOnRead(Streamer(c, lambda *_: None), WriteErrors("top.raw", lambda *_: None))
+    readers = [threading.Thread(target=copy_on_read.read, args=(i * 65536, 4096)) for i in range(8)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    assert c.top.extents(0, len(expected))[0].status.name == "FOUND"
+    assert c.read(0, len(expected)) == expected
     assert 1 <= len(built) <= COPY_ON_READ_COPIERS and most[0] <= COPY_ON_READ_COPIERS
 
 
@@ -218,19 +212,16 @@ def test_populate_refuses_part_of_a_cluster(tmp_path):
         image.close()
 
 
-def test_a_step_short_of_its_cluster_fails_the_stream(tmp_path, monkeypatch):
+def test_a_step_short_of_its_cluster_fails_the_stream(tmp_path, monkeypatch, open_chains):
     """Were a step ever planned short of a cluster again, the job fails; no zeros are written."""
     expected, top = random_base_under_top(tmp_path, 32 * MiB, 16 * MiB)
     monkeypatch.setattr(Copier, "_whole_clusters", lambda self, max_read: 8 * MiB)
-    c = open_chain(str(top))
-    try:
-        events = []
-        assert stream_to_end(c, lambda name, data: events.append((name, data))) == FAILED
-        assert "does not cover whole clusters" in events[-1][1]["error"]
-        assert c.top.extents(0, len(expected))[0].status.name == "UNALLOCATED"
-        assert c.read(0, len(expected)) == expected
-    finally:
-        c.close()
+    c = open_chains(top)
+    events = []
+    assert stream_to_end(c, lambda name, data: events.append((name, data))) == FAILED
+    assert "does not cover whole clusters" in events[-1][1]["error"]
+    assert c.top.extents(0, len(expected))[0].status.name == "UNALLOCATED"
+    assert c.read(0, len(expected)) == expected
 
 
 @pytest.mark.mount
@@ -270,11 +261,8 @@ def test_a_stream_reproduces_the_base_for_any_cluster_size(tmp_path_factory, clu
     base = tmp / "base.raw"
     expected = raw_base(base, base_size, writes, seed=len(writes)) + bytes(size - base_size)
     top = top_over(tmp, base, size, cluster_size, table_size)
-    c = open_chain(str(top))
-    try:
+    with contextlib.closing(open_chain(str(top))) as c:
         assert stream_to_end(c) == COMPLETED
-    finally:
-        c.close()
     assert_image_reads(top, expected, tmp)
 
 
@@ -315,7 +303,7 @@ def test_info_on_a_64m_table_size_16_image_reads_a_few_bytes(tmp_path, monkeypat
     assert counter.bytes <= 64 + 8  # the header and the one L1 entry that addresses 10 GiB
 
 
-def test_guest_io_on_a_64m_table_size_16_image_reads_and_writes_what_it_addresses(tmp_path, monkeypatch):
+def test_guest_io_on_a_64m_table_size_16_image_reads_and_writes_what_it_addresses(tmp_path, monkeypatch, open_chains):
     image_path = tmp_path / "big.qed"
     size = 10 * 1024 * MiB
     qed.create(str(image_path), size, cluster_size=64 * MiB, table_size=16)
@@ -323,14 +311,12 @@ def test_guest_io_on_a_64m_table_size_16_image_reads_and_writes_what_it_addresse
     pwritev = os.pwritev
     monkeypatch.setattr(os, "pwritev", lambda fd, bufs, off: written.append(n := pwritev(fd, bufs, off)) or n)
     counter = ReadCounter(monkeypatch)
-    c = open_chain(str(image_path))
-    try:
-        c.write(size - 64 * MiB + 512, b"z" * 4096)  # the last cluster: allocates the first L2 table
-        c.flush()
-        c.top._l2_cache.clear()  # the next lookup reads the table from disk
-        assert c.read(size - 64 * MiB, 8192) == bytes(512) + b"z" * 4096 + bytes(8192 - 4608)
-    finally:
-        c.close()
+    c = open_chains(image_path)
+    c.write(size - 64 * MiB + 512, b"z" * 4096)  # the last cluster: allocates the first L2 table
+    c.flush()
+    c.top._l2_cache.clear()  # the next lookup reads the table from disk
+    assert c.read(size - 64 * MiB, 8192) == bytes(512) + b"z" * 4096 + bytes(8192 - 4608)
+    c.close()
     entries = size // (64 * MiB)
     assert counter.bytes <= 512 + 64 + 8 + 8 * entries + 8192  # probe, header, L1 entry, L2 entries, the read
     assert sum(written) <= 64 * MiB + 2 * 8 * entries + 64 + 8
@@ -339,21 +325,19 @@ def test_guest_io_on_a_64m_table_size_16_image_reads_and_writes_what_it_addresse
 
 
 @pytest.mark.parametrize("cluster_size, table_size, size", [(4096, 2, 9 * MiB + 512), (MiB, 16, 40 * MiB)])
-def test_tables_written_in_part_are_whole_for_qemu(tmp_path, cluster_size, table_size, size):
+def test_tables_written_in_part_are_whole_for_qemu(tmp_path, cluster_size, table_size, size, open_chains):
     """Several L2 tables, the last one addressed only in part (4 KiB clusters), and a 16 MiB
     table of which 40 entries are addressed: QEMU reads what fusestream wrote."""
     image_path = tmp_path / "top.qed"
     qed.create(str(image_path), size, cluster_size=cluster_size, table_size=table_size)
     rng = random.Random(7)
     expected = bytearray(size)
-    c = open_chain(str(image_path))
-    try:
-        for offset in (0, size // 2 + 1000, size - 5000):
-            data = rng.randbytes(4096)
-            c.write(offset, data)
-            expected[offset : offset + len(data)] = data
-        assert c.read(0, size) == expected
-    finally:
-        c.close()
+    c = open_chains(image_path)
+    for offset in (0, size // 2 + 1000, size - 5000):
+        data = rng.randbytes(4096)
+        c.write(offset, data)
+        expected[offset : offset + len(data)] = data
+    assert c.read(0, size) == expected
+    c.close()
     assert qemu_check(image_path).returncode == 0
     assert qemu_convert(image_path, tmp_path / "out.raw") == expected

@@ -18,59 +18,48 @@ from fusestream.formats import qed
 from fusestream.formats.qed_structs import QED_MAGIC
 
 
-def test_no_probe_reads_a_raw_backing_file_that_starts_with_qed_magic(tmp_path):
+def test_no_probe_reads_a_raw_backing_file_that_starts_with_qed_magic(tmp_path, open_chains):
     """QED_F_BACKING_FORMAT_NO_PROBE: a raw disk whose first bytes look like QED stays raw."""
     base = tmp_path / "base.raw"
     base.write_bytes(QED_MAGIC + bytes((1 << 20) - 4))
     qemu_img("create", "-f", "qed", "-b", "base.raw", "-F", "raw", str(tmp_path / "top.qed"))
-    chain = open_chain(str(tmp_path / "top.qed"), writable=False)
-    try:
-        assert [layer.format_name for layer in chain.layers] == ["qed", "raw"]
-        assert chain.read(0, 8) == QED_MAGIC + bytes(4)
-    finally:
-        chain.close()
+    chain = open_chains(tmp_path / "top.qed", writable=False)
+    assert [layer.format_name for layer in chain.layers] == ["qed", "raw"]
+    assert chain.read(0, 8) == QED_MAGIC + bytes(4)
 
 
-def test_backing_names_resolve_relative_to_the_image_not_the_cwd(tmp_path, monkeypatch):
+def test_backing_names_resolve_relative_to_the_image_not_the_cwd(tmp_path, monkeypatch, open_chains):
     (tmp_path / "images").mkdir()
     base = tmp_path / "images" / "base.raw"
     base.write_bytes(b"\xab" * 65536)
     qemu_img("create", "-f", "qed", "-b", "base.raw", "-F", "raw", str(tmp_path / "images" / "top.qed"))
     monkeypatch.chdir("/")
-    chain = open_chain(str(tmp_path / "images" / "top.qed"), writable=False)
-    try:
-        assert chain.layers[1].path == str(base)
-    finally:
-        chain.close()
+    chain = open_chains(tmp_path / "images" / "top.qed", writable=False)
+    assert chain.layers[1].path == str(base)
 
 
-def test_reads_past_the_end_of_a_shorter_backing_file_are_zeros(tmp_path):
+def test_reads_past_the_end_of_a_shorter_backing_file_are_zeros(tmp_path, open_chains):
     (tmp_path / "base.raw").write_bytes(b"\x11" * 6000)
     top = tmp_path / "top.qed"
     qemu_img("create", "-f", "qed", "-o", "cluster_size=4096", "-b", "base.raw", "-F", "raw", str(top), "64K")
     expected = qemu_convert(top, tmp_path / "expected.raw")
     assert expected == b"\x11" * 6000 + bytes(65536 - 6000)
-    chain = open_chain(str(top))
-    try:
-        assert chain.read(0, 65536) == expected
-        chain.write(4000, b"\x22" * 10)  # the allocated cluster's fill also stops at the backing end
-        expected = expected[:4000] + b"\x22" * 10 + expected[4010:]
-        assert chain.read(0, 65536) == expected
-    finally:
-        chain.close()
+    chain = open_chains(top)
+    assert chain.read(0, 65536) == expected
+    chain.write(4000, b"\x22" * 10)  # the allocated cluster's fill also stops at the backing end
+    expected = expected[:4000] + b"\x22" * 10 + expected[4010:]
+    assert chain.read(0, 65536) == expected
+    chain.close()
     assert qemu_convert(top, tmp_path / "after.raw") == expected
 
 
-def test_a_backing_file_larger_than_the_image_is_cut_at_the_image_size(tmp_path):
+def test_a_backing_file_larger_than_the_image_is_cut_at_the_image_size(tmp_path, open_chains):
     (tmp_path / "base.raw").write_bytes(b"\x33" * 3 * 65536)
     top = tmp_path / "top.qed"
     qemu_img("create", "-f", "qed", "-b", "base.raw", "-F", "raw", str(top), "65536")
-    chain = open_chain(str(top))
-    try:
-        assert chain.size == 65536
-        assert chain.read(60000, 10000) == b"\x33" * 5536
-    finally:
-        chain.close()
+    chain = open_chains(top)
+    assert chain.size == 65536
+    assert chain.read(60000, 10000) == b"\x33" * 5536
 
 
 def test_missing_backing_file_names_it(tmp_path):
@@ -119,19 +108,16 @@ def test_a_backing_qed_that_is_malformed_names_both_files(tmp_path):
         open_chain(str(tmp_path / "top.qed"))
 
 
-def test_one_writer_per_image_and_no_writer_on_a_backing_file(tmp_path):
+def test_one_writer_per_image_and_no_writer_on_a_backing_file(tmp_path, open_chains):
     qemu_img("create", "-f", "qed", str(tmp_path / "mid.qed"), "1M")
     qemu_io(tmp_path / "mid.qed", "write -P 5 0 4k")
     qed.create(str(tmp_path / "top.qed"), 1 << 20, backing_filename="mid.qed")
-    chain = open_chain(str(tmp_path / "top.qed"))
-    try:
-        with pytest.raises(ImageBusyError):
-            open_chain(str(tmp_path / "top.qed"))
-        with pytest.raises(ImageBusyError):
-            open_chain(str(tmp_path / "mid.qed"))
-        open_chain(str(tmp_path / "top.qed"), writable=False, lock=False).close()
-    finally:
-        chain.close()
+    open_chains(tmp_path / "top.qed")
+    with pytest.raises(ImageBusyError):
+        open_chain(str(tmp_path / "top.qed"))
+    with pytest.raises(ImageBusyError):
+        open_chain(str(tmp_path / "mid.qed"))
+    open_chain(str(tmp_path / "top.qed"), writable=False, lock=False).close()
 
 
 @pytest.mark.parametrize("fmt", ["qcow", "vdi", "vmdk", "vpc", "vhdx", "parallels"])
@@ -174,7 +160,7 @@ def test_backing_dir_confines_the_chain(tmp_path):
     open_chain(str(tmp_path / "images" / "top.qed"), confinement=confined).close()
 
 
-def test_a_block_device_is_a_raw_layer_only_when_allowed(tmp_path):
+def test_a_block_device_is_a_raw_layer_only_when_allowed(tmp_path, open_chains):
     (tmp_path / "disk.img").write_bytes(b"\x5a" * (1 << 20))
     device = subprocess.run(["losetup", "--find", "--show", "--read-only", str(tmp_path / "disk.img")],
                             capture_output=True, text=True, check=True).stdout.strip()
@@ -182,12 +168,10 @@ def test_a_block_device_is_a_raw_layer_only_when_allowed(tmp_path):
         qed.create(str(tmp_path / "top.qed"), 1 << 20, backing_filename=device, backing_raw=True)
         with pytest.raises(BackingFileError, match="block device .allowed only with -o allow_devices."):
             open_chain(str(tmp_path / "top.qed"))
-        chain = open_chain(str(tmp_path / "top.qed"), confinement=Confinement(allow_devices=True))
-        try:
-            assert chain.layers[1].size == 1 << 20
-            assert chain.read(4096, 16) == b"\x5a" * 16
-        finally:
-            chain.close()
+        chain = open_chains(tmp_path / "top.qed", confinement=Confinement(allow_devices=True))
+        assert chain.layers[1].size == 1 << 20
+        assert chain.read(4096, 16) == b"\x5a" * 16
+        chain.close()
     finally:
         subprocess.run(["losetup", "-d", device], check=False)
 
@@ -233,10 +217,10 @@ def record_file_io(monkeypatch) -> list[tuple]:
     return calls
 
 
-def test_a_prefetch_asks_for_exactly_the_file_ranges_that_the_read_reads(chain, monkeypatch):
+def test_a_prefetch_asks_for_exactly_the_file_ranges_that_the_read_reads(chain, monkeypatch, open_chains):
     """Through every layer: each layer's data clusters where it decides, nothing for zero
     clusters or past a backing file's end."""
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
     calls = record_file_io(monkeypatch)
     c.top.prefetch(0, chain.size)
     advised = by_fd(call[1:] for call in calls)
@@ -249,10 +233,10 @@ def test_a_prefetch_asks_for_exactly_the_file_ranges_that_the_read_reads(chain, 
 
 
 def test_a_large_guest_read_prefetches_its_clusters_before_reading_and_a_small_one_does_not(
-    tmp_path, chain, monkeypatch
+    tmp_path, chain, monkeypatch, open_chains
 ):
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
     calls = record_file_io(monkeypatch)
     for offset in range(0, chain.size, PREFETCH_READ_MIN):
         calls.clear()
@@ -268,12 +252,12 @@ def test_a_large_guest_read_prefetches_its_clusters_before_reading_and_a_small_o
 
 
 def test_a_kernel_that_refuses_read_ahead_advice_costs_one_warning_per_file_and_no_read(
-    tmp_path, chain, monkeypatch, caplog
+    tmp_path, chain, monkeypatch, caplog, open_chains
 ):
     """Prefetching is a hint: where posix_fadvise fails (a sandbox's system call filter, say),
     reads and streams go on without it, and each file says so once."""
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
     refused: list[int] = []
 
     def refuse(fd, offset, length, advice):

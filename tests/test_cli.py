@@ -7,7 +7,6 @@ import json
 import pytest
 from conftest import FUSESTREAM, qemu_check, qemu_img, qemu_io, run
 
-from fusestream.chain import open_chain
 from fusestream.cli import POLL_SECONDS, WAIT_POLL_MAX, WAIT_POLL_MIN, wait_poll_seconds
 
 
@@ -93,7 +92,7 @@ def test_info_shows_the_chain(tmp_path):
     assert "file format: qed" in text and "backing file: mid.qed" in text
 
 
-def test_create_never_destroys_an_image_in_use(tmp_path):
+def test_create_never_destroys_an_image_in_use(tmp_path, open_chains):
     (tmp_path / "base.raw").write_bytes(b"\x07" * 65536)
     assert "its own backing file" in fusestream(
         "create", "-b", "base.raw", "--force", str(tmp_path / "base.raw"), check=False).stderr
@@ -103,12 +102,10 @@ def test_create_never_destroys_an_image_in_use(tmp_path):
         "create", "-b", "b.vmdk", str(tmp_path / "x.qed"), check=False).stderr
     image = tmp_path / "busy.qed"
     fusestream("create", "-s", "1M", str(image))
-    chain = open_chain(str(image))
-    try:
-        result = fusestream("create", "-s", "2M", "--force", str(image), check=False)
-        assert result.returncode == 1 and "in use" in result.stderr
-    finally:
-        chain.close()
+    chain = open_chains(image)
+    result = fusestream("create", "-s", "2M", "--force", str(image), check=False)
+    assert result.returncode == 1 and "in use" in result.stderr
+    chain.close()
     assert qemu_info(image)["virtual-size"] == 1 << 20
 
 

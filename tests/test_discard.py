@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from conftest import build_chain, fallocate, qemu_check, qemu_convert, qemu_img, run
 
-from fusestream.chain import open_chain
 from fusestream.copy import Copier
 from fusestream.formats import qed
 from fusestream.formats.layer import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
@@ -35,105 +34,91 @@ def thin_chain(tmp_path):
     return base, top
 
 
-def test_discarded_clusters_read_zeros_and_hide_the_backing_file(thin_chain, tmp_path):
+def test_discarded_clusters_read_zeros_and_hide_the_backing_file(thin_chain, tmp_path, open_chains):
     base, top = thin_chain
-    chain = open_chain(str(top))
-    try:
-        chain.write(0, os.urandom(1 << 20))  # the top holds 16 clusters of its own
-        written = chain.read(0, chain.size)
-        discards = [(CS // 2, 3 * CS), (2 << 20, 5 * CS + 123), (chain.size - 1000, 1000)]
-        for offset, length in discards:
-            chain.discard(offset, length)
-        want = expected_after(bytes(written), discards)
-        assert chain.read(0, chain.size) == want
-    finally:
-        chain.close()
+    chain = open_chains(top)
+    chain.write(0, os.urandom(1 << 20))  # the top holds 16 clusters of its own
+    written = chain.read(0, chain.size)
+    discards = [(CS // 2, 3 * CS), (2 << 20, 5 * CS + 123), (chain.size - 1000, 1000)]
+    for offset, length in discards:
+        chain.discard(offset, length)
+    want = expected_after(bytes(written), discards)
+    assert chain.read(0, chain.size) == want
+    chain.close()
     assert qemu_convert(top, tmp_path / "out.raw") == want
     assert qemu_check(top).returncode in (0, 3), qemu_check(top).stdout  # leaks (punched) are allowed
 
 
-def test_discard_gives_space_back_and_the_next_allocation_reuses_it(thin_chain, tmp_path):
+def test_discard_gives_space_back_and_the_next_allocation_reuses_it(thin_chain, tmp_path, open_chains):
     _, top = thin_chain
-    chain = open_chain(str(top))
-    try:
-        chain.write(0, os.urandom(2 << 20))
-        chain.flush()
-        size_before, usage_before = os.stat(top).st_size, os.stat(top).st_blocks
-        chain.discard(0, 1 << 20)
-        chain.flush()  # the entries are durable: the freed clusters may be reused now
-        assert os.stat(top).st_blocks * 512 <= usage_before * 512 - (1 << 20) + CS
-        chain.write(3 << 20, os.urandom(1 << 20))
-        chain.flush()
-        assert os.stat(top).st_size == size_before  # reused, not appended
-        want = chain.read(0, chain.size)
-    finally:
-        chain.close()
+    chain = open_chains(top)
+    chain.write(0, os.urandom(2 << 20))
+    chain.flush()
+    size_before, usage_before = os.stat(top).st_size, os.stat(top).st_blocks
+    chain.discard(0, 1 << 20)
+    chain.flush()  # the entries are durable: the freed clusters may be reused now
+    assert os.stat(top).st_blocks * 512 <= usage_before * 512 - (1 << 20) + CS
+    chain.write(3 << 20, os.urandom(1 << 20))
+    chain.flush()
+    assert os.stat(top).st_size == size_before  # reused, not appended
+    want = chain.read(0, chain.size)
+    chain.close()
     assert qemu_check(top).returncode == 0, qemu_check(top).stdout
     assert qemu_convert(top, tmp_path / "out.raw") == bytes(want)
 
 
-def test_a_discard_before_the_stream_reaches_it_stays_zeros(thin_chain, tmp_path):
+def test_a_discard_before_the_stream_reaches_it_stays_zeros(thin_chain, tmp_path, open_chains):
     base, top = thin_chain
-    chain = open_chain(str(top))
-    try:
-        copier = Copier(chain, base=None)
-        copier.copy_range(0, 1 << 20)
-        chain.discard(512 << 10, 2 << 20)  # half copied by the stream, half not yet
-        copier.copy_range(0, chain.size)  # the whole disk again: guest writes win
-        chain.rebase(len(chain.layers))
-        want = expected_after(base.read_bytes(), [(512 << 10, 2 << 20)])
-        assert chain.read(0, chain.size) == want
-    finally:
-        chain.close()
+    chain = open_chains(top)
+    copier = Copier(chain, base=None)
+    copier.copy_range(0, 1 << 20)
+    chain.discard(512 << 10, 2 << 20)  # half copied by the stream, half not yet
+    copier.copy_range(0, chain.size)  # the whole disk again: guest writes win
+    chain.rebase(len(chain.layers))
+    want = expected_after(base.read_bytes(), [(512 << 10, 2 << 20)])
+    assert chain.read(0, chain.size) == want
+    chain.close()
     assert qemu_check(top).returncode in (0, 3)
     assert qemu_convert(top, tmp_path / "out.raw") == want
     assert "backing file" not in qemu_img("info", str(top))
 
 
-def test_leaks_left_by_discards_are_reused_by_the_next_mount(tmp_path):
+def test_leaks_left_by_discards_are_reused_by_the_next_mount(tmp_path, open_chains):
     top = tmp_path / "top.qed"
     qed.create(str(top), 8 << 20)
-    chain = open_chain(str(top))
-    try:
-        chain.write(0, os.urandom(4 << 20))
-        chain.discard(CS, 8 * CS)  # inside the file: cannot be cut off at close
-    finally:
-        chain.close()
+    chain = open_chains(top)
+    chain.write(0, os.urandom(4 << 20))
+    chain.discard(CS, 8 * CS)  # inside the file: cannot be cut off at close
+    chain.close()
     assert qemu_check(top).returncode == 3  # leaked, punched clusters: no harm to data
     size = os.stat(top).st_size
-    chain = open_chain(str(top))
-    try:
-        chain.write(6 << 20, os.urandom(8 * CS))
-    finally:
-        chain.close()
+    chain = open_chains(top)
+    chain.write(6 << 20, os.urandom(8 * CS))
+    chain.close()
     assert os.stat(top).st_size == size
     assert qemu_check(top).returncode == 0, qemu_check(top).stdout
 
 
-def test_a_discard_at_the_end_of_the_file_leaves_no_leak(tmp_path):
+def test_a_discard_at_the_end_of_the_file_leaves_no_leak(tmp_path, open_chains):
     top = tmp_path / "top.qed"
     qed.create(str(top), 8 << 20)
-    chain = open_chain(str(top))
-    try:
-        chain.write(0, os.urandom(2 << 20))
-        chain.write(4 << 20, os.urandom(1 << 20))  # the last clusters of the file
-        chain.discard(4 << 20, 1 << 20)
-    finally:
-        chain.close()
+    chain = open_chains(top)
+    chain.write(0, os.urandom(2 << 20))
+    chain.write(4 << 20, os.urandom(1 << 20))  # the last clusters of the file
+    chain.discard(4 << 20, 1 << 20)
+    chain.close()
     assert qemu_check(top).returncode == 0, qemu_check(top).stdout
 
 
-def test_discard_on_the_chain_of_many_layers(tmp_path):
+def test_discard_on_the_chain_of_many_layers(tmp_path, open_chains):
     c = build_chain(tmp_path, size=4 * 1024 * 1024, cluster_size=4096, table_size=2)
     reference = qemu_convert(c.top, tmp_path / "ref.raw")
     rng = random.Random(5)
     discards = [(rng.randrange(c.size - 100_000), rng.randrange(1, 100_000)) for _ in range(20)]
-    chain = open_chain(str(c.top))
-    try:
-        for offset, length in discards:
-            chain.discard(offset, length)
-    finally:
-        chain.close()
+    chain = open_chains(c.top)
+    for offset, length in discards:
+        chain.discard(offset, length)
+    chain.close()
     assert qemu_convert(c.top, tmp_path / "out.raw") == expected_after(reference, discards)
     assert qemu_check(c.top).returncode in (0, 3)
 

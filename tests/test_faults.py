@@ -18,10 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FUSESTREAM, qemu_check, qemu_convert, qemu_img, run
-from test_stream_mount import ctl
+from conftest import FUSESTREAM, ctl, qemu_check, qemu_convert, qemu_img, run
 
-from fusestream.chain import open_chain
 from fusestream.copy import Copier
 from fusestream.errors import FusestreamError
 from fusestream.formats import qed
@@ -174,10 +172,12 @@ def backed_image(tmp_path: Path, size: int = 4 << 20) -> tuple[Path, bytes]:
     return top, content
 
 
-def test_clusters_written_before_a_failed_flush_are_written_again_before_their_entries(tmp_path, monkeypatch):
+def test_clusters_written_before_a_failed_flush_are_written_again_before_their_entries(
+    tmp_path, monkeypatch, open_chains
+):
     top, model = backed_image(tmp_path)
     model = bytearray(model)
-    chain = open_chain(str(top))
+    chain = open_chains(top)
     disk = LosingDisk(monkeypatch, chain.top)
     writes = [(100, b"a" * 3000), (CLUSTER * 3 + 5, b"b" * 70000), (50, b"c" * 100), (CLUSTER * 3 + 9, b"d" * 9)]
     chain.write(*writes[0])
@@ -198,10 +198,10 @@ def test_clusters_written_before_a_failed_flush_are_written_again_before_their_e
     assert qemu_convert(top, tmp_path / "after.raw") == model
 
 
-def test_a_failed_flush_after_more_writes_than_are_kept_fails_every_later_flush(tmp_path, monkeypatch):
+def test_a_failed_flush_after_more_writes_than_are_kept_fails_every_later_flush(tmp_path, monkeypatch, open_chains):
     top, _ = backed_image(tmp_path)
     monkeypatch.setattr(qed, "UNSYNCED_DATA_MAX", 4 * CLUSTER)
-    chain = open_chain(str(top))
+    chain = open_chains(top)
     disk = LosingDisk(monkeypatch, chain.top)
     chain.write(0, b"x" * CLUSTER)
     chain.flush()
@@ -218,10 +218,10 @@ def test_a_failed_flush_after_more_writes_than_are_kept_fails_every_later_flush(
     assert qemu_check(top).returncode == 0
 
 
-def test_a_failed_need_check_update_is_not_remembered_as_done(tmp_path, monkeypatch):
+def test_a_failed_need_check_update_is_not_remembered_as_done(tmp_path, monkeypatch, open_chains):
     top = tmp_path / "solo.qed"
     qed.create(str(top), 4 << 20)
-    chain = open_chain(str(top))
+    chain = open_chains(top)
     disk = LosingDisk(monkeypatch, chain.top)
     disk.fail_next = True  # the first fdatasync: QED_F_NEED_CHECK, before the data is referenced
     with pytest.raises(OSError):
@@ -234,9 +234,9 @@ def test_a_failed_need_check_update_is_not_remembered_as_done(tmp_path, monkeypa
     assert qemu_convert(top, tmp_path / "after.raw")[:1024] == b"r" * 512 + bytes(512)
 
 
-def test_a_failed_rebase_keeps_the_backing_file_in_memory_and_on_disk(tmp_path, monkeypatch):
+def test_a_failed_rebase_keeps_the_backing_file_in_memory_and_on_disk(tmp_path, monkeypatch, open_chains):
     top, content = backed_image(tmp_path, size=1 << 20)
-    chain = open_chain(str(top))
+    chain = open_chains(top)
     Copier(chain, base=None).copy_range(0, chain.size)
     disk = LosingDisk(monkeypatch, chain.top)
     real_write_header = chain.top._write_header

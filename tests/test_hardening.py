@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conftest import FUSESTREAM, MOUNT_HELPER, build_chain, qemu_img, run
+from conftest import FUSESTREAM, MOUNT_HELPER, build_chain, inline, qemu_img, run
 
 from fusestream import control
-from fusestream.chain import open_chain
 from fusestream.cli import ctl_command
 from fusestream.control import EVENTS_DROPPED, MAX_COMMAND_BYTES, Control, EventLog, parse_command
 from fusestream.errors import CommandError, PrintableFormatter, printable
@@ -50,10 +49,6 @@ def fusestream(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
 
 def mount_helper(*args: str) -> subprocess.CompletedProcess:
     return run(MOUNT_HELPER, *args, check=False, timeout=30)
-
-
-async def inline(fn, *args):
-    return fn(*args)
 
 
 def run_with_control(chain, body, run_sync=inline, events: EventLog | None = None) -> EventLog:
@@ -112,8 +107,8 @@ BAD_COMMANDS = [
 ]
 
 
-def test_bad_numbers_and_paths_in_commands_are_rejected_and_logged(chain):
-    c = open_chain(str(chain.top))
+def test_bad_numbers_and_paths_in_commands_are_rejected_and_logged(chain, open_chains):
+    c = open_chains(chain.top)
 
     async def body(ctl):
         for raw in BAD_COMMANDS:
@@ -203,7 +198,7 @@ def test_an_image_of_2_pow_63_bytes_is_refused_at_open(tmp_path, mount):
 # -- 5: a long command is refused before it is parsed ------------------------------------------
 
 
-def test_a_long_command_is_refused_without_being_parsed(chain, monkeypatch):
+def test_a_long_command_is_refused_without_being_parsed(chain, monkeypatch, open_chains):
     parsed = []
 
     def split(text, *args, **kw):
@@ -211,7 +206,7 @@ def test_a_long_command_is_refused_without_being_parsed(chain, monkeypatch):
         raise ValueError("the test's split")
 
     monkeypatch.setattr(control.shlex, "split", split)
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
 
     async def body(ctl):
         for size in (MAX_COMMAND_BYTES + 1, MIB):
@@ -361,8 +356,8 @@ def test_the_cli_quotes_what_it_sends():
 # -- 8: the events log is bounded in memory ----------------------------------------------------
 
 
-def test_rejected_megabyte_commands_keep_memory_bounded(chain):
-    c = open_chain(str(chain.top))
+def test_rejected_megabyte_commands_keep_memory_bounded(chain, open_chains):
+    c = open_chains(chain.top)
 
     async def body(ctl):
         for _ in range(300):
@@ -471,8 +466,8 @@ def racing_cancel(at: str, outcome: list):
     ("rebase", "cannot cancel: the stream is completing", COMPLETED),
     ("drain", "accepted", CANCELLED),
 ])
-def test_cancel_at_the_end_of_a_stream_is_answered_by_what_happens(chain, at, answer, state):
-    c = open_chain(str(chain.top))
+def test_cancel_at_the_end_of_a_stream_is_answered_by_what_happens(chain, at, answer, state, open_chains):
+    c = open_chains(chain.top)
     outcome: list[str] = []
     run_sync, streamer_box = racing_cancel(at, outcome)
 

@@ -62,34 +62,29 @@ def qemu_holding(image: Path, read_only: bool) -> Iterator[None]:
         proc.stderr.close()
 
 
-def test_a_writable_chain_holds_qemus_locks(small_chain):
+def test_a_writable_chain_holds_qemus_locks(small_chain, open_chains):
     base, top = small_chain
-    chain = open_chain(str(top))
-    try:
-        assert {100, 101, 103, 201, 203} <= locked_bytes(top)  # what a QEMU writer holds
-        assert {100, 201, 203} <= locked_bytes(base)  # read, and nobody may write under us
-        refused = qemu_io_result(top, "write 0 4k")
-        assert refused.returncode and 'Failed to get "write" lock' in refused.stderr
-        refused = qemu_io_result(base, "write 0 4k", "-f", "raw")
-        assert refused.returncode and 'Failed to get "write" lock' in refused.stderr
-        shared = qemu_io_result(top, "read 0 4k", "-U", "-r")  # force-share still reads
-        assert shared.returncode == 0, shared.stderr
-        assert "virtual size" in qemu_img("info", "-U", str(top))
-    finally:
-        chain.close()
+    chain = open_chains(top)
+    assert {100, 101, 103, 201, 203} <= locked_bytes(top)  # what a QEMU writer holds
+    assert {100, 201, 203} <= locked_bytes(base)  # read, and nobody may write under us
+    refused = qemu_io_result(top, "write 0 4k")
+    assert refused.returncode and 'Failed to get "write" lock' in refused.stderr
+    refused = qemu_io_result(base, "write 0 4k", "-f", "raw")
+    assert refused.returncode and 'Failed to get "write" lock' in refused.stderr
+    shared = qemu_io_result(top, "read 0 4k", "-U", "-r")  # force-share still reads
+    assert shared.returncode == 0, shared.stderr
+    assert "virtual size" in qemu_img("info", "-U", str(top))
+    chain.close()
     assert qemu_io_result(top, "write 0 4k").returncode == 0  # released on close
     assert not locked_bytes(top)
 
 
-def test_a_read_only_chain_lets_qemu_read_but_not_write(small_chain):
+def test_a_read_only_chain_lets_qemu_read_but_not_write(small_chain, open_chains):
     _, top = small_chain
-    chain = open_chain(str(top), writable=False)
-    try:
-        assert qemu_io_result(top, "read 0 4k", "-r").returncode == 0
-        refused = qemu_io_result(top, "write 0 4k")
-        assert refused.returncode and 'Failed to get "write" lock' in refused.stderr
-    finally:
-        chain.close()
+    open_chains(top, writable=False)
+    assert qemu_io_result(top, "read 0 4k", "-r").returncode == 0
+    refused = qemu_io_result(top, "write 0 4k")
+    assert refused.returncode and 'Failed to get "write" lock' in refused.stderr
 
 
 def test_an_image_qemu_writes_is_refused(small_chain):
@@ -141,14 +136,12 @@ def test_qemu_cannot_write_a_mounted_image(small_chain, mount):
         m.umount()
 
 
-def test_a_qcow2_backing_file_carries_the_locks_too(tmp_path):
+def test_a_qcow2_backing_file_carries_the_locks_too(tmp_path, open_chains):
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qed"
     qemu_img("create", "-f", "qcow2", str(base), "1M")
     qed.create(str(top), 1 << 20, backing_filename=base.name)
-    chain = open_chain(str(top))
-    try:
-        refused = qemu_io_result(base, "write 0 4k", "-f", "qcow2")
-        assert refused.returncode and 'Failed to get "write" lock' in refused.stderr
-    finally:
-        chain.close()
+    chain = open_chains(top)
+    refused = qemu_io_result(base, "write 0 4k", "-f", "qcow2")
+    assert refused.returncode and 'Failed to get "write" lock' in refused.stderr
+    chain.close()
     assert qemu_io_result(base, "write 0 4k", "-f", "qcow2").returncode == 0

@@ -9,14 +9,14 @@ QEMU (`qemu-img map` of each layer alone), the clusters from the layers' sizes.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import random
 from pathlib import Path
 
 import pytest
-from conftest import qemu_convert, qemu_img, qemu_io
-from test_progress import sample_stream
+from conftest import qemu_convert, qemu_img, qemu_io, sample_stream
 
 from fusestream.chain import open_chain
 from fusestream.control import EventLog
@@ -103,9 +103,8 @@ def layer_map(path: Path) -> list[dict]:
 
 def work_units(top: Path) -> int:
     """Clusters plus extents of every layer of the chain."""
-    c = open_chain(str(top), writable=False)
-    paths = [Path(layer.path) for layer in c.layers]
-    c.close()
+    with contextlib.closing(open_chain(str(top), writable=False)) as c:
+        paths = [Path(layer.path) for layer in c.layers]
     return sum(SIZE // CLUSTER + len(layer_map(path)) for path in paths)
 
 

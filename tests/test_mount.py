@@ -14,8 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MOUNT_HELPER, MOUNT_TIMEOUT, Mount, build_chain, qemu_check, qemu_convert, run, sha256
-from test_qed import random_writes
+from conftest import (
+    MOUNT_HELPER,
+    MOUNT_TIMEOUT,
+    Mount,
+    build_chain,
+    qemu_check,
+    qemu_convert,
+    random_writes,
+    run,
+    sha256,
+)
 
 from fusestream.formats import qed
 from fusestream.formats.qed_structs import QED_F_NEED_CHECK, QED_HEADER

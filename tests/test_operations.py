@@ -11,7 +11,7 @@ import time
 import pyfuse3
 import pytest
 import trio
-from test_stream import FaultyLayer
+from conftest import FaultyLayer
 
 from fusestream.chain import open_chain
 from fusestream.errors import CorruptionError, ReadOnlyImageError

@@ -179,7 +179,7 @@ def verify_crash_image(path, original: bytes, issued: list[tuple[int, bytes]], a
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream-with-backing", "writes-without-backing"])
-def test_every_power_cut_leaves_a_valid_image(tmp_path, recorder, request, stream):
+def test_every_power_cut_leaves_a_valid_image(tmp_path, recorder, request, stream, open_chains):
     rng = random.Random(7)
     if stream:  # a fresh top over the chain: its L2 tables (4 MiB of disk each) are all made during the run
         c = build_chain(tmp_path, size=12 << 20, cluster_size=4096, table_size=2, seed=3, writes=6)
@@ -188,7 +188,7 @@ def test_every_power_cut_leaves_a_valid_image(tmp_path, recorder, request, strea
     else:
         top = tmp_path / "solo.qed"
         qed.create(str(top), 2 << 20, cluster_size=4096, table_size=2)
-    original_chain = open_chain(str(top), writable=False, lock=False)
+    original_chain = open_chains(top, writable=False, lock=False)
     original = original_chain.read(0, original_chain.size)
     original_chain.close()
     initial = top.read_bytes()

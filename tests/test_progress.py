@@ -8,21 +8,14 @@ import random
 from pathlib import Path
 
 import pytest
-import trio
-import trio.testing
-from conftest import qemu_img, qemu_io
+from conftest import qemu_img, qemu_io, sample_stream
 
-from fusestream.chain import open_chain
 from fusestream.cli import progress_bar, wait_poll_seconds
-from fusestream.control import EventLog, render_status, render_status_json
-from fusestream.stream import COMPLETED, RUNNING, Streamer, StreamStatistics
+from fusestream.control import render_status, render_status_json
+from fusestream.stream import RUNNING, StreamStatistics
 
 MiB = 1 << 20
 CLUSTER = 65536
-
-
-async def inline(fn, *args):
-    return fn(*args)
 
 
 def fragmented_chain(tmp: Path, size: int) -> Path:
@@ -48,48 +41,6 @@ def sparse_chain(tmp: Path) -> Path:
     qemu_img("create", "-f", "qed", "-b", "base.raw", "-F", "raw", str(tmp / "top.qed"))
     qemu_io(tmp / "top.qed", "write -P 7 200M 64K")
     return tmp / "top.qed"
-
-
-def sample_stream(top: Path, speed: int, times: list[float], pause: tuple[float, float] | None = None):
-    """Stream the image at `speed`; returns ({t: statistics at t}, seconds the job took). With
-    `pause` (at, seconds): paused at `at` for `seconds`."""
-    c = open_chain(str(top))
-    samples: dict[float, StreamStatistics] = {}
-    result = {}
-
-    async def main():
-        with trio.fail_after(600):
-            async with trio.open_nursery() as nursery:
-                streamer = Streamer(c, EventLog("top.raw").emit, run_sync=inline)
-                await nursery.start(streamer.run)
-                start = trio.current_time()
-                job = streamer.start(speed=speed)
-
-                async def sampler():
-                    for t in times:
-                        await trio.sleep_until(start + t)
-                        samples[t] = job.statistics()
-
-                async def pauser():
-                    await trio.sleep_until(start + pause[0])
-                    streamer.pause()
-                    await trio.sleep(pause[1])
-                    streamer.resume()
-
-                nursery.start_soon(sampler)
-                if pause:
-                    nursery.start_soon(pauser)
-                await job.wait_finished()
-                result["seconds"] = trio.current_time() - start
-                result["state"] = job.state
-                streamer.stop()
-
-    try:
-        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    finally:
-        c.close()
-    assert result["state"] == COMPLETED
-    return samples, result["seconds"]
 
 
 def assert_time_left_is_true(stats: StreamStatistics, t: float, end: float) -> None:
@@ -137,16 +88,14 @@ def test_after_a_pause_the_rate_is_measured_afresh(tmp_path):
         assert_time_left_is_true(samples[t], t, end)
 
 
-def test_status_status_json_and_the_watch_bar_show_both_rates_and_the_time_left(tmp_path):
+def test_status_status_json_and_the_watch_bar_show_both_rates_and_the_time_left(tmp_path, open_chains):
     running = StreamStatistics(RUNNING, 512 * MiB, 1024 * MiB, 0, 100 * MiB, None, None, "base.raw",
                                copied=300 * MiB, remaining=250 * MiB, progress_rate=200 * MiB)
     assert render_status("top.raw", running) == (
         "Streaming top.raw: Completed 536870912 of 1073741824 bytes (50.0%, 100 MiB/s, 2 s left)\n")
-    c = open_chain(str(sparse_chain(tmp_path)), writable=False)
-    try:
-        stream = json.loads(render_status_json("top.raw", c, running))["images"][0]["stream"]
-    finally:
-        c.close()
+    c = open_chains(sparse_chain(tmp_path), writable=False)
+    stream = json.loads(render_status_json("top.raw", c, running))["images"][0]["stream"]
+    c.close()
     assert stream == {"state": "running", "offset": 512 * MiB, "len": 1024 * MiB, "speed": 0,
                       "rate": 100 * MiB, "base": None, "error": None, "copied": 300 * MiB,
                       "remaining": 250 * MiB, "progress_rate": 200 * MiB, "seconds_left": 2.5}

@@ -12,10 +12,9 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import FUSESTREAM, qemu_check, qemu_convert, qemu_img, qemu_io, run
-from test_stream import run_with_streamer, stream_to_end
+from conftest import FUSESTREAM, qemu_check, qemu_convert, qemu_img, qemu_io, run, run_with_streamer, stream_to_end
 
-from fusestream.chain import open_chain, open_layer
+from fusestream.chain import open_layer
 from fusestream.errors import CorruptionError, InvalidImageError, UnsupportedImageError
 from fusestream.formats.layer import BlockStatus
 from fusestream.formats.qcow2 import Qcow2Image
@@ -232,23 +231,20 @@ def qcow2_chain(tmp: Path) -> tuple[Path, list[Path]]:
     return top, [q3, q2, q1, base]
 
 
-def test_a_three_deep_qcow2_chain_over_raw_reads_as_qemu_reads_it(tmp_path):
+def test_a_three_deep_qcow2_chain_over_raw_reads_as_qemu_reads_it(tmp_path, open_chains):
     top, backing = qcow2_chain(tmp_path)
     expected = qemu_convert(top, tmp_path / "expected.raw")
-    c = open_chain(str(top), writable=False)
-    try:
-        assert [layer.path for layer in c.layers[1:]] == [str(p) for p in backing]
-        assert [layer.format_name for layer in c.layers] == ["qed", "qcow2", "qcow2", "qcow2", "raw"]
-        assert c.read(0, SIZE) == expected
-        for offset, length in random_ranges(SIZE, READS, seed=3):
-            assert c.read(offset, length) == expected[offset : offset + length], (offset, length)
-        for layer in c.layers[1:4]:
-            assert our_runs(layer) == qemu_runs(Path(layer.path))
-    finally:
-        c.close()
+    c = open_chains(top, writable=False)
+    assert [layer.path for layer in c.layers[1:]] == [str(p) for p in backing]
+    assert [layer.format_name for layer in c.layers] == ["qed", "qcow2", "qcow2", "qcow2", "raw"]
+    assert c.read(0, SIZE) == expected
+    for offset, length in random_ranges(SIZE, READS, seed=3):
+        assert c.read(offset, length) == expected[offset : offset + length], (offset, length)
+    for layer in c.layers[1:4]:
+        assert our_runs(layer) == qemu_runs(Path(layer.path))
 
 
-def test_qcow2_over_qed_and_qed_over_qcow2(tmp_path):
+def test_qcow2_over_qed_and_qed_over_qcow2(tmp_path, open_chains):
     rng = random.Random(9)
     base = compressible_source(tmp_path / "base.raw", seed=4)
     low, mid, high, top = (tmp_path / n for n in ("low.qed", "mid.qcow2", "high.qed", "top.qed"))
@@ -259,16 +255,13 @@ def test_qcow2_over_qed_and_qed_over_qcow2(tmp_path):
         write_random(layer, tmp_path, rng, fmt)
     qemu_img("create", "-f", "qed", "-b", high.name, "-F", "qed", str(top))
     expected = qemu_convert(top, tmp_path / "expected.raw")
-    c = open_chain(str(top), writable=False)
-    try:
-        assert [layer.format_name for layer in c.layers] == ["qed", "qed", "qcow2", "qed", "raw"]
-        for offset, length in random_ranges(SIZE, READS, seed=4):
-            assert c.read(offset, length) == expected[offset : offset + length], (offset, length)
-    finally:
-        c.close()
+    c = open_chains(top, writable=False)
+    assert [layer.format_name for layer in c.layers] == ["qed", "qed", "qcow2", "qed", "raw"]
+    for offset, length in random_ranges(SIZE, READS, seed=4):
+        assert c.read(offset, length) == expected[offset : offset + length], (offset, length)
 
 
-def test_a_qcow2_backing_format_extension_is_honoured(tmp_path):
+def test_a_qcow2_backing_format_extension_is_honoured(tmp_path, open_chains):
     """A qcow2 image that says its backing file is raw: a QED image below it is read as raw
     bytes, as QEMU reads it, not probed."""
     (tmp_path / "below.qed").write_bytes(b"")
@@ -277,12 +270,9 @@ def test_a_qcow2_backing_format_extension_is_honoured(tmp_path):
     qemu_img("create", "-f", "qcow2", "-b", "below.qed", "-F", "raw", str(image), str(SIZE))
     top = tmp_path / "top.qed"
     qemu_img("create", "-f", "qed", "-b", image.name, "-F", "qcow2", str(top))
-    c = open_chain(str(top), writable=False)
-    try:
-        assert [layer.format_name for layer in c.layers] == ["qed", "qcow2", "raw"]
-        assert c.read(0, 4) == b"QED\0"
-    finally:
-        c.close()
+    c = open_chains(top, writable=False)
+    assert [layer.format_name for layer in c.layers] == ["qed", "qcow2", "raw"]
+    assert c.read(0, 4) == b"QED\0"
 
 
 def qemu_flattened_blocks(image: Path) -> int:
@@ -296,11 +286,11 @@ def qemu_flattened_blocks(image: Path) -> int:
     return blocks
 
 
-def test_a_full_stream_gives_qemus_bytes_and_a_clean_sparse_top(tmp_path):
+def test_a_full_stream_gives_qemus_bytes_and_a_clean_sparse_top(tmp_path, open_chains):
     top, _ = qcow2_chain(tmp_path)
     expected = qemu_convert(top, tmp_path / "expected.raw")
     flattened = qemu_flattened_blocks(top)
-    c = open_chain(str(top))
+    c = open_chains(top)
     run_with_streamer(c, stream_to_end)
     assert c.layers == [c.top] and c.read(0, SIZE) == expected
     c.close()
@@ -309,10 +299,10 @@ def test_a_full_stream_gives_qemus_bytes_and_a_clean_sparse_top(tmp_path):
     assert top.stat().st_blocks <= flattened
 
 
-def test_a_stream_onto_a_qcow2_base_merges_only_the_layers_above_it(tmp_path):
+def test_a_stream_onto_a_qcow2_base_merges_only_the_layers_above_it(tmp_path, open_chains):
     top, (q3, q2, q1, base) = qcow2_chain(tmp_path)
     expected = qemu_convert(top, tmp_path / "expected.raw")
-    c = open_chain(str(top))
+    c = open_chains(top)
     run_with_streamer(c, stream_to_end, default_base=str(q1))
     assert [layer.path for layer in c.layers] == [str(top), str(q1), str(base)]
     assert c.read(0, SIZE) == expected
@@ -323,10 +313,10 @@ def test_a_stream_onto_a_qcow2_base_merges_only_the_layers_above_it(tmp_path):
     assert qemu_convert(top, tmp_path / "after.raw") == expected
 
 
-def test_a_stream_onto_the_raw_base_below_qcow2_layers(tmp_path):
+def test_a_stream_onto_the_raw_base_below_qcow2_layers(tmp_path, open_chains):
     top, (*_, base) = qcow2_chain(tmp_path)
     expected = qemu_convert(top, tmp_path / "expected.raw")
-    c = open_chain(str(top))
+    c = open_chains(top)
     run_with_streamer(c, stream_to_end, default_base=str(base))
     assert [layer.path for layer in c.layers] == [str(top), str(base)]
     c.close()

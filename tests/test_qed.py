@@ -8,9 +8,8 @@ import os
 import random
 
 import pytest
-from conftest import build_chain, qemu_check, qemu_convert, qemu_img, qemu_io, sha256
+from conftest import build_chain, qemu_check, qemu_convert, qemu_img, qemu_io, random_writes, sha256
 
-from fusestream.chain import open_chain
 from fusestream.errors import CorruptionError
 from fusestream.formats import qed
 from fusestream.formats.layer import BlockStatus
@@ -28,22 +27,20 @@ def test_header_parse_build_is_byte_exact_on_qemu_images(tmp_path, opts):
     assert header.image_size == 1 << 30
 
 
-def test_reads_match_qemu_for_every_cluster_size(tmp_path):
+def test_reads_match_qemu_for_every_cluster_size(tmp_path, open_chains):
     for cluster_size in (4096, 65536, 1 << 20):
         d = tmp_path / str(cluster_size)
         d.mkdir()
         c = build_chain(d, size=6 * cluster_size * 3 + 1536, cluster_size=cluster_size)
         expected = qemu_convert(c.top, d / "expected.raw")
-        chain = open_chain(str(c.top), writable=False)
-        try:
-            assert chain.read(0, c.size) == expected
-            rng = random.Random(cluster_size)
-            for _ in range(300):
-                off = rng.randrange(c.size)
-                length = rng.randrange(1, 3 * cluster_size)
-                assert chain.read(off, length) == expected[off : off + length], (off, length)
-        finally:
-            chain.close()
+        chain = open_chains(c.top, writable=False)
+        assert chain.read(0, c.size) == expected
+        rng = random.Random(cluster_size)
+        for _ in range(300):
+            off = rng.randrange(c.size)
+            length = rng.randrange(1, 3 * cluster_size)
+            assert chain.read(off, length) == expected[off : off + length], (off, length)
+        chain.close()
 
 
 def test_extents_report_qemu_lookup_results(tmp_path):
@@ -58,61 +55,44 @@ def test_extents_report_qemu_lookup_results(tmp_path):
         image.close()
 
 
-def random_writes(rng: random.Random, size: int, count: int) -> list[tuple[int, bytes]]:
-    writes = []
-    for _ in range(count):
-        length = rng.choice([1, rng.randrange(1, 4096), rng.randrange(1, 300_000)])
-        offset = rng.randrange(size - length)
-        data = bytes(length) if rng.random() < 0.1 else rng.randbytes(length)
-        writes.append((offset, data))
-    return writes
-
-
-def test_random_writes_read_back_and_qemu_agrees(chain, tmp_path):
+def test_random_writes_read_back_and_qemu_agrees(chain, tmp_path, open_chains):
     before = {p: sha256(p) for p in chain.backing_files}
     model = bytearray(qemu_convert(chain.top, tmp_path / "before.raw"))
-    c = open_chain(str(chain.top))
-    try:
-        for offset, data in random_writes(random.Random(7), chain.size, 300):
-            c.write(offset, data)
-            model[offset : offset + len(data)] = data
-        assert c.read(0, chain.size) == model
-    finally:
-        c.close()
+    c = open_chains(chain.top)
+    for offset, data in random_writes(random.Random(7), chain.size, 300):
+        c.write(offset, data)
+        model[offset : offset + len(data)] = data
+    assert c.read(0, chain.size) == model
+    c.close()
     check = qemu_check(chain.top)
     assert check.returncode == 0, check.stdout + check.stderr
     assert qemu_convert(chain.top, tmp_path / "after.raw") == model
     assert {p: sha256(p) for p in chain.backing_files} == before
 
 
-def test_concurrent_writers_to_the_same_clusters(chain, tmp_path):
+def test_concurrent_writers_to_the_same_clusters(chain, tmp_path, open_chains):
     """Allocating writes from many threads: each byte ends with one writer's data, none lost."""
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
     rng = random.Random(3)
     jobs = [(rng.randrange(0, 1 << 20, 512), bytes([i % 250 + 1]) * 512) for i in range(400)]
-    try:
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda job: c.write(*job), jobs))
-        final = {}
-        for offset, data in jobs:  # any order is valid; every write must be there whole
-            final[offset] = final.get(offset, set()) | {data}
-        for offset, candidates in final.items():
-            assert c.read(offset, 512) in candidates
-    finally:
-        c.close()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda job: c.write(*job), jobs))
+    final = {}
+    for offset, data in jobs:  # any order is valid; every write must be there whole
+        final[offset] = final.get(offset, set()) | {data}
+    for offset, candidates in final.items():
+        assert c.read(offset, 512) in candidates
+    c.close()
     assert qemu_check(chain.top).returncode == 0
 
 
-def test_full_zero_cluster_write_becomes_a_zero_cluster(chain):
-    c = open_chain(str(chain.top))
-    try:
-        file_size = chain.top.stat().st_size
-        c.write(5 * chain.cluster_size, bytes(4 * chain.cluster_size))
-        assert chain.top.stat().st_size == file_size  # no data cluster was appended
-        assert c.top.block_status(5 * chain.cluster_size, chain.cluster_size)[0] is BlockStatus.ZERO
-        assert c.read(5 * chain.cluster_size, 4 * chain.cluster_size) == bytes(4 * chain.cluster_size)
-    finally:
-        c.close()
+def test_full_zero_cluster_write_becomes_a_zero_cluster(chain, open_chains):
+    c = open_chains(chain.top)
+    file_size = chain.top.stat().st_size
+    c.write(5 * chain.cluster_size, bytes(4 * chain.cluster_size))
+    assert chain.top.stat().st_size == file_size  # no data cluster was appended
+    assert c.top.block_status(5 * chain.cluster_size, chain.cluster_size)[0] is BlockStatus.ZERO
+    assert c.read(5 * chain.cluster_size, 4 * chain.cluster_size) == bytes(4 * chain.cluster_size)
 
 
 def test_need_check_set_while_writing_without_backing_and_cleared_on_close(tmp_path):
@@ -126,13 +106,10 @@ def test_need_check_set_while_writing_without_backing_and_cleared_on_close(tmp_p
     assert qemu_check(path).returncode == 0
 
 
-def test_with_a_backing_file_need_check_is_never_set(chain):
-    c = open_chain(str(chain.top))
-    try:
-        c.write(0, b"y" * 70000)
-        assert not QED_HEADER.parse(chain.top.read_bytes()[:QED_HEADER_SIZE]).features & QED_F_NEED_CHECK
-    finally:
-        c.close()
+def test_with_a_backing_file_need_check_is_never_set(chain, open_chains):
+    c = open_chains(chain.top)
+    c.write(0, b"y" * 70000)
+    assert not QED_HEADER.parse(chain.top.read_bytes()[:QED_HEADER_SIZE]).features & QED_F_NEED_CHECK
 
 
 def _corrupt_first_l2_entry(path, bad_entry: str) -> int:
@@ -199,7 +176,7 @@ def _l2_entry_on_disk(image_path, cluster: int) -> int:
         on_disk.close()
 
 
-def test_allocating_writes_batch_their_table_updates_behind_one_flush(tmp_path, monkeypatch):
+def test_allocating_writes_batch_their_table_updates_behind_one_flush(tmp_path, monkeypatch, open_chains):
     """QEMU's order (data durable before the L2 entry that points to it) at the price of one
     fdatasync per write-back, not one per allocating write."""
     c = build_chain(tmp_path, size=4 << 20, cluster_size=4096)
@@ -208,31 +185,29 @@ def test_allocating_writes_batch_their_table_updates_behind_one_flush(tmp_path, 
     monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append("fdatasync"), real_fdatasync(fd))[1])
     monkeypatch.setattr(qed, "_pwrite_all", lambda fd, data, offset: (calls.append(offset),
                                                                        real_pwrite(fd, data, offset))[1])
-    chain = open_chain(str(c.top))
-    try:
-        clusters = [cluster for cluster in range(0, 1024, 37) if chain.top._cluster_entry(cluster) == 0][:5]
-        assert len(clusters) == 5 and chain.top.l1[0] != 0  # unallocated clusters, in an existing table
-        calls.clear()
-        for cluster in clusters:
-            chain.write(cluster * 4096 + 100, b"new data")
-        assert "fdatasync" not in calls  # five allocating writes, no flush
-        assert all(_l2_entry_on_disk(c.top, cluster) == 0 for cluster in clusters)  # nothing points there yet
-        assert all(chain.read(cluster * 4096 + 100, 8) == b"new data" for cluster in clusters)
-        assert chain.top.has_unwritten_tables
-        calls.clear()
-        chain.flush()
-        table = range(chain.top.l1[0], chain.top.l1[0] + chain.top.table_bytes)
-        l2_writes = [i for i, call in enumerate(calls) if call != "fdatasync" and call in table]
-        assert calls[0] == "fdatasync" and l2_writes and l2_writes[0] > 0 and calls[-1] == "fdatasync"
-        assert all(_l2_entry_on_disk(c.top, cluster) > 1 for cluster in clusters)
-        assert not chain.top.has_unwritten_tables
-    finally:
-        chain.close()
+    chain = open_chains(c.top)
+    clusters = [cluster for cluster in range(0, 1024, 37) if chain.top._cluster_entry(cluster) == 0][:5]
+    assert len(clusters) == 5 and chain.top.l1[0] != 0  # unallocated clusters, in an existing table
+    calls.clear()
+    for cluster in clusters:
+        chain.write(cluster * 4096 + 100, b"new data")
+    assert "fdatasync" not in calls  # five allocating writes, no flush
+    assert all(_l2_entry_on_disk(c.top, cluster) == 0 for cluster in clusters)  # nothing points there yet
+    assert all(chain.read(cluster * 4096 + 100, 8) == b"new data" for cluster in clusters)
+    assert chain.top.has_unwritten_tables
+    calls.clear()
+    chain.flush()
+    table = range(chain.top.l1[0], chain.top.l1[0] + chain.top.table_bytes)
+    l2_writes = [i for i, call in enumerate(calls) if call != "fdatasync" and call in table]
+    assert calls[0] == "fdatasync" and l2_writes and l2_writes[0] > 0 and calls[-1] == "fdatasync"
+    assert all(_l2_entry_on_disk(c.top, cluster) > 1 for cluster in clusters)
+    assert not chain.top.has_unwritten_tables
+    chain.close()
     check = qemu_check(c.top)
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_a_table_with_unwritten_entries_is_never_evicted(tmp_path):
+def test_a_table_with_unwritten_entries_is_never_evicted(tmp_path, open_chains):
     # 4 KiB clusters and two-cluster tables: one table is 8 KiB and maps 4 MiB. A cache of four
     # tables; two tables with unwritten entries stay below the write-back threshold, and
     # reading ten other tables must not evict them.
@@ -240,24 +215,22 @@ def test_a_table_with_unwritten_entries_is_never_evicted(tmp_path):
     base = tmp_path / "base.raw"
     base.write_bytes(os.urandom(48 << 20))
     qed.create(str(image), 48 << 20, backing_filename="base.raw", backing_raw=True, cluster_size=4096, table_size=2)
-    chain = open_chain(str(image))
+    chain = open_chains(image)
     small = qed.QedImage(str(image), writable=True, lock=False, l2_cache_bytes=4 * 8192)
     small.backing = chain.top.backing
     chain.top.close()
     chain.top, chain.layers[0] = small, small
-    try:
-        for region in range(12):  # a table for every 4 MiB, so the reads below have tables to load
-            chain.write(region * (4 << 20), b"x")
-        chain.flush()
-        chain.write(1 << 20, b"first")
-        chain.write((5 << 20) + 7, b"second")
-        assert len(small._unwritten) == 2
-        for region in range(2, 12):
-            chain.read(region * (4 << 20), 4096)
-        assert len(small._l2_cache) >= 2 and set(small._unwritten) <= set(small._l2_cache)
-        assert chain.read(1 << 20, 5) == b"first" and chain.read((5 << 20) + 7, 6) == b"second"
-    finally:
-        chain.close()
+    for region in range(12):  # a table for every 4 MiB, so the reads below have tables to load
+        chain.write(region * (4 << 20), b"x")
+    chain.flush()
+    chain.write(1 << 20, b"first")
+    chain.write((5 << 20) + 7, b"second")
+    assert len(small._unwritten) == 2
+    for region in range(2, 12):
+        chain.read(region * (4 << 20), 4096)
+    assert len(small._l2_cache) >= 2 and set(small._unwritten) <= set(small._l2_cache)
+    assert chain.read(1 << 20, 5) == b"first" and chain.read((5 << 20) + 7, 6) == b"second"
+    chain.close()
     assert qemu_convert(image, tmp_path / "out.raw")[1 << 20 : (1 << 20) + 5] == b"first"
     check = qemu_check(image)
     assert check.returncode == 0, check.stdout + check.stderr

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from conftest import build_chain, qemu_img, qemu_io, write_random
 
-from fusestream.chain import open_chain
 from fusestream.formats import qed
 from fusestream.formats.layer import BlockStatus
 
@@ -43,18 +42,15 @@ def seek_ranges(seek, size: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def test_seek_finds_the_data_qemu_img_map_reports(tmp_path):
+def test_seek_finds_the_data_qemu_img_map_reports(tmp_path, open_chains):
     c = build_chain(tmp_path, size=8 * 1024 * 1024 + 512, cluster_size=4096, table_size=2)
     expected = data_ranges(qemu_img("map", "--output=json", str(c.top)))
-    chain = open_chain(str(c.top), writable=False)
-    try:
-        assert seek_ranges(chain.seek, chain.size) == expected
-        assert chain.seek(chain.size, True) is None and chain.seek(chain.size, False) == chain.size
-    finally:
-        chain.close()
+    chain = open_chains(c.top, writable=False)
+    assert seek_ranges(chain.seek, chain.size) == expected
+    assert chain.seek(chain.size, True) is None and chain.seek(chain.size, False) == chain.size
 
 
-def test_seek_on_a_sparse_terabyte_crosses_runs_not_clusters(tmp_path, monkeypatch):
+def test_seek_on_a_sparse_terabyte_crosses_runs_not_clusters(tmp_path, monkeypatch, open_chains):
     base = tmp_path / "base.raw"
     with open(base, "wb") as f:
         f.truncate(1 << 40)
@@ -62,32 +58,26 @@ def test_seek_on_a_sparse_terabyte_crosses_runs_not_clusters(tmp_path, monkeypat
         f.write(os.urandom(1 << 20))
     top = tmp_path / "top.qed"
     qed.create(str(top), 1 << 40, backing_filename=base.name, backing_raw=True)
-    chain = open_chain(str(top), writable=False)
+    chain = open_chains(top, writable=False)
     calls = []
     for layer in chain.layers:
         original = layer.block_status
         monkeypatch.setattr(layer, "block_status", lambda o, n, f=original: calls.append(o) or f(o, n))
-    try:
-        assert chain.seek(0, True) == 700 << 30
-        assert chain.seek(700 << 30, False) == (700 << 30) + (1 << 20)
-        assert chain.seek((700 << 30) + (1 << 20), True) is None
-        assert len(calls) <= 12, calls
-    finally:
-        chain.close()
+    assert chain.seek(0, True) == 700 << 30
+    assert chain.seek(700 << 30, False) == (700 << 30) + (1 << 20)
+    assert chain.seek((700 << 30) + (1 << 20), True) is None
+    assert len(calls) <= 12, calls
 
 
-def test_the_chain_status_is_decided_top_down(tmp_path):
+def test_the_chain_status_is_decided_top_down(tmp_path, open_chains):
     c = build_chain(tmp_path, size=1 << 20, cluster_size=4096, table_size=2)
     write_random(c.mid, tmp_path, random.Random(2), 0, 65536, "qed")
     overlay = tmp_path / "overlay.qed"
     qed.create(str(overlay), c.size, backing_filename=c.top.name, cluster_size=4096, table_size=2)
     qemu_io(overlay, "write -z 0 64k", fmt="qed")
-    chain = open_chain(str(overlay), writable=False)
-    try:
-        assert chain.status_above(0, chain.size, len(chain.layers))[0] is BlockStatus.FOUND
-        assert chain.block_status(0, chain.size) == (BlockStatus.ZERO, 65536)  # the top's zeros hide it
-    finally:
-        chain.close()
+    chain = open_chains(overlay, writable=False)
+    assert chain.status_above(0, chain.size, len(chain.layers))[0] is BlockStatus.FOUND
+    assert chain.block_status(0, chain.size) == (BlockStatus.ZERO, 65536)  # the top's zeros hide it
 
 
 @pytest.mark.mount

@@ -9,15 +9,23 @@ from __future__ import annotations
 import errno
 import json
 import random
-import time
 
 import pytest
 import trio
 import trio.testing
-from conftest import qemu_check, qemu_convert, qemu_img, qemu_io, run
+from conftest import (
+    FaultyLayer,
+    inline,
+    qemu_check,
+    qemu_convert,
+    qemu_img,
+    qemu_io,
+    run,
+    run_with_streamer,
+    stream_to_end,
+)
 
 from fusestream import stream
-from fusestream.chain import open_chain
 from fusestream.control import Control, EventLog, parse_command, render_status
 from fusestream.copy import MAX_COPY, Copier
 from fusestream.faults import WriteErrors
@@ -34,38 +42,10 @@ from fusestream.stream import (
     StreamStatistics,
 )
 
-TIMEOUT = 600  # virtual seconds
 
-
-async def inline(fn, *args):
-    return fn(*args)
-
-
-def run_with_streamer(chain, body, **streamer_args):
-    """Run `await body(streamer, events)` with a Streamer on a MockClock; returns the events."""
-    events = EventLog("top.raw", clock=lambda: 0.0)
-
-    async def main():
-        with trio.fail_after(TIMEOUT):
-            async with trio.open_nursery() as nursery:
-                streamer = Streamer(chain, events.emit, run_sync=inline, **streamer_args)
-                await nursery.start(streamer.run)
-                await body(streamer, events)
-                streamer.stop()
-
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    return [e["event"] for e in events.events()]
-
-
-async def stream_to_end(streamer, events, **args):
-    job = streamer.start(**args)
-    await job.wait_finished()
-    return job
-
-
-def test_full_stream_merges_every_layer(tmp_path, chain):
+def test_full_stream_merges_every_layer(tmp_path, chain, open_chains):
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
     names = run_with_streamer(c, stream_to_end)
     assert c.top.backing is None and len(c.layers) == 1
     assert c.read(0, chain.size) == expected
@@ -77,7 +57,7 @@ def test_full_stream_merges_every_layer(tmp_path, chain):
     assert qemu_convert(chain.top, tmp_path / "after.raw") == expected
 
 
-def test_what_no_layer_holds_stays_unallocated(tmp_path):
+def test_what_no_layer_holds_stays_unallocated(tmp_path, open_chains):
     """A sparse chain streams into a sparse image: holes and zeros are not written."""
     base = tmp_path / "base.raw"
     with open(base, "wb") as f:
@@ -87,7 +67,7 @@ def test_what_no_layer_holds_stays_unallocated(tmp_path):
         f.seek(20 << 20)
         f.write(bytes(1 << 20))  # written zeros: data that reads zero
     qemu_img("create", "-f", "qed", "-b", "base.raw", "-F", "raw", str(tmp_path / "top.qed"))
-    c = open_chain(str(tmp_path / "top.qed"))
+    c = open_chains(tmp_path / "top.qed")
     run_with_streamer(c, stream_to_end)
     allocated = [e for e in c.top.extents(0, c.size) if e.status is not BlockStatus.UNALLOCATED]
     assert [(e.status, e.offset, e.length) for e in allocated] == [(BlockStatus.FOUND, 10 << 20, 65536)]
@@ -104,9 +84,9 @@ def allocated_clusters(image, cluster_size: int) -> set[int]:
     }
 
 
-def test_stream_onto_a_base_merges_only_the_layers_above_it(tmp_path, chain):
+def test_stream_onto_a_base_merges_only_the_layers_above_it(tmp_path, chain, open_chains):
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
     cs = chain.cluster_size
     before = allocated_clusters(c.top, cs) | allocated_clusters(c.layers[1], cs)
     run_with_streamer(c, stream_to_end, default_base=str(chain.base))
@@ -120,14 +100,14 @@ def test_stream_onto_a_base_merges_only_the_layers_above_it(tmp_path, chain):
     assert qemu_convert(chain.top, tmp_path / "after.raw") == expected
 
 
-def test_a_zero_cluster_over_base_data_survives_the_rebase(tmp_path):
+def test_a_zero_cluster_over_base_data_survives_the_rebase(tmp_path, open_chains):
     (tmp_path / "base.raw").write_bytes(b"\xee" * (1 << 20))
     qemu_img("create", "-f", "qed", "-b", "base.raw", "-F", "raw", str(tmp_path / "mid.qed"))
     qemu_io(tmp_path / "mid.qed", "write -z 128K 64K", "write -P 3 512K 64K")
     qemu_img("create", "-f", "qed", "-b", "mid.qed", "-F", "qed", str(tmp_path / "top.qed"))
     expected = qemu_convert(tmp_path / "top.qed", tmp_path / "expected.raw")
     assert expected[128 << 10 : 192 << 10] == bytes(65536)
-    c = open_chain(str(tmp_path / "top.qed"))
+    c = open_chains(tmp_path / "top.qed")
     run_with_streamer(c, stream_to_end, default_base=str(tmp_path / "base.raw"))
     assert c.top.block_status(128 << 10, 65536) == (BlockStatus.ZERO, 65536)
     assert c.top.block_status(0, 65536)[0] is BlockStatus.UNALLOCATED  # base data, not copied
@@ -135,8 +115,8 @@ def test_a_zero_cluster_over_base_data_survives_the_rebase(tmp_path):
     assert qemu_convert(tmp_path / "top.qed", tmp_path / "after.raw") == expected
 
 
-def test_speed_limits_the_copy_rate_in_virtual_time(chain):
-    c = open_chain(str(chain.top))
+def test_speed_limits_the_copy_rate_in_virtual_time(chain, open_chains):
+    c = open_chains(chain.top)
     speed = 512 * 1024
     result = {"top_before": sum(e.length for e in c.top.extents(0, c.size) if e.status is BlockStatus.FOUND)}
 
@@ -154,8 +134,8 @@ def test_speed_limits_the_copy_rate_in_virtual_time(chain):
     assert result["elapsed"] == pytest.approx(result["copied"] / speed, rel=0.1)
 
 
-def test_speed_can_change_while_running(chain):
-    c = open_chain(str(chain.top))
+def test_speed_can_change_while_running(chain, open_chains):
+    c = open_chains(chain.top)
 
     async def body(streamer, events):
         job = streamer.start(speed=64 * 1024)
@@ -167,12 +147,11 @@ def test_speed_can_change_while_running(chain):
         assert job.state == COMPLETED
 
     run_with_streamer(c, body)
-    c.close()
 
 
-def test_pause_holds_progress_still_and_resume_finishes(tmp_path, chain):
+def test_pause_holds_progress_still_and_resume_finishes(tmp_path, chain, open_chains):
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
 
     async def body(streamer, events):
         job = streamer.start(speed=256 * 1024)
@@ -193,12 +172,11 @@ def test_pause_holds_progress_still_and_resume_finishes(tmp_path, chain):
     names = run_with_streamer(c, body)
     assert names == ["STREAM_STARTED", "STREAM_PAUSED", "STREAM_RESUMED", "BACKING_CHANGED", "STREAM_COMPLETED"]
     assert c.read(0, chain.size) == expected
-    c.close()
 
 
-def test_cancel_takes_effect_at_once_and_leaves_the_chain_valid(tmp_path, chain):
+def test_cancel_takes_effect_at_once_and_leaves_the_chain_valid(tmp_path, chain, open_chains):
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
 
     async def body(streamer, events):
         job = streamer.start(speed=128 * 1024)
@@ -217,9 +195,9 @@ def test_cancel_takes_effect_at_once_and_leaves_the_chain_valid(tmp_path, chain)
     assert qemu_convert(chain.top, tmp_path / "after.raw") == expected
 
 
-def test_guest_writes_during_a_stream_win(tmp_path, chain):
+def test_guest_writes_during_a_stream_win(tmp_path, chain, open_chains):
     model = bytearray(qemu_convert(chain.top, tmp_path / "expected.raw"))
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
     rng = random.Random(5)
 
     async def body(streamer, events):
@@ -241,10 +219,10 @@ def test_guest_writes_during_a_stream_win(tmp_path, chain):
     assert qemu_convert(chain.top, tmp_path / "after.raw") == model
 
 
-def test_a_guest_write_racing_the_copy_wins(tmp_path, chain):
+def test_a_guest_write_racing_the_copy_wins(tmp_path, chain, open_chains):
     """The guest writes into a range after the job has read it from the backing chain and before
     it installs it: the guest's data must survive."""
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
     read_backing_into = c.read_backing_into
     raced: list[int] = []
 
@@ -263,12 +241,12 @@ def test_a_guest_write_racing_the_copy_wins(tmp_path, chain):
 
 
 @pytest.mark.parametrize("busy", [True, False], ids=["guest-busy", "guest-quiet"])
-def test_the_job_gives_way_to_a_busy_guest(tmp_path, chain, monkeypatch, busy):
+def test_the_job_gives_way_to_a_busy_guest(tmp_path, chain, monkeypatch, busy, open_chains):
     """While the guest reads or writes, each step is small, read exactly (O_DIRECT, no
     readahead) and installed before the next read starts; when it is quiet, full steps."""
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     monkeypatch.setattr(stream, "GUEST_BUSY_SECONDS", 3600.0 if busy else 0.0)
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
     steps: list[tuple[int, bool, bool]] = []  # (max_read, gentle, an install still pending after it)
     direct_reads: set[bool] = set()
     read_backing_into = c.read_backing_into
@@ -328,11 +306,11 @@ def record_steps(c, monkeypatch) -> list[tuple[str, int]]:
     return calls
 
 
-def test_each_step_prefetches_the_next_steps_data_before_reading_its_own(tmp_path, chain, monkeypatch):
+def test_each_step_prefetches_the_next_steps_data_before_reading_its_own(tmp_path, chain, monkeypatch, open_chains):
     """So the device reads a step ahead of the copy. Every range is planned and prefetched once,
     one step before it is read (the first step's own, just before)."""
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
     calls = record_steps(c, monkeypatch)
     copier = Copier(c, None, pipelined=True)
     offset, step = 0, 0
@@ -371,10 +349,11 @@ def copy_until_a_step_is_planned_ahead(copier, calls, size: int, max_read: int) 
     raise AssertionError("no step was planned ahead")
 
 
-def test_a_step_planned_ahead_is_planned_again_when_asked_for_less(chain, monkeypatch):
+def test_a_step_planned_ahead_is_planned_again_when_asked_for_less(tmp_path, chain, monkeypatch, open_chains):
     """The speed limit or a busy guest may shrink the next step: the plan made for a bigger one
-    must not be used for it."""
-    c = open_chain(str(chain.top))
+    must not be used for it, and the smaller steps still copy every byte of the chain."""
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    c = open_chains(chain.top)
     calls = record_steps(c, monkeypatch)
     copier = Copier(c, None, pipelined=True)
     big, small = 16 * chain.cluster_size, chain.cluster_size
@@ -383,16 +362,20 @@ def test_a_step_planned_ahead_is_planned_again_when_asked_for_less(chain, monkey
         offset, transferred = copier.copy_step(offset, chain.size, max_read=small, gentle=True)
         assert transferred <= small
     copier.close()
+    c.rebase(copier.base_index)
+    assert c.read(0, chain.size) == expected
     c.close()
+    assert qemu_check(chain.top).returncode == 0
+    assert qemu_convert(chain.top, tmp_path / "after.raw") == expected  # the top alone, no backing file
 
 
-def test_a_step_looks_up_the_merged_layers_only_as_far_as_it_copies(tmp_path, chain, monkeypatch):
+def test_a_step_looks_up_the_merged_layers_only_as_far_as_it_copies(tmp_path, chain, monkeypatch, open_chains):
     """Over a fresh top, one unallocated run covers the whole disk; a small step must not ask
     the layers below about all of it."""
     fresh = tmp_path / "fresh.qed"
     qemu_img("create", "-f", "qed", "-o", f"cluster_size={chain.cluster_size}", "-b", chain.mid.name, "-F", "qed",
              str(fresh), str(chain.size))
-    c = open_chain(str(fresh))
+    c = open_chains(fresh)
     lookups = []
     status_above = c.status_above
     monkeypatch.setattr(c, "status_above", lambda *args: lookups.append(args) or status_above(*args))
@@ -405,10 +388,10 @@ def test_a_step_looks_up_the_merged_layers_only_as_far_as_it_copies(tmp_path, ch
     assert len(lookups) > 20 and first_step * 4 < len(lookups), (first_step, len(lookups))
 
 
-def test_a_guest_write_into_a_step_planned_ahead_wins(chain, monkeypatch):
+def test_a_guest_write_into_a_step_planned_ahead_wins(chain, monkeypatch, open_chains):
     """A step's plan is made while the step before it is copied; the guest writes into its range
     in between. The guest's data must survive the step."""
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
     calls = record_steps(c, monkeypatch)
     copier = Copier(c, None, pipelined=True)
     offset, ahead = copy_until_a_step_is_planned_ahead(copier, calls, chain.size, 4 * chain.cluster_size)
@@ -422,7 +405,7 @@ def test_a_guest_write_into_a_step_planned_ahead_wins(chain, monkeypatch):
     assert qemu_check(chain.top).returncode == 0
 
 
-def test_a_new_job_resumes_where_the_allocation_says_and_copies_nothing_twice(tmp_path, chain):
+def test_a_new_job_resumes_where_the_allocation_says_and_copies_nothing_twice(tmp_path, chain, open_chains):
     reference_dir = tmp_path / "reference"
     reference_dir.mkdir()
     for path in (chain.base, chain.mid, chain.top):
@@ -437,7 +420,7 @@ def test_a_new_job_resumes_where_the_allocation_says_and_copies_nothing_twice(tm
 
     def run_job(image, interrupt_after: float | None) -> int:
         copied.clear()
-        c = open_chain(str(image))
+        c = open_chains(image)
 
         async def main():
             async with trio.open_nursery() as nursery:
@@ -462,46 +445,9 @@ def test_a_new_job_resumes_where_the_allocation_says_and_copies_nothing_twice(tm
     assert qemu_img("info", str(chain.top)).count("backing file") == 0
 
 
-class FaultyLayer:
-    """Wraps a layer; reads overlapping [fail_start, fail_end) fail with `err` (or come back short
-    when `short`) while `failing`; every read takes `delay` seconds."""
-
-    def __init__(self, layer, fail_start: int, fail_end: int, err: int = errno.EIO, short: bool = False,
-                 delay: float = 0.0):
-        self.layer, self.fail_start, self.fail_end, self.err = layer, fail_start, fail_end, err
-        self.short, self.delay = short, delay
-        self.failing = True
-        self.path, self.format_name, self.size = layer.path, layer.format_name, layer.size
-
-    def read(self, offset, length):
-        time.sleep(self.delay)
-        if self.failing and offset < self.fail_end and offset + length > self.fail_start:
-            if self.short:
-                return self.layer.read(offset, length)[: length // 2]
-            raise OSError(self.err, "Input/output error")
-        return self.layer.read(offset, length)
-
-    def read_into(self, view, offset, direct=False):
-        time.sleep(self.delay)
-        if self.failing and offset < self.fail_end and offset + len(view) > self.fail_start:
-            if self.short:
-                return self.layer.read_into(view[: len(view) // 2], offset, direct)
-            raise OSError(self.err, "Input/output error")
-        return self.layer.read_into(view, offset, direct)
-
-    def prefetch(self, offset, length):  # a hint: a failing device says nothing here, as fadvise
-        self.layer.prefetch(offset, length)
-
-    def block_status(self, offset, length):
-        return self.layer.block_status(offset, length)
-
-    def close(self):
-        self.layer.close()
-
-
-def test_a_backing_read_error_fails_the_job_and_a_later_stream_completes(tmp_path, chain):
+def test_a_backing_read_error_fails_the_job_and_a_later_stream_completes(tmp_path, chain, open_chains):
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
     faulty = FaultyLayer(c.layers[2], 0, chain.size)  # the raw base fails everywhere
     c.layers[2] = c.layers[1].backing = faulty
     events = EventLog("top.raw")
@@ -530,9 +476,9 @@ def test_a_backing_read_error_fails_the_job_and_a_later_stream_completes(tmp_pat
     assert qemu_check(chain.top).returncode == 0
 
 
-def test_a_short_read_from_a_layer_fails_the_job_and_is_never_written_as_zeros(tmp_path, chain):
+def test_a_short_read_from_a_layer_fails_the_job_and_is_never_written_as_zeros(tmp_path, chain, open_chains):
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
     faulty = FaultyLayer(c.layers[2], 0, chain.size, short=True)
     c.layers[2] = c.layers[1].backing = faulty
 
@@ -544,13 +490,12 @@ def test_a_short_read_from_a_layer_fails_the_job_and_is_never_written_as_zeros(t
 
     run_with_streamer(c, body)
     assert c.read(0, chain.size) == expected
-    c.close()
 
 
-def test_a_slow_layer_streams_correctly_and_cancel_is_prompt(tmp_path, chain):
+def test_a_slow_layer_streams_correctly_and_cancel_is_prompt(tmp_path, chain, open_chains):
     """Real worker threads and real time: each backing read takes 20 ms."""
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
     slow = FaultyLayer(c.layers[2], 0, 0, delay=0.02)
     c.layers[2] = c.layers[1].backing = slow
     events = EventLog("top.raw")
@@ -574,12 +519,11 @@ def test_a_slow_layer_streams_correctly_and_cancel_is_prompt(tmp_path, chain):
 
     trio.run(main)
     assert c.read(0, chain.size) == expected
-    c.close()
 
 
-def test_enospc_on_the_top_image_fails_the_job_without_corruption(tmp_path, chain, monkeypatch):
+def test_enospc_on_the_top_image_fails_the_job_without_corruption(tmp_path, chain, monkeypatch, open_chains):
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
-    c = open_chain(str(chain.top))
+    c = open_chains(chain.top)
     real_append = c.top._append_clusters
     calls = {"n": 0}
 
@@ -631,8 +575,8 @@ def test_invalid_commands(text):
         parse_command(text)
 
 
-def test_a_rejected_command_changes_nothing_and_is_an_event(chain):
-    c = open_chain(str(chain.top))
+def test_a_rejected_command_changes_nothing_and_is_an_event(chain, open_chains):
+    c = open_chains(chain.top)
 
     async def body(streamer, events):
         control = Control("top.raw", c, streamer, events, WriteErrors("top.raw", events.emit))

@@ -14,7 +14,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import FUSESTREAM, qemu_check, qemu_convert, qemu_img, run
+from conftest import FUSESTREAM, ctl, qemu_check, qemu_convert, qemu_img, run
 
 from fusestream.formats import qed
 
@@ -31,14 +31,6 @@ def status_json(m) -> dict:
 
 def events(m) -> list[str]:
     return [json.loads(line)["event"] for line in (m.mountpoint / "events").read_text().splitlines()]
-
-
-def ctl(m, command: str) -> None:
-    fd = os.open(m.mountpoint / "ctl", os.O_WRONLY)
-    try:
-        os.write(fd, command.encode() + b"\n")
-    finally:
-        os.close(fd)
 
 
 def qemu_data_bytes(image) -> int:

@@ -111,10 +111,11 @@ def url_origin(url: str) -> str:
 class _Transient(Exception):
     """One try failed in a way that a later try may not: retried until retry_time is spent."""
 
-    def __init__(self, cause: str, retry_after: float | None = None, filled: int = 0):
+    def __init__(self, cause: str, retry_after: float | None = None, filled: int = 0, unanswered: bool = False):
         super().__init__(cause)
         self.retry_after = retry_after
         self.filled = filled  # bytes of the asked range already received before the failure
+        self.unanswered = unanswered  # the request got no answer at all
 
 
 @dataclasses.dataclass
@@ -491,7 +492,7 @@ class HttpSource:
                 conn.close()
                 cause = str(err)
                 self._note_error(cause)
-                if reused and tries == 1 and not err.filled:
+                if reused and tries == 1 and err.unanswered:
                     continue  # a keep-alive connection the server had closed: no delay
                 delay = self._backoff(tries, err.retry_after)
                 elapsed = time.monotonic() - started
@@ -558,7 +559,7 @@ class HttpSource:
         except ssl.SSLCertVerificationError as err:
             raise SourceError(f"{self.name}: {_describe_exception(err)}") from None
         except (OSError, http.client.HTTPException) as err:
-            raise _Transient(_describe_exception(err)) from None
+            raise _Transient(_describe_exception(err), unanswered=True) from None
         with self._lock:
             self._stats.requests += 1
         if resp.status == 429 or 500 <= resp.status < 600:

@@ -56,6 +56,13 @@ def test_redact_url_drops_userinfo_and_query_values():
     assert url_origin("http://[::1]:8080/x") == "http://[::1]:8080"
 
 
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/x", "http:///x", "http://127.0.0.1:99999/x", "http://h:port/x"])
+def test_urls_it_cannot_use_are_refused(url):
+    with pytest.raises(SourceError) as caught:
+        open_source(url)
+    assert str(caught.value).startswith(f"{url}: ")
+
+
 def test_options_are_checked():
     with pytest.raises(UsageError, match="block_size"):
         HttpOptions(block_size=1000)

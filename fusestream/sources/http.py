@@ -172,9 +172,6 @@ class _BlockCache:
             self._blocks.move_to_end(index)
         return data
 
-    def __contains__(self, index: int) -> bool:
-        return index in self._blocks
-
     def put(self, index: int, data: bytes) -> None:
         if not self.capacity:
             return
@@ -199,14 +196,14 @@ class HttpSource:
         self._scheme = parts.scheme.lower()
         if self._scheme not in DEFAULT_PORTS or not parts.hostname:
             raise SourceError(f"{self.name}: not an http:// or https:// URL with a host")
+        try:
+            self._port = parts.port or DEFAULT_PORTS[self._scheme]
+        except ValueError as err:  # a port that is not a number or out of range
+            raise SourceError(f"{self.name}: {err}") from None
         self.origin = url_origin(url)
         if opts.allowed_origins is not None and self.origin not in opts.allowed_origins:
             raise SourceError(f"{self.name}: {self.origin} is not an allowed origin (allowed: "
                               f"{', '.join(opts.allowed_origins) or 'none'})")
-        try:
-            self._port = parts.port or DEFAULT_PORTS[self._scheme]
-        except ValueError as err:
-            raise SourceError(f"{self.name}: {err}") from None
         self._host = parts.hostname
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._identity = (self.origin, parts.path or "/", parts.query)

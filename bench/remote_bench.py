@@ -4,8 +4,9 @@ qemu-storage-daemon's curl driver join it when remote layers are wired into the 
 Against Debian's nginx on loopback, serving a file of random data (cached in bench/.cache/):
 
 1. big sequential reads: HttpSource.read_into over the whole file, in reads of 8 MiB (the
-   stream's step today) and of 64 MiB, against ``curl -o /dev/null`` of the same file; the peers
-   alternate, their order reversed every round, after one untimed read of each kind;
+   stream's step today; alone, and each after a prefetch of the next, as the stream reads) and
+   of 64 MiB, against ``curl -o /dev/null`` of the same file; the peers alternate, their order
+   reversed every round, after one untimed read of each kind;
 2. through a second nginx with ``limit_rate R`` (a WAN stand-in): our throughput with N
    connections against N x R. nginx lets each request send R bytes at once before it limits (its
    allowance counts from the request's first second), so the per-connection rate curl sees for one
@@ -39,7 +40,7 @@ KiB = 1 << 10
 GOAL_CURL = 0.9  # our sequential throughput / curl's, at least
 GOAL_RATE = 0.9  # our throughput / (connections x limit_rate), at least
 GOAL_LATENCY = 1.5  # our p50 / curl's p50, at most
-READ_SIZES = (8 * MiB, 64 * MiB)
+READS = ((8 * MiB, False), (8 * MiB, True), (64 * MiB, False))  # (size, prefetch the next)
 
 
 def cached_base(size: int) -> Path:
@@ -63,9 +64,11 @@ def curl_seconds(url: str, byte_range: str | None = None) -> float:
     return float(subprocess.run([*argv, url], check=True, capture_output=True, text=True).stdout)
 
 
-def read_through(url: str, size: int, read_size: int, options: HttpOptions, base: Path) -> float:
-    """Seconds to read [0, size) through a fresh HttpSource in reads of `read_size`; the last
-    buffer is checked against the file."""
+def read_through(url: str, size: int, read_size: int, options: HttpOptions, base: Path,
+                 prefetch_next: bool = False) -> float:
+    """Seconds to read [0, size) through a fresh HttpSource in reads of `read_size`, each
+    (`prefetch_next`) after a prefetch of the next, as the stream reads; the last buffer is
+    checked against the file."""
     source = HttpSource(url, options)
     buf = bytearray(read_size)
     view = memoryview(buf)
@@ -73,6 +76,8 @@ def read_through(url: str, size: int, read_size: int, options: HttpOptions, base
         started = time.perf_counter()
         offset = 0
         while offset < size:
+            if prefetch_next and offset + read_size < size:
+                source.prefetch(offset + read_size, min(read_size, size - offset - read_size))
             filled = source.read_into(view[: min(read_size, size - offset)], offset)
             offset += filled
         seconds = time.perf_counter() - started
@@ -88,9 +93,10 @@ def read_through(url: str, size: int, read_size: int, options: HttpOptions, base
 
 def sequential(url: str, base: Path, size: int, rounds: int) -> dict[str, list[float]]:
     peers = {"curl -o /dev/null": lambda: curl_seconds(url)}
-    for read_size in READ_SIZES:
-        peers[f"HttpSource, {format_size(read_size)} reads"] = (
-            lambda read_size=read_size: read_through(url, size, read_size, HttpOptions(), base))
+    for read_size, prefetch_next in READS:
+        name = f"HttpSource, {format_size(read_size)} reads" + (", next prefetched" if prefetch_next else "")
+        peers[name] = lambda read_size=read_size, prefetch_next=prefetch_next: read_through(
+            url, size, read_size, HttpOptions(), base, prefetch_next)
     for peer in peers.values():  # untimed: page cache, nginx, connections warm
         peer()
     rates: dict[str, list[float]] = {name: [] for name in peers}
@@ -98,20 +104,26 @@ def sequential(url: str, base: Path, size: int, rounds: int) -> dict[str, list[f
         for name in list(peers) if round_no % 2 == 0 else list(peers)[::-1]:
             rate = size / peers[name]() / MiB
             rates[name].append(rate)
-            print(f"round {round_no + 1}/{rounds}  {name:<30} {rate:8.0f} MiB/s", flush=True)
+            print(f"round {round_no + 1}/{rounds}  {name:<42} {rate:8.0f} MiB/s", flush=True)
     return rates
 
 
-def rate_limited(url: str, base: Path, rate: int, connections: int, rounds: int) -> tuple[list[float], list[float]]:
-    """(our MiB/s reading 2 x connections requests, curl's MiB/s for one request of that size)."""
+def rate_limited(url: str, base: Path, rate: int, connections: int,
+                 rounds: int) -> tuple[dict[str, list[float]], list[float]]:
+    """Our MiB/s reading 2 x connections requests' worth, in one read and in 8 MiB reads each
+    after a prefetch of the next; curl's MiB/s for one request of the same size."""
     options = HttpOptions(connections=connections)
     amount = 2 * connections * options.request_size
-    ours, curl = [], []
+    ours: dict[str, list[float]] = {"one read": [], "8 MiB reads, next prefetched": []}
+    curl = []
     for round_no in range(rounds):
-        ours.append(amount / read_through(url, amount, amount, options, base) / MiB)
+        ours["one read"].append(amount / read_through(url, amount, amount, options, base) / MiB)
+        ours["8 MiB reads, next prefetched"].append(
+            amount / read_through(url, amount, 8 * MiB, options, base, prefetch_next=True) / MiB)
         curl.append(options.request_size / curl_seconds(url, f"0-{options.request_size - 1}") / MiB)
         print(f"round {round_no + 1}/{rounds}  limit_rate {format_size(rate)}/s: HttpSource x{connections} "
-              f"{ours[-1]:6.2f} MiB/s, curl one request {curl[-1]:6.2f} MiB/s", flush=True)
+              + ", ".join(f"{name} {rates[-1]:.2f} MiB/s" for name, rates in ours.items())
+              + f"; curl one request {curl[-1]:.2f} MiB/s", flush=True)
     return ours, curl
 
 
@@ -160,12 +172,13 @@ def main_run(size: int, rounds: int, rate: int, connections: int, samples: int) 
     for name, rates in seq.items():
         ratio = statistics.median(rates) / curl_rate
         goal = "" if name.startswith("curl") else verdicts(ratio, (GOAL_CURL,)) + " (of curl's)"
-        print(f"  {name:<30} {spread(rates):>18} MiB/s  {ratio:5.2f}x  {goal}")
+        print(f"  {name:<42} {spread(rates):>18} MiB/s  {ratio:5.2f}x  {goal}")
     target = connections * rate / MiB
-    ratio = statistics.median(limited) / target
-    print(f"  limit_rate {format_size(rate)}/s, {connections} connections: {spread(limited, 2)} MiB/s = {ratio:.2f}x "
-          f"of {connections} x R ({target:.2f} MiB/s)  {verdicts(ratio, (GOAL_RATE,))}; curl, one request: "
-          f"{spread(curl_limited, 2)} MiB/s")
+    print(f"limit_rate {format_size(rate)}/s per connection; curl, one request: {spread(curl_limited, 2)} MiB/s")
+    for name, rates in limited.items():
+        ratio = statistics.median(rates) / target
+        print(f"  HttpSource x{connections}, {name:<28} {spread(rates, 2):>18} MiB/s  {ratio:5.2f}x of "
+              f"{connections} x R ({target:.2f} MiB/s)  {verdicts(ratio, (GOAL_RATE,))}")
     ours_p50, curl_p50 = percentile(ours_lat, 0.5), percentile(curl_lat, 0.5)
     ratio = ours_p50 / curl_p50
     ours_p99 = percentile(ours_lat, 0.99)

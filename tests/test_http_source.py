@@ -187,6 +187,41 @@ def test_prefetch_fills_the_cache_for_the_read_that_follows(fault_server):
         source.close()
 
 
+def test_a_prefetched_bulk_range_is_read_from_its_staged_pieces(fault_server):
+    data = data_of(8 * MiB)
+    server = fault_server(data)
+    source = open_source(server.url(), HttpOptions(connections=2, request_size=1 * MiB, readahead=0))
+    try:
+        source.prefetch(0, 1 * MiB)  # a plan that changed: never read, pushed out below
+        source.prefetch(1 * MiB + 5, 2 * MiB)  # pieces cut at 2 and 3 MiB, as the read cuts them
+        deadline = time.monotonic() + 5
+        while len(server.requests) < 5 and time.monotonic() < deadline:  # the probe and 4 pieces
+            time.sleep(0.01)
+        requests = len(server.requests)
+        assert read_exact(source, 1 * MiB + 5, 2 * MiB) == data[1 * MiB + 5 : 3 * MiB + 5]
+        assert len(server.requests) == requests
+        assert read_exact(source, 0, 1 * MiB) == data[: 1 * MiB]  # pushed out: fetched again
+        assert len(server.requests) == requests + 1
+    finally:
+        source.close()
+
+
+def test_a_staged_piece_that_failed_is_fetched_again(fault_server):
+    data = data_of(4 * MiB)
+    server = fault_server(data)
+    source = open_source(server.url(), HttpOptions(timeout=0.5, retry_time=0.3, retry_delay_min=0.02,
+                                                   retry_delay_max=0.1, request_size=1 * MiB))
+    try:
+        server.fault("status", count=None, status=503)
+        source.prefetch(1 * MiB, 2 * MiB)
+        time.sleep(1)  # both pieces have given up by now
+        server.clear()
+        assert "HTTP 503" in source.describe()["last_error"]
+        assert read_exact(source, 1 * MiB, 2 * MiB) == data[1 * MiB : 3 * MiB]
+    finally:
+        source.close()
+
+
 def test_a_guest_read_does_not_wait_behind_a_stream_transfer(nginx, image):
     """With every connection slowed to 2 MiB/s, a 6 MiB bulk read over 2 connections takes
     about 1.5 s; a 4 KiB read meanwhile goes on a connection of its own."""

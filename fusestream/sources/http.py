@@ -9,7 +9,8 @@ Three lanes keep a guest read from queueing behind the stream:
 
 * bulk: a read of at least `request_size` bytes, or a `direct` one (the stream), is cut at
   multiples of `request_size` and fetched in parallel by `connections` threads, straight into
-  the caller's buffer, bypassing the cache;
+  the caller's buffer, bypassing the cache; prefetch() of such a range (the stream's next step)
+  fetches its pieces into buffers of their own that the read then takes over;
 * guest: a smaller read is served from an LRU of recent blocks (`block_size`, aligned); the
   blocks it misses are fetched by the calling thread on connections of its own;
 * prefetch: readahead for sequential guest reads and prefetch() hints, by threads of their own,
@@ -220,6 +221,8 @@ class HttpSource:
         self._sequential_end = -1  # where the last cached read ended
         self._readahead_end = 0  # how far readahead has been asked for
         self._ahead_queued = 0  # prefetch lane jobs not yet started
+        self._staged: OrderedDict[tuple[int, int], concurrent.futures.Future[bytearray]] = OrderedDict()
+        self._staged_bytes = 0
         self._guest = _ConnectionPool(self._connect, opts.connections)
         self._bulk = _ConnectionPool(self._connect, opts.connections)
         self._ahead = _ConnectionPool(self._connect, opts.connections)
@@ -259,11 +262,17 @@ class HttpSource:
         return bytes(buf)
 
     def prefetch(self, offset: int, length: int) -> None:
-        """Fetch the blocks of a small range into the cache in the background. A range that a
-        read would take to the bulk lane is left alone: that read fetches in parallel anyway."""
+        """Start fetching a range in the background: a small one into the block cache (prefetch
+        lane), a bulk one (the stream's next step) into staged pieces (bulk lane) that the
+        read of the same range takes over, so that the bulk connections stay busy while the
+        caller installs what it read before."""
         length = min(length, self.size - offset)
-        if 0 < length < self.options.request_size and offset >= 0:
+        if length <= 0 or offset < 0:
+            return
+        if length < self.options.request_size:
             self._fetch_ahead(offset, offset + length)
+        else:
+            self._stage(offset, offset + length)
 
     def data_status(self, offset: int, length: int) -> tuple[bool, int]:
         return True, length
@@ -347,21 +356,61 @@ class HttpSource:
     # -- reads -------------------------------------------------------------------------------------
 
     def _read_bulk(self, view: memoryview, offset: int) -> None:
-        """Fetch [offset, offset + len(view)) straight into `view`, in pieces cut at multiples
-        of request_size, over the bulk connections in parallel. Returns only once no piece is
-        writing into `view` any more, failed or not."""
+        """Fetch [offset, offset + len(view)) in pieces cut at multiples of request_size, over
+        the bulk connections in parallel, straight into `view` (a piece staged by prefetch is
+        copied from there). Returns only once no piece is writing into `view` any more."""
+        fresh = []
+        staged = []
+        for start, stop in self._pieces(offset, offset + len(view)):
+            target = view[start - offset : stop - offset]
+            future = self._take_staged(start, stop)
+            if future is None:
+                fresh.append(self._bulk_workers.submit(self._fetch_exact, self._bulk, target, start))
+            else:
+                staged.append((future, target, start))
+        try:
+            for future, target, start in staged:
+                try:
+                    target[:] = future.result()
+                except Exception:  # it failed back then: the server may be back now
+                    self._fetch_exact(self._bulk, target, start)
+        finally:
+            _wait_all(fresh)
+
+    def _pieces(self, offset: int, end: int) -> list[tuple[int, int]]:
         step = self.options.request_size
-        end = offset + len(view)
         cuts = [offset, *range((offset // step + 1) * step, end, step), end]
-        futures = [self._bulk_workers.submit(self._fetch_exact, self._bulk, view[a - offset : b - offset], a)
-                   for a, b in zip(cuts, cuts[1:], strict=False)]
-        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
-        for future in futures:
-            future.cancel()
-        concurrent.futures.wait(futures)
-        for future in futures:
-            if not future.cancelled() and future.exception() is not None:
-                raise future.exception()
+        return list(zip(cuts, cuts[1:], strict=False))
+
+    def _stage(self, offset: int, end: int) -> None:
+        """Fetch the pieces of [offset, end) into buffers of their own, keeping at most
+        connections x request_size bytes of them: the oldest go first (a plan that changed
+        leaves pieces nobody reads)."""
+        limit = self.options.connections * self.options.request_size
+        for start, stop in self._pieces(offset, end):
+            with self._lock:
+                if (start, stop) in self._staged:
+                    continue
+                try:
+                    self._staged[start, stop] = self._bulk_workers.submit(self._fetch_piece, start, stop)
+                except RuntimeError:  # closed meanwhile
+                    return
+                self._staged_bytes += stop - start
+                while self._staged_bytes > limit:
+                    (old_start, old_stop), _ = self._staged.popitem(last=False)
+                    self._staged_bytes -= old_stop - old_start
+
+    def _take_staged(self, start: int, stop: int) -> concurrent.futures.Future[bytearray] | None:
+        with self._lock:
+            future = self._staged.pop((start, stop), None)
+            if future is not None:
+                self._staged_bytes -= stop - start
+            return future
+
+    def _fetch_piece(self, start: int, stop: int) -> bytearray:
+        buf = bytearray(stop - start)
+        self._fetch_exact(self._bulk, memoryview(buf), start)
+        return buf
 
     def _read_cached(self, view: memoryview, offset: int) -> None:
         bs = self.options.block_size
@@ -616,6 +665,18 @@ class HttpSource:
         elif 300 <= resp.status < 400:
             hint = " (redirects are not followed: name the final URL)"
         return SourceError(f"{self.name}: HTTP {resp.status} {resp.reason}{hint}")
+
+
+def _wait_all(futures: list[concurrent.futures.Future]) -> None:
+    """Wait until none of `futures` runs any more (those not started are cancelled at the first
+    error); then raise the first error."""
+    concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+    for future in futures:
+        future.cancel()
+    concurrent.futures.wait(futures)
+    for future in futures:
+        if not future.cancelled() and future.exception() is not None:
+            raise future.exception()
 
 
 def _retry_after(resp: http.client.HTTPResponse) -> float | None:

@@ -37,6 +37,8 @@ MOUNT_HELPER = str(BIN / "mount.fusestream")
 FUSESTREAM = str(BIN / "fusestream")
 MOUNT_TIMEOUT = 15.0
 
+pytest_plugins = ["servers"]  # web servers on loopback: nginx, a fault-injecting one, S3 (moto)
+
 
 def pytest_addoption(parser):
     parser.addoption("--crash-rounds", type=int, default=3,

@@ -1,0 +1,522 @@
+"""HttpSource against real servers on loopback: nginx, a fault-injecting server of our own, and
+moto's S3. Exact bytes, every fault either retried with exact data or a clear SourceError
+within a bounded time, a changed object never mixed in, no credential anywhere it could show."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import random
+import threading
+import time
+
+import pytest
+
+from fusestream.errors import SourceError, UsageError
+from fusestream.sources.http import HttpOptions, HttpSource, redact_url, url_origin
+
+KiB, MiB = 1 << 10, 1 << 20
+# Fault tests: short timeouts and retry bounds, so that lasting failures end quickly.
+QUICK = HttpOptions(timeout=0.5, retry_time=1.5, retry_delay_min=0.02, retry_delay_max=0.2)
+SECRETS = ("s3cr3t", "sig-VALUE-123", "tok-456")
+
+
+def data_of(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+@pytest.fixture
+def image(tmp_path):
+    """A 9 MiB + 1234 byte file (not block-aligned) with random data, in its own directory."""
+    root = tmp_path / "www"
+    root.mkdir()
+    path = root / "image.raw"
+    path.write_bytes(data_of(9 * MiB + 1234))
+    return path
+
+
+def open_source(url: str, options: HttpOptions = QUICK) -> HttpSource:
+    return HttpSource(url, options)
+
+
+def read_exact(source: HttpSource, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    filled = source.read_into(memoryview(buf), offset)
+    return bytes(buf[:filled])
+
+
+# -- names ---------------------------------------------------------------------------------------
+
+
+def test_redact_url_drops_userinfo_and_query_values():
+    url = "https://user:s3cr3t@Example.org:8443/a/b.raw?X-Amz-Signature=sig-VALUE-123&token=tok-456&flag#frag"
+    assert redact_url(url) == "https://Example.org:8443/a/b.raw?X-Amz-Signature=***&token=***&flag"
+    assert url_origin(url) == "https://example.org:8443"
+    assert url_origin("HTTP://Example.org:80/x") == "http://example.org"
+    assert url_origin("http://[::1]:8080/x") == "http://[::1]:8080"
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/x", "http:///x", "http://127.0.0.1:99999/x", "http://h:port/x"])
+def test_urls_it_cannot_use_are_refused(url):
+    with pytest.raises(SourceError) as caught:
+        open_source(url)
+    assert str(caught.value).startswith(f"{url}: ")
+
+
+def test_options_are_checked():
+    with pytest.raises(UsageError, match="block_size"):
+        HttpOptions(block_size=1000)
+    with pytest.raises(UsageError, match="request_size"):
+        HttpOptions(block_size=64 * KiB, request_size=100 * KiB)
+    with pytest.raises(UsageError, match="contradict"):
+        HttpOptions(sslverify=False, ca_file="/etc/ssl/certs/ca-certificates.crt")
+
+
+# -- exact data from nginx -------------------------------------------------------------------------
+
+
+def test_random_ranges_read_exactly_what_the_file_holds(nginx, image):
+    server = nginx(image.parent)
+    expected = image.read_bytes()
+    source = open_source(server.url("image.raw"), HttpOptions(request_size=1 * MiB, block_size=16 * KiB))
+    try:
+        assert source.size == len(expected)
+        rng = random.Random(1)
+        for _ in range(300):
+            length = rng.choice([1, 511, 4 * KiB, 16 * KiB + 3, 200 * KiB, 1 * MiB, 3 * MiB + 17])
+            offset = rng.randrange(0, len(expected))
+            direct = rng.random() < 0.2
+            buf = bytearray(length)
+            filled = source.read_into(memoryview(buf), offset, direct)
+            assert filled == min(length, len(expected) - offset)
+            assert buf[:filled] == expected[offset : offset + filled]
+        assert source.read(len(expected) - 10, 100) == expected[-10:]  # short only at the end
+        assert source.read(len(expected), 10) == b""
+        assert source.data_status(0, 5 * MiB) == (True, 5 * MiB)
+        info = source.describe()
+        assert info["server"].startswith("nginx")
+        assert info["etag"] and info["last_modified"]
+        assert info["requests"] > 0 and info["bytes_fetched"] > 0 and info["retries"] == 0
+    finally:
+        source.close()
+
+
+def test_identity_ignores_case_default_port_and_userinfo(fault_server):
+    server = fault_server(data_of(100 * KiB))
+    one = open_source(f"http://127.0.0.1:{server.port}/image.raw")
+    other = open_source(f"HTTP://user:pw@127.0.0.1:{server.port}/image.raw")
+    elsewhere = open_source(f"http://127.0.0.1:{server.port}/other.raw")
+    try:
+        assert one.identity() == other.identity() != elsewhere.identity()
+    finally:
+        for source in (one, other, elsewhere):
+            source.close()
+
+
+def test_threads_read_exact_data_at_once(nginx, image):
+    server = nginx(image.parent)
+    expected = image.read_bytes()
+    source = open_source(server.url("image.raw"), HttpOptions(request_size=1 * MiB, cache_size=1 * MiB))
+    errors: list[BaseException] = []
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(60):
+                length = rng.choice([4 * KiB, 64 * KiB, 300 * KiB, 2 * MiB])
+                offset = rng.randrange(0, len(expected) - length)
+                assert read_exact(source, offset, length) == expected[offset : offset + length]
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not errors, errors
+        assert not any(thread.is_alive() for thread in threads)
+    finally:
+        source.close()
+
+
+def test_the_block_cache_stays_within_its_bound(fault_server):
+    server = fault_server(data_of(4 * MiB))
+    source = open_source(server.url(), HttpOptions(block_size=4 * KiB, cache_size=64 * KiB, readahead=0))
+    try:
+        for offset in range(0, 4 * MiB, 4 * KiB):
+            read_exact(source, offset, 4 * KiB)
+            assert source.cached_blocks <= 16
+        assert source.cached_blocks == 16
+        requests = len(server.requests)
+        read_exact(source, 4 * MiB - 4 * KiB, 4 * KiB)  # the most recent block: from the cache
+        assert len(server.requests) == requests
+        read_exact(source, 0, 4 * KiB)  # long evicted: fetched again
+        assert len(server.requests) == requests + 1
+    finally:
+        source.close()
+
+
+def test_sequential_small_reads_are_read_ahead(fault_server):
+    data = data_of(8 * MiB)
+    server = fault_server(data)
+    source = open_source(server.url(), HttpOptions(block_size=64 * KiB, readahead=1 * MiB))
+    try:
+        for offset in range(0, 8 * MiB, 64 * KiB):
+            assert read_exact(source, offset, 64 * KiB) == data[offset : offset + 64 * KiB]
+        # 128 reads; readahead asks for 512 KiB or more at a time
+        assert len(server.requests) < 40, len(server.requests)
+    finally:
+        source.close()
+
+
+def test_prefetch_fills_the_cache_for_the_read_that_follows(fault_server):
+    data = data_of(1 * MiB)
+    server = fault_server(data)
+    source = open_source(server.url(), HttpOptions(block_size=64 * KiB, readahead=0))
+    try:
+        source.prefetch(512 * KiB, 256 * KiB)
+        deadline = time.monotonic() + 5
+        while source.cached_blocks < 5 and time.monotonic() < deadline:  # block 0 from the open, and 4
+            time.sleep(0.01)
+        requests = len(server.requests)
+        assert read_exact(source, 512 * KiB, 256 * KiB) == data[512 * KiB : 768 * KiB]
+        assert len(server.requests) == requests
+    finally:
+        source.close()
+
+
+def test_a_prefetched_bulk_range_is_read_from_its_staged_pieces(fault_server):
+    data = data_of(8 * MiB)
+    server = fault_server(data)
+    source = open_source(server.url(), HttpOptions(connections=2, request_size=1 * MiB, readahead=0))
+    try:
+        source.prefetch(0, 1 * MiB)  # a plan that changed: never read, pushed out below
+        source.prefetch(1 * MiB + 5, 2 * MiB)  # pieces cut at 2 and 3 MiB, as the read cuts them
+        deadline = time.monotonic() + 5
+        while len(server.requests) < 5 and time.monotonic() < deadline:  # the probe and 4 pieces
+            time.sleep(0.01)
+        requests = len(server.requests)
+        assert read_exact(source, 1 * MiB + 5, 2 * MiB) == data[1 * MiB + 5 : 3 * MiB + 5]
+        assert len(server.requests) == requests
+        assert read_exact(source, 0, 1 * MiB) == data[: 1 * MiB]  # pushed out: fetched again
+        assert len(server.requests) == requests + 1
+    finally:
+        source.close()
+
+
+def test_a_staged_piece_that_failed_is_fetched_again(fault_server):
+    data = data_of(4 * MiB)
+    server = fault_server(data)
+    source = open_source(server.url(), HttpOptions(timeout=0.5, retry_time=0.3, retry_delay_min=0.02,
+                                                   retry_delay_max=0.1, request_size=1 * MiB))
+    try:
+        server.fault("status", count=None, status=503)
+        source.prefetch(1 * MiB, 2 * MiB)
+        time.sleep(1)  # both pieces have given up by now
+        server.clear()
+        assert "HTTP 503" in source.describe()["last_error"]
+        assert read_exact(source, 1 * MiB, 2 * MiB) == data[1 * MiB : 3 * MiB]
+    finally:
+        source.close()
+
+
+def test_a_guest_read_does_not_wait_behind_a_stream_transfer(nginx, image):
+    """With every connection slowed to 2 MiB/s, a 6 MiB bulk read over 2 connections takes
+    about 1.5 s; a 4 KiB read meanwhile goes on a connection of its own."""
+    server = nginx(image.parent, limit_rate=2 * MiB)
+    source = open_source(server.url("image.raw"),
+                         HttpOptions(connections=2, request_size=1 * MiB, block_size=16 * KiB, readahead=0))
+    try:
+        bulk = threading.Thread(target=read_exact, args=(source, 2 * MiB, 6 * MiB))
+        started = time.monotonic()
+        bulk.start()
+        time.sleep(0.2)
+        guest_start = time.monotonic()
+        read_exact(source, 8 * MiB, 4 * KiB)
+        guest_time = time.monotonic() - guest_start
+        bulk.join(timeout=30)
+        bulk_time = time.monotonic() - started
+        assert guest_time < 0.25 * bulk_time, (guest_time, bulk_time)
+    finally:
+        source.close()
+
+
+# -- faults ----------------------------------------------------------------------------------------
+
+
+FAULT_CASES = [
+    {"kind": "drop"},
+    {"kind": "stall", "stall": 1.0},  # longer than the timeout
+    {"kind": "status", "status": 500},
+    {"kind": "status", "status": 503},
+    {"kind": "status", "status": 429, "retry_after": "1"},
+    {"kind": "ignore_range"},
+    {"kind": "truncate"},
+]
+
+
+def fault_id(fault: dict) -> str:
+    return f"{fault['kind']}-{fault.get('status', '')}"
+
+
+@pytest.mark.parametrize("fault", FAULT_CASES, ids=fault_id)
+@pytest.mark.parametrize("bulk", [False, True], ids=["cached", "bulk"])
+def test_a_passing_fault_is_retried_and_the_data_exact(fault_server, fault, bulk):
+    data = data_of(3 * MiB)
+    server = fault_server(data)
+    source = open_source(server.url(), HttpOptions(timeout=0.5, retry_time=5, retry_delay_min=0.02,
+                                                   retry_delay_max=0.2, request_size=1 * MiB, readahead=0))
+    try:
+        params = dict(fault)
+        server.fault(params.pop("kind"), count=2, **params)
+        offset, length = (300 * KiB, 2 * MiB) if bulk else (2 * MiB + 5, 100 * KiB)
+        assert read_exact(source, offset, length) == data[offset : offset + length]
+        info = source.describe()
+        assert info["retries"] >= 1 and info["last_error"]
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize("fault", FAULT_CASES, ids=fault_id)
+def test_a_lasting_fault_is_a_source_error_in_bounded_time(fault_server, fault):
+    server = fault_server(data_of(1 * MiB))
+    source = open_source(server.url(query="X-Amz-Signature=sig-VALUE-123"))
+    try:
+        params = dict(fault)
+        server.fault(params.pop("kind"), count=None, **params)
+        started = time.monotonic()
+        with pytest.raises(SourceError) as caught:
+            read_exact(source, 512 * KiB, 4 * KiB)
+        elapsed = time.monotonic() - started
+        assert elapsed < QUICK.retry_time + 2 * QUICK.timeout + 1.5, elapsed
+        message = str(caught.value)
+        assert message.startswith(f"http://127.0.0.1:{server.port}/image.raw?X-Amz-Signature=***: ")
+        assert "gave up after" in message
+        assert "sig-VALUE-123" not in message
+    finally:
+        source.close()
+
+
+def test_retry_after_is_honoured_and_bounded(fault_server):
+    data = data_of(1 * MiB)
+    server = fault_server(data)
+    options = HttpOptions(timeout=1, retry_time=10, retry_delay_min=0.01, retry_delay_max=0.6)
+    source = open_source(server.url(), options)
+    try:
+        server.fault("status", count=1, status=429, retry_after="0.4")  # not a number: exponential backoff
+        started = time.monotonic()
+        read_exact(source, 100 * KiB, 1 * KiB)
+        assert time.monotonic() - started < 0.3
+        server.fault("status", count=1, status=503, retry_after="1")
+        started = time.monotonic()
+        read_exact(source, 200 * KiB, 1 * KiB)
+        assert 0.55 < time.monotonic() - started < 1.0  # 1 s asked for, capped at retry_delay_max
+        server.fault("status", count=1, status=429, retry_after="3600")
+        started = time.monotonic()
+        assert read_exact(source, 300 * KiB, 1 * KiB) == data[300 * KiB : 301 * KiB]
+        assert time.monotonic() - started < 1.0
+    finally:
+        source.close()
+
+
+def test_a_changed_object_is_never_mixed_in(fault_server):
+    data = data_of(2 * MiB)
+    server = fault_server(data)
+    source = open_source(server.url(), HttpOptions(request_size=1 * MiB, readahead=0))
+    try:
+        assert read_exact(source, 0, 100 * KiB) == data[: 100 * KiB]
+        server.change(data_of(2 * MiB, seed=9))  # If-Range honoured: the server answers 200, whole
+        for offset, length in ((1 * MiB, 4 * KiB), (0, 2 * MiB)):
+            with pytest.raises(SourceError, match=r"image\.raw: the object changed since it was opened \(ETag"):
+                read_exact(source, offset, length)
+        assert read_exact(source, 0, 64 * KiB) == data[: 64 * KiB]  # still cached from before the change
+    finally:
+        source.close()
+
+
+def test_a_changed_object_behind_a_server_ignoring_if_range(fault_server):
+    data = data_of(2 * MiB)
+    server = fault_server(data)
+    source = open_source(server.url(), HttpOptions(readahead=0))
+    try:
+        server.change(data_of(2 * MiB, seed=9), honour_if_range=False)  # 206 of the new object
+        with pytest.raises(SourceError, match="object changed"):
+            read_exact(source, 1 * MiB, 4 * KiB)
+        server.change(data_of(1 * MiB, seed=9), honour_if_range=False)  # shorter now
+        with pytest.raises(SourceError, match="object changed"):
+            read_exact(source, 1 * MiB, 4 * KiB)
+    finally:
+        source.close()
+
+
+def test_if_range_carries_the_pinned_etag(fault_server):
+    server = fault_server(data_of(1 * MiB))
+    source = open_source(server.url(), HttpOptions(readahead=0))
+    try:
+        read_exact(source, 500 * KiB, 1 * KiB)
+        assert "If-Range" not in server.requests[0].headers  # the probe pins it
+        assert server.requests[-1].headers["If-Range"] == server.etag
+    finally:
+        source.close()
+
+
+def test_a_server_that_ignores_range_is_refused_at_open(fault_server):
+    server = fault_server(data_of(1 * MiB))
+    server.fault("ignore_range", count=None)
+    with pytest.raises(SourceError, match="does not honour byte ranges"):
+        open_source(server.url())
+
+
+def test_a_server_without_validators_is_refused_at_open(fault_server):
+    server = fault_server(data_of(1 * MiB), validators=False)
+    with pytest.raises(SourceError, match="neither a strong ETag nor Last-Modified"):
+        open_source(server.url())
+
+
+def test_an_unknown_object_is_refused_at_once(nginx, image):
+    server = nginx(image.parent)
+    started = time.monotonic()
+    with pytest.raises(SourceError, match=r"missing\.raw: HTTP 404 Not Found"):
+        open_source(server.url("missing.raw"), HttpOptions(retry_time=30))
+    assert time.monotonic() - started < 1
+
+
+def test_the_source_works_again_when_the_server_is_back(fault_server):
+    data = data_of(2 * MiB)
+    server = fault_server(data)
+    source = open_source(server.url(), HttpOptions(timeout=0.5, retry_time=1, retry_delay_min=0.02,
+                                                   retry_delay_max=0.1, request_size=1 * MiB, readahead=0))
+    try:
+        assert read_exact(source, 0, 4 * KiB) == data[: 4 * KiB]
+        server.stop()
+        for offset, length in ((1 * MiB, 4 * KiB), (0, 2 * MiB)):
+            with pytest.raises(SourceError, match="gave up after"):
+                read_exact(source, offset, length)
+        server.start()
+        assert read_exact(source, 1 * MiB, 4 * KiB) == data[1 * MiB : 1 * MiB + 4 * KiB]
+        assert read_exact(source, 0, 2 * MiB) == data
+        assert source.describe()["last_error"]
+    finally:
+        source.close()
+
+
+def test_the_server_can_come_back_during_the_retries(fault_server):
+    data = data_of(1 * MiB)
+    server = fault_server(data)
+    source = open_source(server.url(), HttpOptions(timeout=0.5, retry_time=10, retry_delay_min=0.05,
+                                                   retry_delay_max=0.2, readahead=0))
+    try:
+        server.stop()
+        threading.Timer(0.5, server.start).start()
+        assert read_exact(source, 512 * KiB, 4 * KiB) == data[512 * KiB : 516 * KiB]
+        assert source.describe()["retries"] >= 1
+    finally:
+        source.close()
+
+
+# -- credentials -----------------------------------------------------------------------------------
+
+
+def test_credentials_never_show(fault_server, caplog):
+    caplog.set_level(logging.DEBUG)
+    server = fault_server(data_of(1 * MiB))
+    url = server.url(userinfo="alice:s3cr3t@", query="X-Amz-Signature=sig-VALUE-123&token=tok-456")
+    source = open_source(url)
+    try:
+        assert source.name == f"http://127.0.0.1:{server.port}/image.raw?X-Amz-Signature=***&token=***"
+        expected_auth = "Basic " + base64.b64encode(b"alice:s3cr3t").decode()
+        assert server.requests[0].headers["Authorization"] == expected_auth
+        assert server.requests[0].target.endswith("X-Amz-Signature=sig-VALUE-123&token=tok-456")
+        server.fault("status", count=2, status=503)
+        read_exact(source, 100 * KiB, 1 * KiB)
+        server.fault("drop", count=None)
+        with pytest.raises(SourceError) as caught:
+            read_exact(source, 200 * KiB, 1 * KiB)
+        shown = [source.name, str(source.describe()), str(caught.value), caplog.text]
+        assert "retrying" in caplog.text
+        for secret in SECRETS + ("alice",):
+            for text in shown:
+                assert secret not in text
+    finally:
+        source.close()
+
+
+def test_origins_not_allowed_are_never_contacted(fault_server):
+    server = fault_server(data_of(1 * MiB))
+    with pytest.raises(SourceError, match=r"http://127\.0\.0\.1:\d+ is not an allowed origin"):
+        open_source(server.url(), HttpOptions(allowed_origins=("https://images.example",)))
+    assert server.requests == []
+    open_source(server.url(), HttpOptions(allowed_origins=(f"http://127.0.0.1:{server.port}",))).close()
+
+
+# -- HTTPS -----------------------------------------------------------------------------------------
+
+
+def test_https_with_a_private_ca(nginx, image, tls_files, caplog):
+    server = nginx(image.parent, tls=tls_files)
+    url = server.url("image.raw")
+    expected = image.read_bytes()
+    source = open_source(url, HttpOptions(ca_file=str(tls_files.ca)))
+    try:
+        assert read_exact(source, 5 * MiB, 5 * MiB) == expected[5 * MiB : 10 * MiB]
+    finally:
+        source.close()
+    started = time.monotonic()
+    with pytest.raises(SourceError, match="certificate verification failed"):
+        open_source(url, HttpOptions(retry_time=30))  # the system store does not know the CA: not retried
+    assert time.monotonic() - started < 2
+    caplog.set_level(logging.WARNING)
+    source = open_source(url, HttpOptions(sslverify=False))
+    try:
+        assert "sslverify=off" in caplog.text
+        assert read_exact(source, 0, 4 * KiB) == expected[: 4 * KiB]
+    finally:
+        source.close()
+
+
+def test_a_missing_ca_file_is_named(nginx, image, tmp_path):
+    server = nginx(image.parent)
+    with pytest.raises(SourceError, match="cannot load ca_file"):
+        open_source(server.url("image.raw").replace("http:", "https:"),
+                    HttpOptions(ca_file=str(tmp_path / "none.pem")))
+
+
+# -- S3 --------------------------------------------------------------------------------------------
+
+
+def test_a_presigned_s3_url_reads_like_any_url(s3_server):
+    data = data_of(3 * MiB + 5)
+    s3_server.put("images", "base.raw", data)
+    url = s3_server.presigned("images", "base.raw")
+    source = open_source(url, HttpOptions(request_size=1 * MiB))
+    try:
+        assert source.size == len(data)
+        assert read_exact(source, 0, len(data)) == data
+        assert read_exact(source, 2 * MiB + 1, 10 * KiB) == data[2 * MiB + 1 : 2 * MiB + 1 + 10 * KiB]
+        signature = url.rpartition("X-Amz-Signature=")[2]
+        assert signature not in source.name + str(source.describe())
+        assert "X-Amz-Signature=***" in source.name
+    finally:
+        source.close()
+
+
+def test_an_expired_presigned_url_is_a_clear_error(s3_server):
+    data = data_of(1 * MiB)
+    s3_server.put("images", "soon.raw", data)
+    url = s3_server.presigned("images", "soon.raw", expires=1)
+    signature = url.rpartition("X-Amz-Signature=")[2]
+    source = open_source(url, HttpOptions(readahead=0))
+    try:
+        assert read_exact(source, 0, 4 * KiB) == data[: 4 * KiB]
+        time.sleep(2.1)  # X-Amz-Date has one-second resolution
+        with pytest.raises(SourceError) as caught:
+            read_exact(source, 512 * KiB, 4 * KiB)
+        message = str(caught.value)
+        assert "soon.raw" in message and "HTTP 403" in message and "presigned URL may have expired" in message
+        assert signature not in message
+    finally:
+        source.close()
+    with pytest.raises(SourceError, match="presigned URL may have expired"):
+        open_source(url)

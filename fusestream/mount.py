@@ -251,7 +251,7 @@ async def serve(ops: Operations, opts: MountOptions) -> None:
         streamer = Streamer(chain, nursery, events.emit, default_base=opts.base, default_speed=opts.speed)
         streamer.write_errors = ops.write_errors = write_errors
         ops.attach(Control(name, chain, streamer, events), streamer.read_copying if opts.copy_on_read else None)
-        if not opts.nostream and not ops.read_only and chain.top.backing is not None:
+        if not opts.nostream and not ops.read_only and chain.backing_layers:
             streamer.start()
         nursery.start_soon(_unmount_on_signal, nursery.cancel_scope)
         if not ops.read_only:

@@ -258,7 +258,7 @@ class Copier:
 
     def _populate(self, pieces: list[tuple[int, memoryview]]) -> None:
         try:
-            self.chain.top.populate(pieces, zero_clusters=self.base is not None)
+            self.chain.populate(pieces, zero_clusters=self.base is not None)
         except OSError as err:
             top = self.chain.top.path
             raise StreamError(f"write error in {top} at offset {pieces[0][0]}: {err.strerror or err}") from None
@@ -607,7 +607,7 @@ class Streamer:
 
     def copy_on_read(self, offset: int, length: int) -> int:
         """Copy the clusters a guest read touches into the top image."""
-        if self.chain.top.backing is None or not self.chain.top.writable:
+        if not self.chain.backing_layers or not self.chain.top.writable:
             return 0
         cs = self.chain.top.cluster_size
         start = offset - offset % cs

@@ -68,6 +68,15 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def read_alone(layer, offset: int, length: int, direct: bool = False) -> bytearray:
+    """What one layer alone reads, as qemu-img reads an image without its backing file: its
+    read_into into a buffer of garbage, with the UNALLOCATED ranges it hands back as zeros."""
+    data = bytearray(b"\xa5" * length)
+    for start, run in layer.read_into(memoryview(data), offset, direct):
+        data[start - offset : start - offset + run] = bytes(run)
+    return data
+
+
 @dataclasses.dataclass
 class TestChain:
     """raw base <- QED middle <- QED top, every layer written by QEMU with random data."""

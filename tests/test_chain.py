@@ -238,10 +238,10 @@ def test_a_prefetch_asks_for_exactly_the_file_ranges_that_the_read_reads(chain, 
     clusters or past a backing file's end."""
     c = open_chain(str(chain.top))
     calls = record_file_io(monkeypatch)
-    c.top.prefetch(0, chain.size)
+    c._prefetch(0, chain.size, 0)
     advised = by_fd(call[1:] for call in calls)
     calls.clear()
-    c.top.read_into(memoryview(bytearray(chain.size)), 0)
+    c._read_into(memoryview(bytearray(chain.size)), 0, 0, False)
     read = by_fd(call[1:] for call in calls)
     c.close()
     assert len(read) == 3  # all three layers hold data somewhere

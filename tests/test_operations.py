@@ -21,7 +21,7 @@ def test_a_failing_backing_range_is_eio_for_that_range_only(chain, size):
     c = open_chain(str(chain.top), writable=False)
     fail_start = 4 << 20
     faulty = FaultyLayer(c.layers[2], fail_start, fail_start + 65536)
-    c.layers[2] = c.layers[1].backing = faulty
+    c.layers[2] = faulty
     ops = Operations(c, read_only=True)
     unallocated = next(e for e in c.top.extents(fail_start, 65536) if e.status.value == "unallocated")
 

@@ -19,7 +19,7 @@ from conftest import qemu_check, qemu_convert, qemu_img, qemu_io, run
 from fusestream import stream
 from fusestream.chain import open_chain
 from fusestream.control import Control, EventLog, parse_command, render_status
-from fusestream.formats.layer import BlockStatus
+from fusestream.formats.layer import BlockStatus, ShortRead, fill_zeros
 from fusestream.stream import (
     CANCELLED,
     COMPLETED,
@@ -64,7 +64,7 @@ def test_full_stream_merges_every_layer(tmp_path, chain):
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     c = open_chain(str(chain.top))
     names = run_with_streamer(c, stream_to_end)
-    assert c.top.backing is None and len(c.layers) == 1
+    assert c.top.backing_filename is None and len(c.layers) == 1
     assert c.read(0, chain.size) == expected
     c.close()
     assert names == ["STREAM_STARTED", "BACKING_CHANGED", "STREAM_COMPLETED"]
@@ -464,24 +464,18 @@ class FaultyLayer:
         self.failing = True
         self.path, self.format_name, self.size = layer.path, layer.format_name, layer.size
 
-    def read(self, offset, length):
-        time.sleep(self.delay)
-        if self.failing and offset < self.fail_end and offset + length > self.fail_start:
-            if self.short:
-                return self.layer.read(offset, length)[: length // 2]
-            raise OSError(self.err, "Input/output error")
-        return self.layer.read(offset, length)
-
     def read_into(self, view, offset, direct=False):
         time.sleep(self.delay)
         if self.failing and offset < self.fail_end and offset + len(view) > self.fail_start:
             if self.short:
-                return self.layer.read_into(view[: len(view) // 2], offset, direct)
+                self.layer.read_into(view[: len(view) // 2], offset, direct)
+                fill_zeros(view[len(view) // 2 :])
+                raise ShortRead(offset + len(view) // 2)
             raise OSError(self.err, "Input/output error")
         return self.layer.read_into(view, offset, direct)
 
     def prefetch(self, offset, length):  # a hint: a failing device says nothing here, as fadvise
-        self.layer.prefetch(offset, length)
+        return self.layer.prefetch(offset, length)
 
     def block_status(self, offset, length):
         return self.layer.block_status(offset, length)
@@ -494,7 +488,7 @@ def test_a_backing_read_error_fails_the_job_and_a_later_stream_completes(tmp_pat
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     c = open_chain(str(chain.top))
     faulty = FaultyLayer(c.layers[2], 0, chain.size)  # the raw base fails everywhere
-    c.layers[2] = c.layers[1].backing = faulty
+    c.layers[2] = faulty
     events = EventLog("top.raw")
 
     async def body(streamer, _):
@@ -522,7 +516,7 @@ def test_a_short_read_from_a_layer_fails_the_job_and_is_never_written_as_zeros(t
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     c = open_chain(str(chain.top))
     faulty = FaultyLayer(c.layers[2], 0, chain.size, short=True)
-    c.layers[2] = c.layers[1].backing = faulty
+    c.layers[2] = faulty
 
     async def body(streamer, events):
         job = await stream_to_end(streamer, events)
@@ -540,7 +534,7 @@ def test_a_slow_layer_streams_correctly_and_cancel_is_prompt(tmp_path, chain):
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     c = open_chain(str(chain.top))
     slow = FaultyLayer(c.layers[2], 0, 0, delay=0.02)
-    c.layers[2] = c.layers[1].backing = slow
+    c.layers[2] = slow
     events = EventLog("top.raw")
 
     async def main():
@@ -566,16 +560,16 @@ def test_a_slow_layer_streams_correctly_and_cancel_is_prompt(tmp_path, chain):
 def test_enospc_on_the_top_image_fails_the_job_without_corruption(tmp_path, chain, monkeypatch):
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     c = open_chain(str(chain.top))
-    real_append = c.top._append_clusters
+    real_append = c.top.alloc._append_clusters
     calls = {"n": 0}
 
-    def append_until_full(data):
+    def append_until_full(data, below):
         calls["n"] += 1
         if calls["n"] == 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_append(data)
+        return real_append(data, below)
 
-    monkeypatch.setattr(c.top, "_append_clusters", append_until_full)
+    monkeypatch.setattr(c.top.alloc, "_append_clusters", append_until_full)
 
     async def body(streamer, events):
         job = await stream_to_end(streamer, events)

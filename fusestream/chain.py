@@ -252,10 +252,13 @@ class Chain:
         return self._read_into(view, offset, 1, False)
 
     def _read_into(self, view: memoryview, offset: int, first: int, direct: bool) -> int:
-        """Fill `view` with the chain's data at `offset` from layers[first] down, as _down walks
-        them; returns how many bytes are right (len(view) unless a layer's read was short: zeros
-        from there). On every guest read's path, so a plain loop: a small read costs about a
-        microsecond more than its layers' own lookups and reads."""
+        """Fill `view` with the chain's data at `offset`, going down from layers[first] once:
+        each layer is asked about the ranges that every layer above it left UNALLOCATED. What no
+        layer holds reads as zeros, and so does what lies past the end of a layer that is
+        shorter than the image above it (as QEMU reads it). Returns how many bytes are right
+        (len(view) unless a layer's read was short: zeros from there). On every guest read's
+        path, so a plain loop: a small read costs under a microsecond more than its layers' own
+        lookups and reads."""
         right = size = len(view)
         pending = [(offset, size)]
         for layer in self.layers[first:]:
@@ -280,27 +283,13 @@ class Chain:
         return right
 
     def _prefetch(self, offset: int, length: int, first: int) -> None:
-        self._down(offset, length, first, lambda layer, start, run: layer.prefetch(start, run))
-
-    def _down(self, offset: int, length: int, first: int, ask: Callable[[Layer, int, int], Ranges]) -> Ranges:
-        """Go down the layers from layers[first] once: ask each layer (`ask(layer, offset,
-        length)`, which returns the ranges it leaves UNALLOCATED) about the ranges every layer
-        above it left. Returns the ranges that read as zeros: those no layer holds, and those
-        past the end of a layer that is shorter than the image above it (as QEMU reads it)."""
-        zeros: Ranges = []
+        """Layer.prefetch down the layers from layers[first], as _read_into reads them."""
         pending = [(offset, length)]
         for layer in self.layers[first:]:
-            left: Ranges = []
-            for start, run in pending:
-                inside = max(0, min(run, layer.size - start))
-                if inside < run:
-                    zeros.append((start + inside, run - inside))
-                if inside:
-                    left += ask(layer, start, inside)
-            pending = left
+            pending = [left for start, run in pending if start < layer.size
+                       for left in layer.prefetch(start, min(run, layer.size - start))]
             if not pending:
-                break
-        return zeros + pending
+                return
 
     def flush(self) -> None:
         self.top.flush()

@@ -89,7 +89,7 @@ PARALLEL_INFLATE_MIN = 2
 if sys.byteorder != "little":  # tables are big-endian on disk, byteswapped once when read
     raise ImportError("fusestream's qcow2 tables assume a little-endian host")
 
-# A piece of a lookup: FOUND (a normal cluster's data at a file offset), ZERO, UNALLOCATED, or
+# What one lookup finds: FOUND (a normal cluster's data at a file offset), ZERO, UNALLOCATED, or
 # COMPRESSED (FOUND for block status: a compressed cluster is data).
 COMPRESSED = "compressed"
 
@@ -394,7 +394,7 @@ class Qcow2Image:
             return l2_offset, table[2 * l2_index], table[2 * l2_index + 1]
         return l2_offset, table[l2_index], 0
 
-    def _pieces(self, offset: int, length: int) -> Iterator[tuple[object, int, int, int | Compressed | None]]:
+    def _lookups(self, offset: int, length: int) -> Iterator[tuple[object, int, int, int | Compressed | None]]:
         """(status or COMPRESSED, guest offset, length, where) of [offset, offset+length): a
         subcluster (or cluster) at a time, or an L2 table's whole span where the L1 entry is
         unallocated. `where`: the file offset of FOUND data, the Compressed cluster, else None."""
@@ -478,7 +478,7 @@ class Qcow2Image:
         """As `qemu-img map` reports this layer: compressed clusters are data."""
         status = None
         total = 0
-        for kind, _, run, _where in self._pieces(offset, length):
+        for kind, _, run, _where in self._lookups(offset, length):
             kind = BlockStatus.FOUND if kind == COMPRESSED else kind
             if status is not None and kind is not status:
                 break
@@ -491,10 +491,10 @@ class Qcow2Image:
     def read_into(self, view: memoryview, offset: int, direct: bool = False) -> Ranges:
         """Fill `view` where the image decides; returns the UNALLOCATED ranges. Compressed
         clusters come inflated from the cache, those not in it inflated in parallel first."""
-        pieces = list(self._merged_pieces(offset, len(view)))
-        clusters = self._inflate_all([where for kind, _, _, where in pieces if kind == COMPRESSED])
+        lookups = list(self._merged_lookups(offset, len(view)))
+        clusters = self._inflate_all([where for kind, _, _, where in lookups if kind == COMPRESSED])
         unallocated = []
-        for kind, pos, run, where in pieces:
+        for kind, pos, run, where in lookups:
             part = view[pos - offset : pos - offset + run]
             if kind is BlockStatus.FOUND:
                 self._read_data_into(part, where, direct)
@@ -507,11 +507,11 @@ class Qcow2Image:
                 unallocated.append((pos, run))
         return unallocated
 
-    def _merged_pieces(self, offset: int, length: int) -> Iterator[tuple[object, int, int, int | Compressed | None]]:
-        """_pieces with neighbours merged where one read serves them: data contiguous in the
-        file, zeros, unallocated runs (compressed clusters stay one piece each)."""
+    def _merged_lookups(self, offset: int, length: int) -> Iterator[tuple[object, int, int, int | Compressed | None]]:
+        """_lookups with neighbours merged where one read serves them: data contiguous in the
+        file, zeros, unallocated runs (compressed clusters stay one lookup each)."""
         current = None
-        for kind, pos, run, where in self._pieces(offset, length):
+        for kind, pos, run, where in self._lookups(offset, length):
             if current and current[0] is kind and kind != COMPRESSED and (
                     where is None or current[3] + current[2] == where):
                 current[2] += run
@@ -531,7 +531,7 @@ class Qcow2Image:
 
     def prefetch(self, offset: int, length: int) -> Ranges:
         unallocated = []
-        for kind, pos, run, where in self._merged_pieces(offset, length):
+        for kind, pos, run, where in self._merged_lookups(offset, length):
             if kind is BlockStatus.FOUND:
                 self.source.prefetch(where, run)
             elif kind == COMPRESSED:

@@ -1,9 +1,15 @@
-"""The backing chain: open an image and every layer below it, and read through them.
+"""The backing chain: open an image and every layer below it, hold them (top first, the one
+place that does), and read, write and stream through them.
 
-Backing names are resolved relative to the directory of the image that names them; formats are
-probed by magic unless the image says the backing file is raw (QED_F_BACKING_FORMAT_NO_PROBE) or,
-for qcow2, names its format (the backing format header extension).
-Every failure names the file that caused it.
+Opening a layer: open its source (sources.open_source), probe the format through it, hand the
+source to the format. Backing names are resolved relative to the directory of the image that
+names them; formats are probed by magic unless the image names the backing format
+(QED_F_BACKING_FORMAT_NO_PROBE: raw; qcow2's backing format header extension). Every failure
+names the file that caused it.
+
+A layer reads only what it holds and hands back what it leaves UNALLOCATED; the chain asks each
+layer, top down, once about the ranges the layers above left, and what no layer holds reads as
+zeros. The top image's writes get what lies below from the chain (`below`).
 """
 
 from __future__ import annotations
@@ -12,13 +18,14 @@ import contextlib
 import dataclasses
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .errors import BackingFileError, FusestreamError, describe_os_error
-from .formats import qcow2, qed
-from .formats.layer import BlockStatus, Layer, open_regular_file, prefetch_from, read_into_from
+from .formats import qcow2, qed, raw
+from .formats.layer import BlockStatus, Layer, Ranges, ReadBelow, ShortRead, fill_zeros
 from .formats.qed_structs import QED_MAGIC
-from .formats.raw import RawLayer
+from .sources import Source, open_source
+from .sources.local import LocalFile, file_identity
 
 MAX_CHAIN_DEPTH = 64
 # A guest read of at least this much (the kernel's readahead: 1 MiB requests) first prefetches
@@ -44,18 +51,30 @@ IMAGE_MAGICS = {
 QCOW_MAGIC = b"QFI\xfb"
 VDI_SIGNATURE = (64, b"\x7f\x10\xda\xbe")  # VDI keeps its magic after a 64-byte text banner
 PROBE_BYTES = 512
+# The formats a layer may have, by name: each takes the source it reads (and owns).
+FORMATS: dict[str, Callable[[Source], Layer]] = {
+    raw.FORMAT_NAME: raw.RawLayer,
+    qed.FORMAT_NAME: qed.QedImage,
+    qcow2.FORMAT_NAME: qcow2.Qcow2Image,
+}
 
 
 def probe_format(path: str, allow_device: bool = False) -> str:
-    """The format of a file by its magic: 'qed', another image format's name, or 'raw'."""
+    """The format of the image at `path` by its magic: 'qed', another image format's name, or
+    'raw'."""
+    source = open_source(path, lock=False, allow_device=allow_device)
     try:
-        fd = open_regular_file(path, os.O_RDONLY, allow_block_device=allow_device)
-        try:
-            head = os.pread(fd, PROBE_BYTES, 0)
-        finally:
-            os.close(fd)
+        return _probe(source)
+    finally:
+        source.close()
+
+
+def _probe(source: Source) -> str:
+    """probe_format, through an open source: its first PROBE_BYTES."""
+    try:
+        head = source.read(0, PROBE_BYTES)
     except OSError as err:
-        raise BackingFileError(describe_os_error(path, err)) from None
+        raise BackingFileError(describe_os_error(source.name, err)) from None
     if head.startswith(QED_MAGIC):
         return qed.FORMAT_NAME
     if head.startswith(QCOW_MAGIC):  # qcow and qcow2 share it; the version follows
@@ -74,17 +93,22 @@ def resolve_backing(image_path: str, backing_name: str) -> str:
 
 
 def open_layer(path: str, fmt: str | None = None, lock: bool = True, allow_device: bool = False) -> Layer:
-    """Open one read-only layer (without its own backing chain). With `lock`, it holds a shared
-    lock so that no fusestream mount writes it while it is in use; `allow_device` lets a block
-    device be a raw layer."""
-    fmt = fmt or probe_format(path, allow_device)
-    if fmt == "raw":
-        return RawLayer(path, lock=lock, allow_device=allow_device)
-    if fmt == qed.FORMAT_NAME:
-        return qed.QedImage(path, writable=False, lock=lock)
-    if fmt == qcow2.FORMAT_NAME:
-        return qcow2.Qcow2Image(path, lock=lock)
-    raise BackingFileError(f"{path}: unsupported image format '{fmt}' (raw, qed and qcow2 layers are supported)")
+    """Open one read-only layer (without its own backing chain) in format `fmt`, or the one its
+    magic says. With `lock`, it holds a shared lock so that no fusestream mount writes it while
+    it is in use; `allow_device` lets a block device be a raw layer."""
+    source = open_source(path, lock=lock, allow_device=allow_device)
+    try:
+        fmt = fmt or _probe(source)
+        if fmt not in FORMATS:
+            raise BackingFileError(f"{path}: unsupported image format '{fmt}' "
+                                   "(raw, qed and qcow2 layers are supported)")
+        if fmt != raw.FORMAT_NAME and isinstance(source, LocalFile) and source.block_device:
+            raise BackingFileError(f"{path}: is a block device holding a {fmt} image "
+                                   "(a block device may only be a raw layer)")
+    except BaseException:
+        source.close()
+        raise
+    return FORMATS[fmt](source)
 
 
 class LayersInUse:
@@ -148,11 +172,15 @@ class StatusWalk:
 
 @dataclasses.dataclass
 class Chain:
-    """The top image and the layers below it, top first."""
+    """The layers of a backing chain, top first: the QED top image and the layers below it.
+    Only the chain holds them; no layer knows the one below."""
 
-    top: qed.QedImage
     layers: list[Layer]
     in_use: LayersInUse = dataclasses.field(default_factory=LayersInUse)
+
+    @property
+    def top(self) -> qed.QedImage:
+        return self.layers[0]
 
     @property
     def size(self) -> int:
@@ -163,26 +191,30 @@ class Chain:
         return self.layers[1:]
 
     def read(self, offset: int, length: int) -> bytes | bytearray:
-        """Read the guest view of [offset, offset+length), clamped to the virtual size."""
+        """Read the guest view of [offset, offset+length), clamped to the virtual size. Returned
+        as it is, not as bytes: pyfuse3 replies from any buffer, and copying a megabyte once
+        more cost ~15% of warm sequential reads."""
         length = max(0, min(length, self.size - offset))
         if not length:
             return b""
+        data = bytearray(length)
         with self.in_use:
             if length >= PREFETCH_READ_MIN:
-                self.top.prefetch(offset, length)
-            return self.top.read(offset, length)
+                self._prefetch(offset, length, 0)
+            self._read_into(memoryview(data), offset, 0, False)  # a short read leaves zeros, as QEMU reads
+        return data
 
     def read_backing_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
         """Fill `view` with what the chain below the top image holds at `offset`; returns how
         many bytes are right (len(view) unless a layer's read was short). `direct`: see
         Layer.read_into."""
         with self.in_use:
-            return read_into_from(self.top.backing, view, offset, direct)
+            return self._read_into(view, offset, 1, direct)
 
     def prefetch_backing(self, offset: int, length: int) -> None:
         """Layer.prefetch of what the chain below the top image holds for the range."""
         with self.in_use:
-            prefetch_from(self.top.backing, offset, length)
+            self._prefetch(offset, length, 1)
 
     def write(self, offset: int, data: bytes, wait: bool = True) -> int:
         """Write guest data into the top image; returns how many bytes fit in the virtual size.
@@ -190,7 +222,7 @@ class Chain:
         length = max(0, min(len(data), self.size - offset))
         if length:
             with self.in_use:
-                self.top.write(offset, data[:length], wait)
+                self.top.write(offset, data[:length], wait, below=self._below())
         return length
 
     def discard(self, offset: int, length: int) -> None:
@@ -199,7 +231,60 @@ class Chain:
         length = max(0, min(length, self.size - offset))
         if length:
             with self.in_use:
-                self.top.discard(offset, length)
+                self.top.discard(offset, length, below=self._below())
+
+    def populate(self, copies: list[tuple[int, bytes | memoryview]], zero_clusters: bool) -> int:
+        """QedImage.populate of copies read with read_backing_into: the stream's and
+        copy-on-read's install."""
+        with self.in_use:
+            return self.top.populate(copies, zero_clusters, below=self._below())
+
+    def _below(self) -> ReadBelow | None:
+        """What the top image's writes read below it: the backing layers, or nothing."""
+        return self._read_below if len(self.layers) > 1 else None
+
+    def _read_below(self, view: memoryview, offset: int) -> int:
+        return self._read_into(view, offset, 1, False)
+
+    def _read_into(self, view: memoryview, offset: int, first: int, direct: bool) -> int:
+        """Fill `view` with the chain's data at `offset`, going down from layers[first] once:
+        each layer is asked about the ranges that every layer above it left UNALLOCATED. What no
+        layer holds reads as zeros, and so does what lies past the end of a layer that is
+        shorter than the image above it (as QEMU reads it). Returns how many bytes are right
+        (len(view) unless a layer's read was short: zeros from there). On every guest read's
+        path, so a plain loop: a small read costs under a microsecond more than its layers' own
+        lookups and reads."""
+        right = size = len(view)
+        pending = [(offset, size)]
+        for layer in self.layers[first:]:
+            left: Ranges = []
+            for start, length in pending:
+                if start + length > layer.size:  # past the end of a shorter layer: zeros
+                    inside = max(0, layer.size - start)
+                    fill_zeros(view[start - offset + inside : start - offset + length])
+                    if not inside:
+                        continue
+                    length = inside
+                part = view if length == size else view[start - offset : start - offset + length]
+                try:
+                    left += layer.read_into(part, start, direct)
+                except ShortRead as short:
+                    right = min(right, short.offset - offset)
+            if not left:
+                return right
+            pending = left
+        for start, length in pending:
+            fill_zeros(view[start - offset : start - offset + length])
+        return right
+
+    def _prefetch(self, offset: int, length: int, first: int) -> None:
+        """Layer.prefetch down the layers from layers[first], as _read_into reads them."""
+        pending = [(offset, length)]
+        for layer in self.layers[first:]:
+            pending = [left for start, run in pending if start < layer.size
+                       for left in layer.prefetch(start, min(run, layer.size - start))]
+            if not pending:
+                return
 
     def flush(self) -> None:
         self.top.flush()
@@ -209,13 +294,13 @@ class Chain:
         real = os.path.realpath(path)
         return next((layer for layer in self.layers[1:] if os.path.realpath(layer.path) == real), None)
 
-    def status_above(self, offset: int, length: int, stop: int,
+    def status_above(self, offset: int, length: int, base: int,
                      walk: StatusWalk | None = None) -> tuple[BlockStatus, int]:
-        """What layers[1:stop] (the layers a stream merges) say about the run at `offset`: the
-        first layer that is not UNALLOCATED decides; past a layer's end it reads ZERO. A caller
-        that walks forward passes its StatusWalk, so that each layer is asked once per run of
-        its own rather than once per call."""
-        for layer in self.layers[1:stop]:
+        """What layers[1:base] (the layers above the base, which a stream merges) say about the
+        run at `offset`: the first layer that is not UNALLOCATED decides; past a layer's end it
+        reads ZERO. A caller that walks forward passes its StatusWalk, so that each layer is
+        asked once per run of its own rather than once per call."""
+        for layer in self.layers[1:base]:
             if offset >= layer.size:
                 return BlockStatus.ZERO, length
             inside = min(length, layer.size - offset)
@@ -246,20 +331,20 @@ class Chain:
             pos += run
         return None if data else self.size
 
-    def rebase(self, stop: int) -> Layer | None:
-        """After a stream has copied layers[1:stop] into the top image: make layers[stop] (or
-        nothing) the top's backing file, on disk and in memory, and close the merged layers."""
-        base = self.layers[stop] if stop < len(self.layers) else None
+    def rebase(self, base: int) -> Layer | None:
+        """After a stream has copied layers[1:base] into the top image: make layers[base] (or
+        nothing, when base is len(layers)) the top's backing file, on disk, then in the chain
+        once no read is in flight, and close the merged layers. Returns the new backing layer."""
+        backing = self.layers[base] if base < len(self.layers) else None
         self.top.change_backing_file(
-            None if base is None else backing_name(self.top.path, base.path),
-            raw=base is not None and base.format_name == "raw",
+            None if backing is None else backing_name(self.top.path, backing.path),
+            raw=backing is not None and backing.format_name == raw.FORMAT_NAME,
         )
         with self.in_use.exclusive():
-            self.top.backing = base
-            retired, self.layers = self.layers[1:stop], [self.top, *self.layers[stop:]]
+            retired, self.layers = self.layers[1:base], [self.top, *self.layers[base:]]
         for layer in retired:
             layer.close()
-        return base
+        return backing
 
     def close(self) -> None:
         """Close every layer, the top last so that its clean-close header update happens after
@@ -301,24 +386,23 @@ class Confinement:
 def open_chain(path: str, writable: bool = True, lock: bool = True, confinement: Confinement = Confinement()) -> Chain:
     """Open a QED image and its whole backing chain; on any error nothing stays open."""
     path = os.path.abspath(path)
-    top = qed.QedImage(path, writable=writable, lock=lock)
-    layers: list[Layer] = [top]
+    layers: list[Layer] = [qed.open_image(path, writable=writable, lock=lock)]
     try:
         _open_backing(layers, confinement, lock)
     except BaseException:
         for layer in layers:
             layer.close()
         raise
-    return Chain(top, layers)
+    return Chain(layers)
 
 
 def _open_backing(layers: list[Layer], confinement: Confinement, lock: bool) -> None:
     """Follow backing names down from layers[-1], appending each opened layer."""
-    seen = {_file_identity(layers[0].path)}
+    seen = {layers[0].source.identity()}
     current = layers[0]
-    while isinstance(current, qed.QedImage | qcow2.Qcow2Image) and current.backing_filename is not None:
+    while current.backing_filename is not None:
         backing_path = resolve_backing(current.path, current.backing_filename)
-        identity = _file_identity(backing_path)
+        identity = file_identity(backing_path)  # before opening: a loop must not meet our own lock
         if identity is not None and identity in seen:
             raise BackingFileError(f"{current.path}: backing file loop: {backing_path} is already in the chain")
         if len(layers) > confinement.max_depth:
@@ -326,22 +410,10 @@ def _open_backing(layers: list[Layer], confinement: Confinement, lock: bool) -> 
         confinement.check(current.path, backing_path)
         if not os.path.exists(backing_path):
             raise BackingFileError(f"{current.path}: backing file {backing_path} does not exist")
-        fmt = "raw" if current.backing_format_is_raw else getattr(current, "backing_format", None)
         try:
-            layer = open_layer(backing_path, fmt, lock, confinement.allow_devices)
+            layer = open_layer(backing_path, current.backing_format, lock, confinement.allow_devices)
         except FusestreamError as err:  # say which image names the file at fault
             raise BackingFileError(f"{current.path}: backing file {err}") from None
-        seen.add(identity)
+        seen.add(layer.source.identity())
         layers.append(layer)
-        current.backing = layer
         current = layer
-
-
-def _file_identity(path: str) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the file at `path`, links followed: one file under any name, hard
-    links included; None where there is no file to open (the checks after say why)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino

@@ -243,7 +243,7 @@ class Copier:
 
     def _populate(self, pieces: Pieces) -> None:
         try:
-            self.chain.top.populate(pieces, zero_clusters=self.base is not None)
+            self.chain.populate(pieces, zero_clusters=self.base is not None)
         except OSError as err:
             top = self.chain.top.path
             raise StreamError(f"write error in {top} at offset {pieces[0][0]}: {err.strerror or err}") from None

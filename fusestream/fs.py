@@ -27,7 +27,7 @@ from .chain import Chain
 from .control import MAX_ECHOED_BYTES, Control
 from .errors import CommandError, CorruptionError, FusestreamError, ReadOnlyImageError
 from .faults import WriteErrors
-from .formats.layer import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+from .sources.local import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from .stream import CopyOnRead, GuestActivity
 
 log = logging.getLogger(__name__)

@@ -272,7 +272,7 @@ async def serve(mounted: MountedImage, opts: MountOptions) -> None:
     async with trio.open_nursery() as nursery:
         for service in mounted.services:
             await nursery.start(service.run)
-        if not opts.nostream and not mounted.ops.read_only and mounted.ops.chain.top.backing is not None:
+        if not opts.nostream and not mounted.ops.read_only and mounted.ops.chain.backing_layers:
             mounted.streamer.start()
         nursery.start_soon(_unmount_on_signal)
         await pyfuse3.main()

@@ -436,7 +436,7 @@ class CopyOnRead:
 
     def copy(self, offset: int, length: int) -> int:
         """Copy the clusters a guest read touches into the top image; returns the bytes read."""
-        if self.chain.top.backing is None or not self.chain.top.writable:
+        if not self.chain.backing_layers or not self.chain.top.writable:
             return 0
         cs = self.chain.top.cluster_size
         start = offset - offset % cs

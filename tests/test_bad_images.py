@@ -160,9 +160,9 @@ def test_unknown_mount_option_is_an_error(tmp_path):
 def test_unknown_autoclear_bits_are_cleared_on_a_read_write_open_only(tmp_path):
     image = make_image(tmp_path)
     patch_header(image, autoclear_features=0x8)
-    qed.QedImage(str(image), writable=False).close()
+    qed.open_image(str(image), writable=False).close()
     assert QED_HEADER.parse(image.read_bytes()[:QED_HEADER_SIZE]).autoclear_features == 0x8
-    qed.QedImage(str(image), writable=True).close()
+    qed.open_image(str(image), writable=True).close()
     assert QED_HEADER.parse(image.read_bytes()[:QED_HEADER_SIZE]).autoclear_features == 0
 
 

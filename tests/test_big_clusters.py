@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conftest import FUSESTREAM, qemu_check, qemu_convert, run
+from conftest import FUSESTREAM, qemu_check, qemu_convert, read_alone, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +30,7 @@ from fusestream.copy import Copier
 from fusestream.faults import WriteErrors
 from fusestream.formats import qed
 from fusestream.formats.qed_check import check_file
+from fusestream.formats.qed_structs import table_nelems
 from fusestream.stream import COMPLETED, COPY_ON_READ_COPIERS, FAILED, CopyOnRead, Streamer
 
 MiB = 1 << 20
@@ -67,7 +68,7 @@ def read_qed_file(path: Path, first_cluster: int = 0) -> bytes:
 
 
 def qemu_opens(cluster_size: int, table_size: int) -> bool:
-    return qed.table_nelems(cluster_size, table_size) ** 2 * cluster_size < 1 << 64
+    return table_nelems(cluster_size, table_size) ** 2 * cluster_size < 1 << 64
 
 
 def raw_base(path: Path, size: int, writes: list[tuple[int, int]], seed: int = 1) -> bytes:
@@ -124,7 +125,7 @@ def assert_image_reads(top: Path, expected: bytes, tmp: Path) -> None:
     QEMU can open it, by qemu-img check and convert."""
     assert read_qed_file(top) == expected
     assert check_file(str(top)).exit_status == 0
-    image = qed.QedImage(str(top), lock=False)
+    image = qed.open_image(str(top), lock=False)
     cs, ts = image.cluster_size, image.header.table_size
     image.close()
     if qemu_opens(cs, ts):
@@ -151,10 +152,10 @@ def test_copy_on_read_copies_the_whole_16m_cluster(tmp_path, open_chains):
     assert copy_on_read.read(16 * MiB + 4096, 4096) == expected[16 * MiB + 4096 : 16 * MiB + 8192]
     assert c.read(0, len(expected)) == expected
     c.close()
-    alone = qed.QedImage(str(top), lock=False)  # no backing layer attached: reads only what it holds
+    alone = qed.open_image(str(top), lock=False)  # without the chain: reads only what it holds
     try:
         assert alone.extents(0, len(expected))[0].status.name == "UNALLOCATED"
-        assert alone.read(16 * MiB, 16 * MiB) == expected[16 * MiB :]
+        assert read_alone(alone, 16 * MiB, 16 * MiB) == expected[16 * MiB :]
     finally:
         alone.close()
 
@@ -201,12 +202,12 @@ def test_populate_refuses_part_of_a_cluster(tmp_path):
     base = tmp_path / "base.raw"
     raw_base(base, 2 * 65536, [(0, 2 * 65536)])
     top = top_over(tmp_path, base, 2 * 65536 + 4096, 65536)
-    image = qed.QedImage(str(top), writable=True)
+    image = qed.open_image(str(top), writable=True)
     try:
         for offset, length in ((0, 4096), (4096, 65536), (0, 65536 + 4096)):
             with pytest.raises(ValueError, match="whole clusters"):
-                image.populate([(offset, bytes(b"x" * length))], zero_clusters=False)
-        assert image.populate([(2 * 65536, b"y" * 4096)], zero_clusters=False) == 65536  # the image's end
+                image.populate([(offset, bytes(b"x" * length))], zero_clusters=False, below=None)
+        assert image.populate([(2 * 65536, b"y" * 4096)], zero_clusters=False, below=None) == 65536  # the image's end
         assert [e.status.name for e in image.extents(0, 2 * 65536 + 4096)] == ["UNALLOCATED", "FOUND"]
     finally:
         image.close()
@@ -295,7 +296,7 @@ def test_info_on_a_64m_table_size_16_image_reads_a_few_bytes(tmp_path, monkeypat
     image_path = tmp_path / "big.qed"
     run(FUSESTREAM, "create", "--cluster-size", "64M", "--table-size", "16", "-s", "10G", str(image_path))
     counter = ReadCounter(monkeypatch)
-    layer = qed.QedImage(str(image_path), lock=False)
+    layer = qed.open_image(str(image_path), lock=False)
     try:
         assert describe_layer(layer)["cluster-size"] == 64 * MiB
     finally:
@@ -314,7 +315,7 @@ def test_guest_io_on_a_64m_table_size_16_image_reads_and_writes_what_it_addresse
     c = open_chains(image_path)
     c.write(size - 64 * MiB + 512, b"z" * 4096)  # the last cluster: allocates the first L2 table
     c.flush()
-    c.top._l2_cache.clear()  # the next lookup reads the table from disk
+    c.top.tables._l2_cache.clear()  # the next lookup reads the table from disk
     assert c.read(size - 64 * MiB, 8192) == bytes(512) + b"z" * 4096 + bytes(8192 - 4608)
     c.close()
     entries = size // (64 * MiB)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import socket
 import subprocess
+import types
 
 import pytest
 from conftest import qemu_convert, qemu_img, qemu_io
@@ -222,10 +224,10 @@ def test_a_prefetch_asks_for_exactly_the_file_ranges_that_the_read_reads(chain, 
     clusters or past a backing file's end."""
     c = open_chains(chain.top)
     calls = record_file_io(monkeypatch)
-    c.top.prefetch(0, chain.size)
+    c._prefetch(0, chain.size, 0)
     advised = by_fd(call[1:] for call in calls)
     calls.clear()
-    c.top.read_into(memoryview(bytearray(chain.size)), 0)
+    c._read_into(memoryview(bytearray(chain.size)), 0, 0, False)
     read = by_fd(call[1:] for call in calls)
     c.close()
     assert len(read) == 3  # all three layers hold data somewhere
@@ -277,3 +279,90 @@ def test_a_kernel_that_refuses_read_ahead_advice_costs_one_warning_per_file_and_
     assert len(refused) == len(set(refused)) == 3  # one try per file of the chain
     warnings = [r.getMessage() for r in caplog.records if "read-ahead advice" in r.getMessage()]
     assert len(warnings) == 3 and all("Operation not permitted" in w for w in warnings)
+
+
+# -- one chain, stored once -------------------------------------------------------------------------
+
+
+class RecordedLayer:
+    """Wraps a layer; records the (offset, length) of every read_into and prefetch it is asked,
+    and the ranges it hands back, by kind."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.path, self.format_name, self.size, self.source = layer.path, layer.format_name, layer.size, layer.source
+        self.asked: dict[str, list[tuple[int, int]]] = {"read": [], "prefetch": []}
+        self.left: dict[str, list[tuple[int, int]]] = {"read": [], "prefetch": []}
+
+    def read_into(self, view, offset, direct=False):
+        self.asked["read"].append((offset, len(view)))
+        left = self.layer.read_into(view, offset, direct)
+        self.left["read"] += left
+        return left
+
+    def prefetch(self, offset, length):
+        self.asked["prefetch"].append((offset, length))
+        left = self.layer.prefetch(offset, length)
+        self.left["prefetch"] += left
+        return left
+
+    def block_status(self, offset, length):
+        return self.layer.block_status(offset, length)
+
+    def close(self):
+        self.layer.close()
+
+
+def test_a_read_asks_each_layer_once_about_what_the_layers_above_left(tmp_path, chain):
+    """Down the layers once: the top about the whole range, each layer below exactly about the
+    ranges the one above handed back (inside its size), none twice, and nothing comes back up."""
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    c = open_chain(str(chain.top))
+    recorded = [RecordedLayer(layer) for layer in c.layers]
+    c.layers[:] = recorded
+    try:
+        assert chain.size >= PREFETCH_READ_MIN
+        assert c.read(0, chain.size) == expected  # prefetches, then reads
+        for kind in ("prefetch", "read"):
+            assert recorded[0].asked[kind] == [(0, chain.size)]
+            for above, below in zip(recorded, recorded[1:], strict=False):
+                inside = [(start, min(length, below.size - start)) for start, length in above.left[kind]
+                          if start < below.size]
+                assert below.asked[kind] == inside, kind
+                assert len(set(below.asked[kind])) == len(below.asked[kind])
+            assert all(layer.left[kind] for layer in recorded[:-1])  # every layer had ranges to hand down
+    finally:
+        c.close()
+
+
+def reachable(root) -> list[object]:
+    """Every object `root` refers to, directly or not, short of classes, modules and functions."""
+    seen, todo, found = {id(root)}, [root], []
+    while todo:
+        for referent in gc.get_referents(todo.pop()):
+            if isinstance(referent, type | types.ModuleType | types.FunctionType | types.BuiltinFunctionType):
+                continue
+            if id(referent) not in seen:
+                seen.add(id(referent))
+                todo.append(referent)
+                found.append(referent)
+    return found
+
+
+def test_a_layer_holds_no_reference_to_the_layers_below_it_nor_to_the_chain(tmp_path, chain):
+    c = open_chain(str(chain.top))
+    try:
+        c.write(12345, b"guest data")  # an allocating write: filled from below
+        c.discard(3 * chain.cluster_size, 2 * chain.cluster_size)
+        copier = Copier(c, c.layers[2])
+        copier.copy_range(0, chain.size)  # a stream's populates, of the mid layer
+        c.flush()
+        for layer in c.layers:
+            held = {id(o) for o in reachable(layer)}
+            assert id(c) not in held and not any(id(other) in held for other in c.layers if other is not layer)
+        expected = c.read(0, chain.size)
+        c.rebase(copier.base_index)  # one list to change: the mid layer merged, the base below the top
+        assert [layer.path for layer in c.layers] == [str(chain.top), str(chain.base)]
+        assert c.read(0, chain.size) == expected
+    finally:
+        c.close()

@@ -11,7 +11,7 @@ import pytest
 from conftest import build_chain, qemu_check, qemu_convert
 
 from fusestream.copy import Copier
-from fusestream.formats.layer import direct_io_allowed
+from fusestream.sources.local import direct_io_allowed
 
 
 @pytest.fixture
@@ -52,9 +52,9 @@ def test_a_filesystem_without_o_direct_gives_no_twin_and_the_stream_still_works(
     c = build_chain(tmp_path, size=1 << 20, cluster_size=4096)
     expected = qemu_convert(c.top, tmp_path / "expected.raw")
     chain = open_chains(c.top)
-    assert chain.top.direct.fd == -1
+    assert chain.top.source.direct.fd == -1
     Copier(chain, base=None).copy_range(0, chain.size)
-    assert spy_pwritev and set(spy_pwritev) == {chain.top.fd}
+    assert spy_pwritev and set(spy_pwritev) == {chain.top.source.fd}
     assert chain.read(0, chain.size) == expected
 
 
@@ -66,7 +66,7 @@ def test_a_stream_writes_its_clusters_with_o_direct_and_reads_as_qemu_does(
     c = build_chain(tmp_path, size=40 * cluster_size + 1536, cluster_size=cluster_size)
     expected = qemu_convert(c.top, tmp_path / "expected.raw")
     chain = open_chains(c.top)
-    direct_fd = chain.top.direct.fd
+    direct_fd = chain.top.source.direct.fd
     Copier(chain, base=None).copy_range(0, -(-chain.size // cluster_size) * cluster_size)
     chain.rebase(len(chain.layers))
     assert direct_fd in spy_pwritev, "no bulk write bypassed the page cache"
@@ -80,6 +80,6 @@ def test_a_stream_writes_its_clusters_with_o_direct_and_reads_as_qemu_does(
 def test_guest_writes_stay_in_the_page_cache(tmp_path, spy_pwritev, open_chains):
     c = build_chain(tmp_path, size=1 << 20, cluster_size=4096)
     chain = open_chains(c.top)
-    direct_fd = chain.top.direct.fd
+    direct_fd = chain.top.source.direct.fd
     chain.write(8192, os.urandom(3 * 4096))
     assert direct_fd not in spy_pwritev

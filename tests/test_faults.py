@@ -22,7 +22,8 @@ from conftest import FUSESTREAM, ctl, qemu_check, qemu_convert, qemu_img, run
 
 from fusestream.copy import Copier
 from fusestream.errors import FusestreamError
-from fusestream.formats import qed
+from fusestream.formats import qed, qed_sync
+from fusestream.sources import local
 
 CLUSTER = 65536
 
@@ -136,10 +137,10 @@ class LosingDisk:
     after a failed writeback (the pages are dropped, and the next fdatasync reports success)."""
 
     def __init__(self, monkeypatch, image):
-        self.fd = image.fd
+        self.fd = image.source.fd
         self.undo: list[tuple[int, bytes]] = []
         self.fail_next = False
-        real_pwrite, real_fdatasync = qed._pwrite_all, os.fdatasync
+        real_pwrite, real_fdatasync = local._pwrite_all, os.fdatasync
 
         def pwrite(fd, data, offset):
             if fd == self.fd:
@@ -159,7 +160,7 @@ class LosingDisk:
             if fd == self.fd:
                 self.undo = []
 
-        monkeypatch.setattr(qed, "_pwrite_all", pwrite)
+        monkeypatch.setattr(local, "_pwrite_all", pwrite)
         monkeypatch.setattr(os, "fdatasync", fdatasync)
 
 
@@ -200,7 +201,7 @@ def test_clusters_written_before_a_failed_flush_are_written_again_before_their_e
 
 def test_a_failed_flush_after_more_writes_than_are_kept_fails_every_later_flush(tmp_path, monkeypatch, open_chains):
     top, _ = backed_image(tmp_path)
-    monkeypatch.setattr(qed, "UNSYNCED_DATA_MAX", 4 * CLUSTER)
+    monkeypatch.setattr(qed_sync, "UNSYNCED_DATA_MAX", 4 * CLUSTER)
     chain = open_chains(top)
     disk = LosingDisk(monkeypatch, chain.top)
     chain.write(0, b"x" * CLUSTER)
@@ -520,7 +521,7 @@ def test_a_failed_flush_after_more_writes_than_are_kept_is_reported_until_the_un
     try:
         os.pwrite(guest.fd, chunk, 0)
         assert guest.fsync() == 0
-        for _ in range(qed.UNSYNCED_DATA_MAX // len(chunk) + 2):  # more than the daemon keeps
+        for _ in range(qed_sync.UNSYNCED_DATA_MAX // len(chunk) + 2):  # more than the daemon keeps
             os.pwrite(guest.fd, chunk, 0)
         device.fail("sync")
         assert guest.fsync() == errno.EIO

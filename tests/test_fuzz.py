@@ -173,10 +173,10 @@ def test_writes_never_touch_metadata_of_a_hostile_image(seed, tmp_path):
     (tmp_path / "base.raw").write_bytes(bytes(4096))
     path = tmp_path / "top.qed"
     path.write_bytes(bytes(content))
-    image = qed.QedImage(str(path), writable=True)
+    image = qed.open_image(str(path), writable=True)
     try:
         with pytest.raises(CorruptionError):
-            image.write(100, b"overwrite the L1 table?")
+            image.write(100, b"overwrite the L1 table?", below=None)
     finally:
         image.close()
     assert path.read_bytes() == bytes(content)

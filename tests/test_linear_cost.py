@@ -1,6 +1,6 @@
 """The cost of a stream, of guest reads and of copy-on-read is linear in the chain (issue 12).
 
-Counted, not timed: the L2 entry lookups (QedImage._cluster_entry), the layers' block-status
+Counted, not timed: the L2 entry lookups (QedTables.cluster_entry), the layers' block-status
 calls and the raw layers' lseek calls stay under a small constant times the clusters plus the
 extents of every layer, on chains of the shapes real images have. The extents are counted by
 QEMU (`qemu-img map` of each layer alone), the clusters from the layers' sizes.
@@ -21,7 +21,8 @@ from conftest import qemu_convert, qemu_img, qemu_io, sample_stream
 from fusestream.chain import open_chain
 from fusestream.control import EventLog
 from fusestream.faults import WriteErrors
-from fusestream.formats import qed, raw
+from fusestream.formats import qed, qed_table, raw
+from fusestream.sources import local
 from fusestream.stream import CopyOnRead, Streamer
 
 CLUSTER = 65536
@@ -113,7 +114,7 @@ class Counts:
 
     def __init__(self, monkeypatch):
         self.calls: collections.Counter[str] = collections.Counter()
-        for cls, name in ((qed.QedImage, "_cluster_entry"), (qed.QedImage, "block_status"),
+        for cls, name in ((qed_table.QedTables, "cluster_entry"), (qed.QedImage, "block_status"),
                           (raw.RawLayer, "block_status")):
             self._wrap(monkeypatch, cls, name)
         lseek = os.lseek
@@ -122,7 +123,7 @@ class Counts:
             self.calls["lseek"] += 1
             return lseek(fd, position, how)
 
-        monkeypatch.setattr(raw.os, "lseek", counted_lseek)
+        monkeypatch.setattr(local.os, "lseek", counted_lseek)
 
     def _wrap(self, monkeypatch, cls, name) -> None:
         method = getattr(cls, name)

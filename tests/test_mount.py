@@ -245,8 +245,8 @@ def test_a_crashed_mount_point_is_named_as_such(chain, mount, tmp_path):
 
 def test_table_updates_reach_the_disk_within_seconds_without_fsync(chain, mount):
     """Allocations write their L2 entries in batches: at fsync, and every second anyway."""
-    image = qed.QedImage(str(chain.top), lock=False)
-    cluster = next(c for c in range(chain.size // chain.cluster_size) if image._cluster_entry(c) == 0)
+    image = qed.open_image(str(chain.top), lock=False)
+    cluster = next(c for c in range(chain.size // chain.cluster_size) if image.tables.cluster_entry(c) == 0)
     image.close()
     m = mount(chain.top, "nostream")
     with open(m.raw, "r+b", buffering=0) as f:
@@ -254,8 +254,8 @@ def test_table_updates_reach_the_disk_within_seconds_without_fsync(chain, mount)
         f.write(b"written, never fsynced")
     deadline = time.monotonic() + 10
     while True:
-        on_disk = qed.QedImage(str(chain.top), lock=False)
-        entry = on_disk._cluster_entry(cluster)
+        on_disk = qed.open_image(str(chain.top), lock=False)
+        entry = on_disk.tables.cluster_entry(cluster)
         on_disk.close()
         if entry > 1:
             break

@@ -15,9 +15,9 @@ from conftest import FaultyLayer
 
 from fusestream.chain import open_chain
 from fusestream.errors import CorruptionError, ReadOnlyImageError
-from fusestream.formats.layer import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from fusestream.fs import INLINE_READ_MAX, INLINE_WRITE_MAX, RAW_INODE
 from fusestream.mount import MountOptions, build_mount
+from fusestream.sources.local import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 
 
 @pytest.mark.parametrize("size", [4096, INLINE_READ_MAX * 4], ids=["inline", "threaded"])
@@ -25,7 +25,7 @@ def test_a_failing_backing_range_is_eio_for_that_range_only(chain, size):
     c = open_chain(str(chain.top), writable=False)
     fail_start = 4 << 20
     faulty = FaultyLayer(c.layers[2], fail_start, fail_start + 65536)
-    c.layers[2] = c.layers[1].backing = faulty
+    c.layers[2] = faulty
     ops = build_mount(c, MountOptions(ro=True)).ops
     unallocated = next(e for e in c.top.extents(fail_start, 65536) if e.status.value == "unallocated")
 
@@ -108,7 +108,7 @@ def test_an_error_of_the_top_image_reaches_the_guest_as_its_errno(chain, monkeyp
     c = open_chain(str(chain.top))
     ops = build_mount(c, MountOptions()).ops
 
-    def failing_write(offset, data, wait=True):
+    def failing_write(offset, data, wait=True, below=None):
         raise error
 
     monkeypatch.setattr(c.top, "write", failing_write)

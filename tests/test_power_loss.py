@@ -20,6 +20,7 @@ from conftest import build_chain, qemu_check
 from fusestream.chain import open_chain
 from fusestream.copy import Copier
 from fusestream.formats import qed, qed_check
+from fusestream.sources import local
 
 
 @dataclass
@@ -34,8 +35,8 @@ class Recording:
 def recorder(monkeypatch):
     """Record the top image's writes, flushes and truncates (and still perform them)."""
     recording = Recording(fds=set())
-    real_pwrite, real_fdatasync, real_ftruncate = qed._pwrite_all, os.fdatasync, os.ftruncate
-    real_punch = qed.punch_hole
+    real_pwrite, real_fdatasync, real_ftruncate = local._pwrite_all, os.fdatasync, os.ftruncate
+    real_punch = local.punch_hole
 
     def pwrite(fd, data, offset):
         if fd in recording.fds:
@@ -58,8 +59,8 @@ def recorder(monkeypatch):
             recording.ops.append(("write", offset, bytes(length)))
         real_punch(fd, offset, length)
 
-    monkeypatch.setattr(qed, "_pwrite_all", pwrite)
-    monkeypatch.setattr(qed, "punch_hole", punch_hole)
+    monkeypatch.setattr(local, "_pwrite_all", pwrite)
+    monkeypatch.setattr(local, "punch_hole", punch_hole)
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     monkeypatch.setattr(os, "ftruncate", ftruncate)
     return recording
@@ -68,7 +69,7 @@ def recorder(monkeypatch):
 def run_workload(top, recording: Recording, rng: random.Random, stream: bool) -> None:
     """Interleave stream steps, guest writes and discards; every few writes the guest fsyncs."""
     chain = open_chain(str(top))
-    recording.fds = {chain.top.fd, chain.top.direct.fd}
+    recording.fds = {chain.top.source.fd, chain.top.source.direct.fd}
     copier = Copier(chain, base=None)
     offset = 0
     try:
@@ -170,7 +171,7 @@ def verify_crash_image(path, original: bytes, issued: list[tuple[int, bytes]], a
             touched[offset : offset + len(data)] = b"\x01" * len(data)
         untouched = [i for i in range(0, len(original), 64) if not touched[i]]
         assert all(content[i] == original[i] for i in untouched), f"{name}: data the guest never wrote changed"
-        if chain.top.backing is not None:
+        if chain.backing_layers:
             Copier(chain, base=None).copy_range(0, chain.size)
             chain.rebase(len(chain.layers))
         assert chain.read(0, chain.size) == content, f"{name}: finishing the stream changed the data"

@@ -6,6 +6,7 @@ import errno
 
 import trio
 import trio.testing
+from conftest import read_alone
 
 from fusestream.chain import open_chain
 from fusestream.control import EventLog
@@ -46,17 +47,17 @@ def test_need_check_is_cleared_once_allocating_writes_pause(tmp_path):
     allocation meanwhile starts the wait again."""
     image = tmp_path / "solo.qed"
     qed.create(str(image), 16 << 20)
-    top = qed.QedImage(str(image), writable=True)
+    top = qed.open_image(str(image), writable=True)
     seen: dict[str, bool] = {}
 
     async def body(nursery, write_errors):
         timer = NeedCheckTimer(top, write_errors, run_sync=inline)
         await nursery.start(timer.run)
         start = trio.current_time()
-        top.write(0, b"first" * 1000)
+        top.write(0, b"first" * 1000, below=None)
         assert need_check_on_disk(image)
         await trio.sleep_until(start + NEED_CHECK_IDLE - 0.5)
-        top.write(1 << 20, b"again" * 1000)  # a new allocation: the wait starts again
+        top.write(1 << 20, b"again" * 1000, below=None)  # a new allocation: the wait starts again
         second = trio.current_time()
         await trio.sleep_until(start + NEED_CHECK_IDLE + NEED_CHECK_POLL + 0.5)
         seen["after the first write's wait"] = need_check_on_disk(image)
@@ -70,7 +71,7 @@ def test_need_check_is_cleared_once_allocating_writes_pause(tmp_path):
         run_on_mock_clock(body)
         assert seen == {"after the first write's wait": True, "just before the second write's wait ends": True,
                         "after the second write's wait": False}
-        assert top.read(1 << 20, 5000) == b"again" * 1000
+        assert read_alone(top, 1 << 20, 5000) == b"again" * 1000
     finally:
         top.close()
 

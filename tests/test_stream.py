@@ -47,7 +47,7 @@ def test_full_stream_merges_every_layer(tmp_path, chain, open_chains):
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     c = open_chains(chain.top)
     names = run_with_streamer(c, stream_to_end)
-    assert c.top.backing is None and len(c.layers) == 1
+    assert c.top.backing_filename is None and len(c.layers) == 1
     assert c.read(0, chain.size) == expected
     c.close()
     assert names == ["STREAM_STARTED", "BACKING_CHANGED", "STREAM_COMPLETED"]
@@ -449,7 +449,7 @@ def test_a_backing_read_error_fails_the_job_and_a_later_stream_completes(tmp_pat
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     c = open_chains(chain.top)
     faulty = FaultyLayer(c.layers[2], 0, chain.size)  # the raw base fails everywhere
-    c.layers[2] = c.layers[1].backing = faulty
+    c.layers[2] = faulty
     events = EventLog("top.raw")
 
     async def body(streamer, _):
@@ -480,7 +480,7 @@ def test_a_short_read_from_a_layer_fails_the_job_and_is_never_written_as_zeros(t
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     c = open_chains(chain.top)
     faulty = FaultyLayer(c.layers[2], 0, chain.size, short=True)
-    c.layers[2] = c.layers[1].backing = faulty
+    c.layers[2] = faulty
 
     async def body(streamer, events):
         job = await stream_to_end(streamer, events)
@@ -497,7 +497,7 @@ def test_a_slow_layer_streams_correctly_and_cancel_is_prompt(tmp_path, chain, op
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     c = open_chains(chain.top)
     slow = FaultyLayer(c.layers[2], 0, 0, delay=0.02)
-    c.layers[2] = c.layers[1].backing = slow
+    c.layers[2] = slow
     events = EventLog("top.raw")
 
     async def main():
@@ -524,16 +524,16 @@ def test_a_slow_layer_streams_correctly_and_cancel_is_prompt(tmp_path, chain, op
 def test_enospc_on_the_top_image_fails_the_job_without_corruption(tmp_path, chain, monkeypatch, open_chains):
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     c = open_chains(chain.top)
-    real_append = c.top._append_clusters
+    real_append = c.top.alloc._append_clusters
     calls = {"n": 0}
 
-    def append_until_full(data):
+    def append_until_full(data, below):
         calls["n"] += 1
         if calls["n"] == 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_append(data)
+        return real_append(data, below)
 
-    monkeypatch.setattr(c.top, "_append_clusters", append_until_full)
+    monkeypatch.setattr(c.top.alloc, "_append_clusters", append_until_full)
 
     async def body(streamer, events):
         job = await stream_to_end(streamer, events)

@@ -1,4 +1,5 @@
-"""qcow2 images as read-only backing layers: open and validate, look up clusters, read through.
+"""qcow2 images as read-only backing layers: open and validate, look up clusters, read what
+they hold.
 
 Only what reading needs: the active L1 table and its L2 tables (internal snapshots, bitmaps and
 refcounts are never read, so the dirty bit and lazy refcounts do no harm). What cannot be read
@@ -28,19 +29,8 @@ import zstandard
 from construct import ConstructError
 
 from ..errors import CorruptionError, InvalidImageError, UnsupportedImageError, describe_os_error
-from .image_lock import lock_image
-from .layer import (
-    BlockStatus,
-    DirectTwin,
-    Layer,
-    ReadAdvice,
-    fill_zeros,
-    open_regular_file,
-    pread_into,
-    prefetch_from,
-    read_from,
-    read_into_from,
-)
+from ..sources import Source, open_source
+from .layer import BlockStatus, Ranges, fill_zeros
 from .qcow2_structs import (
     COMPRESSION_TYPE_NAMES,
     CRYPT_METHOD_NAMES,
@@ -99,7 +89,7 @@ PARALLEL_INFLATE_MIN = 2
 if sys.byteorder != "little":  # tables are big-endian on disk, byteswapped once when read
     raise ImportError("fusestream's qcow2 tables assume a little-endian host")
 
-# A piece of a lookup: FOUND (a normal cluster's data at a file offset), ZERO, UNALLOCATED, or
+# What one lookup finds: FOUND (a normal cluster's data at a file offset), ZERO, UNALLOCATED, or
 # COMPRESSED (FOUND for block status: a compressed cluster is data).
 COMPRESSED = "compressed"
 
@@ -121,36 +111,28 @@ def _refuse(path: str, feature: str) -> UnsupportedImageError:
 
 
 class Qcow2Image:
-    """One qcow2 file, read-only. ``backing`` is set by the chain once it has opened the
-    backing layer named by ``backing_filename`` (in ``backing_format``, or probed if None)."""
+    """One qcow2 image, read-only, read through its source (which it owns, and closes on a
+    failed open too). It names its backing file (``backing_filename``, in ``backing_format``,
+    or probed if None); the chain opens that one."""
 
     format_name = FORMAT_NAME
 
     def __init__(
         self,
-        path: str,
-        lock: bool = True,
+        source: Source,
         l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
         cluster_cache_bytes: int = DEFAULT_CLUSTER_CACHE_BYTES,
     ):
-        self.path = path
-        self.backing: Layer | None = None
+        self.source = source
+        self.path = source.name
         try:
-            self.fd = open_regular_file(path, os.O_RDONLY)
-        except OSError as err:
-            raise InvalidImageError(describe_os_error(path, err)) from None
-        try:
-            if lock:
-                lock_image(self.fd, path, writable=False)
             self._load()
         except OSError as err:
-            os.close(self.fd)
-            raise InvalidImageError(describe_os_error(path, err)) from None
+            source.close()
+            raise InvalidImageError(describe_os_error(self.path, err)) from None
         except BaseException:
-            os.close(self.fd)
+            source.close()
             raise
-        self.direct = DirectTwin(self.fd, writable=False)
-        self.advice = ReadAdvice(self.fd, path)
         self._table_lock = threading.Lock()
         self._l2_cache: collections.OrderedDict[int, array.array] = collections.OrderedDict()
         self._l2_cache_max = max(1, l2_cache_bytes // self.cluster_size)
@@ -162,8 +144,8 @@ class Qcow2Image:
     # -- opening -------------------------------------------------------------------------------
 
     def _load(self) -> None:
-        self.file_size = os.fstat(self.fd).st_size
-        head = os.pread(self.fd, QCOW2_V3_HEADER_LENGTH + 8, 0)
+        self.file_size = self.source.size
+        head = self.source.read(0, QCOW2_V3_HEADER_LENGTH + 8)
         if not head.startswith(QCOW_MAGIC):
             raise _fail(self.path, "empty file" if not head else "not a qcow2 image")
         if len(head) < QCOW2_V2_HEADER_LENGTH:
@@ -180,7 +162,7 @@ class Qcow2Image:
         self.cluster_bits = h.cluster_bits
         self.cluster_size = 1 << h.cluster_bits
         self._load_v3_fields(head)
-        header_cluster = os.pread(self.fd, self.cluster_size, 0)
+        header_cluster = self.source.read(0, self.cluster_size)
         self._check_crypt_and_features()
         self.backing_format, data_file = self._read_extensions(header_cluster)
         if data_file is not None:
@@ -323,7 +305,7 @@ class Qcow2Image:
 
     def _read_l1(self) -> array.array:
         l1 = array.array("Q")
-        l1.frombytes(os.pread(self.fd, self.header.l1_size * 8, self.header.l1_table_offset))
+        l1.frombytes(self.source.read(self.header.l1_table_offset, self.header.l1_size * 8))
         l1.byteswap()
         for index, entry in enumerate(l1):
             l1[index] = entry & L1E_OFFSET_MASK
@@ -390,7 +372,7 @@ class Qcow2Image:
             self._l2_cache.move_to_end(offset)
             return table
         table = array.array("Q")
-        table.frombytes(os.pread(self.fd, self.cluster_size, offset))
+        table.frombytes(self.source.read(offset, self.cluster_size))
         if len(table) * 8 < self.cluster_size:
             raise CorruptionError(f"{self.path}: L2 table at {offset}: unexpected end of file")
         table.byteswap()
@@ -412,7 +394,7 @@ class Qcow2Image:
             return l2_offset, table[2 * l2_index], table[2 * l2_index + 1]
         return l2_offset, table[l2_index], 0
 
-    def _pieces(self, offset: int, length: int) -> Iterator[tuple[object, int, int, int | Compressed | None]]:
+    def _lookups(self, offset: int, length: int) -> Iterator[tuple[object, int, int, int | Compressed | None]]:
         """(status or COMPRESSED, guest offset, length, where) of [offset, offset+length): a
         subcluster (or cluster) at a time, or an L2 table's whole span where the L1 entry is
         unallocated. `where`: the file offset of FOUND data, the Compressed cluster, else None."""
@@ -496,7 +478,7 @@ class Qcow2Image:
         """As `qemu-img map` reports this layer: compressed clusters are data."""
         status = None
         total = 0
-        for kind, _, run, _where in self._pieces(offset, length):
+        for kind, _, run, _where in self._lookups(offset, length):
             kind = BlockStatus.FOUND if kind == COMPRESSED else kind
             if status is not None and kind is not status:
                 break
@@ -506,30 +488,13 @@ class Qcow2Image:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def read(self, offset: int, length: int) -> bytes | bytearray:
-        kind, _, run, where = next(self._pieces(offset, length), (None, 0, 0, None))
-        if run == length:  # the common small read: one lookup, no list of pieces
-            if kind is BlockStatus.FOUND:
-                inside = max(0, min(length, self.file_size - where))
-                data = os.pread(self.fd, inside, where)
-                return data if len(data) == length else data + bytes(length - len(data))
-            if kind == COMPRESSED:
-                within = offset % self.cluster_size
-                return self._inflate_all([where])[where.coffset][within : within + length]
-            if kind is BlockStatus.ZERO:
-                return bytes(length)
-            return read_from(self.backing, offset, length)
-        buf = bytearray(length)
-        self.read_into(memoryview(buf), offset)  # a short backing read leaves zeros, as read_from pads
-        return buf
-
-    def read_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
-        """Fill `view` with the guest data at `offset`; returns len(view) unless a backing
-        layer's read was short. Compressed clusters come inflated from the cache, those not in
-        it inflated in parallel first."""
-        pieces = list(self._merged_pieces(offset, len(view)))
-        clusters = self._inflate_all([where for kind, _, _, where in pieces if kind == COMPRESSED])
-        for kind, pos, run, where in pieces:
+    def read_into(self, view: memoryview, offset: int, direct: bool = False) -> Ranges:
+        """Fill `view` where the image decides; returns the UNALLOCATED ranges. Compressed
+        clusters come inflated from the cache, those not in it inflated in parallel first."""
+        lookups = list(self._merged_lookups(offset, len(view)))
+        clusters = self._inflate_all([where for kind, _, _, where in lookups if kind == COMPRESSED])
+        unallocated = []
+        for kind, pos, run, where in lookups:
             part = view[pos - offset : pos - offset + run]
             if kind is BlockStatus.FOUND:
                 self._read_data_into(part, where, direct)
@@ -539,16 +504,14 @@ class Qcow2Image:
             elif kind is BlockStatus.ZERO:
                 fill_zeros(part)
             else:
-                filled = read_into_from(self.backing, part, pos, direct)
-                if filled < len(part):
-                    return pos - offset + filled
-        return len(view)
+                unallocated.append((pos, run))
+        return unallocated
 
-    def _merged_pieces(self, offset: int, length: int) -> Iterator[tuple[object, int, int, int | Compressed | None]]:
-        """_pieces with neighbours merged where one read serves them: data contiguous in the
-        file, zeros, unallocated runs (compressed clusters stay one piece each)."""
+    def _merged_lookups(self, offset: int, length: int) -> Iterator[tuple[object, int, int, int | Compressed | None]]:
+        """_lookups with neighbours merged where one read serves them: data contiguous in the
+        file, zeros, unallocated runs (compressed clusters stay one lookup each)."""
         current = None
-        for kind, pos, run, where in self._pieces(offset, length):
+        for kind, pos, run, where in self._lookups(offset, length):
             if current and current[0] is kind and kind != COMPRESSED and (
                     where is None or current[3] + current[2] == where):
                 current[2] += run
@@ -563,17 +526,19 @@ class Qcow2Image:
         """Read a normal cluster's data; what lies past the end of the file (as it was at open)
         reads as zeros, and is never asked for."""
         inside = max(0, min(len(view), self.file_size - file_offset))
-        filled = pread_into(self.fd, view[:inside], file_offset, self.direct.fd if direct else -1)
+        filled = self.source.read_into(view[:inside], file_offset, direct)
         fill_zeros(view[filled:])
 
-    def prefetch(self, offset: int, length: int) -> None:
-        for kind, pos, run, where in self._merged_pieces(offset, length):
+    def prefetch(self, offset: int, length: int) -> Ranges:
+        unallocated = []
+        for kind, pos, run, where in self._merged_lookups(offset, length):
             if kind is BlockStatus.FOUND:
-                self.advice.willneed(where, run)
+                self.source.prefetch(where, run)
             elif kind == COMPRESSED:
-                self.advice.willneed(where.coffset, where.csize)
+                self.source.prefetch(where.coffset, where.csize)
             elif kind is BlockStatus.UNALLOCATED:
-                prefetch_from(self.backing, pos, run)
+                unallocated.append((pos, run))
+        return unallocated
 
     # -- compressed clusters -------------------------------------------------------------------
 
@@ -607,7 +572,7 @@ class Qcow2Image:
 
     def _inflate(self, compressed: Compressed) -> bytes:
         """One compressed cluster, inflated to exactly one cluster or refused (EIO)."""
-        raw = os.pread(self.fd, compressed.csize, compressed.coffset)
+        raw = self.source.read(compressed.coffset, compressed.csize)
         try:
             if self.header.compression_type == QCOW2_COMPRESSION_TYPE_ZSTD:
                 data = _zstd_decompress(raw, self.cluster_size)
@@ -622,11 +587,12 @@ class Qcow2Image:
         return data
 
     def close(self) -> None:
-        if self.fd < 0:
-            return
-        self.direct.close()
-        os.close(self.fd)
-        self.fd = -1
+        self.source.close()
+
+
+def open_image(path: str, lock: bool = True, **options: int) -> Qcow2Image:
+    """Open the qcow2 image at `path` (a local path or a URL; see sources.open_source)."""
+    return Qcow2Image(open_source(path, lock=lock), **options)
 
 
 def _zstd_decompress(raw: bytes, limit: int) -> bytes:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .qed import QedImage
+from .qed import QedImage, open_image
 from .qed_structs import QED_F_NEED_CHECK, QED_UNALLOCATED, QED_ZERO_CLUSTER
 
 # qemu-img check's exit status, which `fusestream check` keeps
@@ -53,10 +53,11 @@ class _Checker:
     def __init__(self, image: QedImage, repair: bool):
         self.image = image
         self.repair = repair and image.writable
+        self.tables, self.geometry = image.tables, image.geometry
         self.result = CheckResult(total_clusters=-(-image.size // image.cluster_size))
-        self.owner = bytearray(image.file_size // image.cluster_size)  # FREE, METADATA or DATA
-        self._claim(0, image.first_cluster, METADATA)
-        self._claim(image.header.l1_table_offset, image.table_bytes, METADATA)
+        self.owner = bytearray(image.space.file_size // image.cluster_size)  # FREE, METADATA or DATA
+        self._claim(0, self.geometry.first_cluster, METADATA)
+        self._claim(self.geometry.l1_table_offset, self.geometry.table_bytes, METADATA)
 
     def _claim(self, offset: int, length: int, owner: int) -> int:
         """Mark clusters as referenced; returns FREE if they were free (and are now claimed), else
@@ -70,7 +71,7 @@ class _Checker:
         return taken
 
     def run(self) -> CheckResult:
-        tables = [(i, offset) for i, offset in enumerate(self.image.l1) if offset != QED_UNALLOCATED]
+        tables = [(i, offset) for i, offset in enumerate(self.tables.l1) if offset != QED_UNALLOCATED]
         valid = [(i, offset) for i, offset in tables if self._check_table_offset(i, offset)]
         for _, l2_offset in valid:  # all metadata is claimed before any data
             self._check_l2_entries(l2_offset)
@@ -80,13 +81,13 @@ class _Checker:
         return self.result
 
     def _check_table_offset(self, l1_index: int, l2_offset: int) -> bool:
-        problem = self.image.table_offset_problem(l2_offset)
+        problem = self.tables.table_offset_problem(l2_offset)
         if problem:
             self.result.corrupt(f"L1 entry {l1_index}: L2 table offset {l2_offset} {problem}", fixed=self.repair)
             if self.repair:
-                self.image.write_l1_entry(l1_index, QED_UNALLOCATED)
+                self.tables.repair_l1_entry(l1_index, QED_UNALLOCATED)
             return False
-        if self._claim(l2_offset, self.image.table_bytes, METADATA) != FREE:
+        if self._claim(l2_offset, self.geometry.table_bytes, METADATA) != FREE:
             self.result.corrupt(f"L1 entry {l1_index}: L2 table at {l2_offset} overlaps other metadata", fixed=False)
             return False
         return True
@@ -95,11 +96,11 @@ class _Checker:
         image = self.image
         cs = image.cluster_size
         cleared = {}
-        for index, entry in enumerate(image.read_table(l2_offset, image.l2_entries)):
+        for index, entry in enumerate(self.tables.read_table(l2_offset, self.geometry.l2_entries)):
             if entry in (QED_UNALLOCATED, QED_ZERO_CLUSTER):
                 continue
             where = f"L2 table at {l2_offset}, entry {index}: data cluster offset {entry}"
-            if entry % cs or entry + cs > image.file_size:
+            if entry % cs or entry + cs > image.space.file_size:
                 self.result.corrupt(f"{where} is misaligned or outside the file", fixed=self.repair)
                 cleared[index] = QED_UNALLOCATED
                 continue
@@ -110,20 +111,20 @@ class _Checker:
             elif taken == DATA:  # which reference is right cannot be known: give this one a copy
                 self.result.corrupt(f"{where} is referenced more than once", fixed=self.repair)
                 if self.repair:
-                    cleared[index] = image.copy_cluster(entry)
+                    cleared[index] = image.alloc.copy_cluster(entry)
                     self.owner.extend(bytes(cleared[index] // cs + 1 - len(self.owner)))
                     self._claim(cleared[index], cs, DATA)
                     self.result.allocated_clusters += 1
             else:
                 self.result.allocated_clusters += 1
         if cleared and self.repair:
-            image.write_l2_entries(l2_offset, cleared)
+            self.tables.repair_l2_entries(l2_offset, cleared)
 
     def _count_leaks(self) -> None:
         cs = self.image.cluster_size
         end = len(self.owner.rstrip(bytes([FREE])))  # the header is always in use
         if self.repair and end < len(self.owner):  # leaks at the end of the file: cut them off
-            self.image.truncate_file(end * cs)
+            self.image.alloc.truncate_file(end * cs)
             self.result.leaks_fixed = len(self.owner) - end
             del self.owner[end:]
         self.result.leaks = self.owner.count(FREE)
@@ -141,7 +142,7 @@ def check(image: QedImage, repair: bool = False) -> CheckResult:
 
 def check_file(path: str, repair: bool = False) -> CheckResult:
     """Open an image (exclusively when repairing) and check it."""
-    image = QedImage(path, writable=repair, check_tables=False)
+    image = open_image(path, writable=repair, check_tables=False)
     try:
         return check(image, repair)
     finally:
@@ -151,7 +152,7 @@ def check_file(path: str, repair: bool = False) -> CheckResult:
 def repair_if_needed(path: str) -> CheckResult | None:
     """What QEMU does when it opens an image read-write: if QED_F_NEED_CHECK says it was not
     closed cleanly, check and repair it first. None when no check was needed."""
-    image = QedImage(path, writable=False, lock=False, check_tables=False)
+    image = open_image(path, lock=False, check_tables=False)
     try:
         if not image.header.features & QED_F_NEED_CHECK:
             return None

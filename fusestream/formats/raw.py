@@ -1,67 +1,42 @@
-"""Raw backing layers: the file is the disk. Holes report ZERO so that sparseness survives."""
+"""Raw backing layers: the source is the disk. Holes report ZERO so that sparseness survives."""
 
 from __future__ import annotations
 
-import os
-
-from ..errors import BackingFileError, describe_os_error
-from .image_lock import lock_image
-from .layer import BlockStatus, DirectTwin, ReadAdvice, open_regular_file, pread_into
+from ..sources import Source
+from .layer import BlockStatus, Ranges, ShortRead, fill_zeros
 
 FORMAT_NAME = "raw"
 
 
 class RawLayer:
-    """A read-only raw file used as a backing layer."""
+    """A read-only raw source used as a backing layer: it holds every byte of its size, so it
+    leaves nothing UNALLOCATED and names no backing file."""
 
     format_name = FORMAT_NAME
+    backing_filename = None
+    backing_format = None
 
-    def __init__(self, path: str, lock: bool = True, allow_device: bool = False):
-        self.path = path
-        try:
-            self.fd = open_regular_file(path, os.O_RDONLY, allow_block_device=allow_device)
-        except OSError as err:
-            raise BackingFileError(describe_os_error(path, err)) from None
-        try:
-            if lock:
-                lock_image(self.fd, path, writable=False)
-            self.size = os.lseek(self.fd, 0, os.SEEK_END)  # st_size is 0 for a block device
-        except OSError as err:  # a "regular file" that cannot be locked or sized, such as /proc/self/mem
-            os.close(self.fd)
-            raise BackingFileError(f"{path}: cannot lock it or tell its size: {err.strerror or err}") from None
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.direct = DirectTwin(self.fd, writable=False)
-        self.advice = ReadAdvice(self.fd, path)
+    def __init__(self, source: Source):
+        self.source = source
+        self.path = source.name
+        self.size = source.size
 
-    def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        if len(data) < length:  # the file may be shorter than its size said: zeros, as QEMU reads
-            data += bytes(length - len(data))
-        return data
+    def read_into(self, view: memoryview, offset: int, direct: bool = False) -> Ranges:
+        filled = self.source.read_into(view, offset, direct)
+        if filled < len(view):  # shorter than it was at open: zeros, as QEMU reads
+            fill_zeros(view[filled:])
+            raise ShortRead(offset + filled)
+        return []
 
-    def read_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
-        # Fewer bytes than asked: the file is shorter than it was, for the caller to judge.
-        return pread_into(self.fd, view, offset, self.direct.fd if direct else -1)
-
-    def prefetch(self, offset: int, length: int) -> None:
-        self.advice.willneed(offset, length)
+    def prefetch(self, offset: int, length: int) -> Ranges:
+        self.source.prefetch(offset, length)
+        return []
 
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
-        """FOUND for data, ZERO for a hole (SEEK_DATA/SEEK_HOLE, as QEMU's file driver does)."""
-        end = min(offset + length, self.size)
-        try:
-            data_start = os.lseek(self.fd, offset, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole from here to the end of the file
-            return BlockStatus.ZERO, length
-        if data_start > offset:
-            return BlockStatus.ZERO, min(data_start, end) - offset
-        hole_start = os.lseek(self.fd, offset, os.SEEK_HOLE)
-        return BlockStatus.FOUND, min(hole_start, end) - offset
+        """FOUND for data, ZERO for a hole (the source's data_status: SEEK_DATA/SEEK_HOLE for a
+        local file, as QEMU's file driver does)."""
+        is_data, run = self.source.data_status(offset, length)
+        return BlockStatus.FOUND if is_data else BlockStatus.ZERO, run
 
     def close(self) -> None:
-        self.direct.close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.source.close()

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from typing import Protocol
+from urllib.parse import urlsplit
+
+from ..errors import BackingFileError
+from .local import LocalFile
 
 
 class Source(Protocol):
@@ -49,3 +53,14 @@ class Source(Protocol):
         credentials."""
 
     def close(self) -> None: ...
+
+
+def open_source(location: str, *, writable: bool = False, lock: bool = True, allow_device: bool = False,
+                http: object = None) -> Source:
+    """The source at `location`: an http:// or https:// URL (with the `http` options), else a
+    local path (sources.local.LocalFile: `writable`, `lock` and `allow_device` apply to it)."""
+    url = urlsplit(location)
+    if url.scheme in ("http", "https"):
+        where = url._replace(netloc=url.netloc.rpartition("@")[2]).geturl()  # never the credentials
+        raise BackingFileError(f"{where}: remote sources are not built yet")
+    return LocalFile(location, writable=writable, lock=lock, allow_device=allow_device)

@@ -11,7 +11,7 @@ from collections.abc import Hashable
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from ..errors import BackingFileError
+from .http import HttpOptions, HttpSource
 from .local import LocalFile
 
 
@@ -56,11 +56,14 @@ class Source(Protocol):
 
 
 def open_source(location: str, *, writable: bool = False, lock: bool = True, allow_device: bool = False,
-                http: object = None) -> Source:
-    """The source at `location`: an http:// or https:// URL (with the `http` options), else a
-    local path (sources.local.LocalFile: `writable`, `lock` and `allow_device` apply to it)."""
-    url = urlsplit(location)
-    if url.scheme in ("http", "https"):
-        where = url._replace(netloc=url.netloc.rpartition("@")[2]).geturl()  # never the credentials
-        raise BackingFileError(f"{where}: remote sources are not built yet")
+                http: HttpOptions | None = None) -> Source:
+    """The source at `location`: an http:// or https:// URL (read-only, with the `http` options),
+    else a local path (sources.local.LocalFile: `writable`, `lock` and `allow_device` apply)."""
+    if is_url(location):
+        return HttpSource(location, http or HttpOptions())
     return LocalFile(location, writable=writable, lock=lock, allow_device=allow_device)
+
+
+def is_url(location: str) -> bool:
+    """Whether a location (a backing name) names a remote source rather than a path."""
+    return urlsplit(location).scheme in ("http", "https")

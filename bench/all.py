@@ -27,6 +27,8 @@ BENCHES = [
      "shapes_bench.py", []),
     ("Sparse copy: cp --sparse=always of the raw file of a half-empty chain", "sparse_copy_bench.py", []),
     ("qcow2: a zlib-compressed qcow2 base (every data cluster compressed)", "qcow2_bench.py", ["--compressible"]),
+    ("Remote base: a raw base on nginx (loopback) streamed and read, against curl and QEMU's curl driver",
+     "remote_bench.py", []),
 ]
 
 

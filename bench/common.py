@@ -7,6 +7,7 @@
   session so that Ctrl-C reaches only the benchmark, which then stops them in order.
 * ``check_same_bytes`` refuses to benchmark a mount that reads wrong data.
 * ``run_fio_cold`` takes one cold-cache measurement with fio.
+* ``nginx_serving`` serves a directory on loopback with Debian's nginx (a remote base).
 
 Every daemon is stopped with SIGTERM, on which both fusestream and qemu-storage-daemon unmount
 cleanly; only a mount left behind after that gets ``fusermount3 -u``, then ``-uz``. (qemu-storage-
@@ -230,6 +231,14 @@ def _wait_for_mount(proc: subprocess.Popen, mountpoint: Path, log_path: Path) ->
 
 def _stop(proc: subprocess.Popen, mountpoint: Path) -> None:
     """SIGTERM (a clean unmount for both daemons), then SIGKILL; then unmount whatever is left."""
+    terminate(proc)
+    for flags in ("-u", "-uz"):
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", flags, str(mountpoint)], check=False)
+
+
+def terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after STOP_TIMEOUT."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -237,14 +246,83 @@ def _stop(proc: subprocess.Popen, mountpoint: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    for flags in ("-u", "-uz"):
-        if is_mounted(mountpoint):
-            subprocess.run(["fusermount3", flags, str(mountpoint)], check=False)
 
 
 def _tail(log_path: Path, lines: int = 5) -> str:
     text = log_path.read_text(errors="replace").strip().splitlines()
     return " | ".join(text[-lines:]) or "(no output)"
+
+
+# -- a web server on loopback (remote_bench) -------------------------------------------------------
+
+
+LOOPBACK = "127.0.0.1"
+NGINX_CONFIG = """\
+user root;
+worker_processes 1;
+pid {state}/nginx.pid;
+error_log {state}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {state}/body;
+    proxy_temp_path {state}/proxy;
+    fastcgi_temp_path {state}/fastcgi;
+    uwsgi_temp_path {state}/uwsgi;
+    scgi_temp_path {state}/scgi;
+    sendfile on;
+    keepalive_requests 1000000;
+    server {{ listen {address}; root {root}; {limit} }}
+}}
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class WebServer:
+    """A web server serving one directory on a loopback port."""
+
+    port: int
+    limit_rate: int | None  # bytes/s per connection, nginx's limit_rate; None: unlimited
+
+    def url(self, name: str) -> str:
+        return f"http://{LOOPBACK}:{self.port}/{name}"
+
+
+@contextlib.contextmanager
+def nginx_serving(root: Path, state_dir: Path, limit_rate: int | None = None) -> Iterator[WebServer]:
+    """Debian's nginx (one worker, sendfile, keep-alive) serving `root` on a free loopback port,
+    in its own session; stopped whatever happens. Workers run
+    as root, like the benchmarks, so they read bench/.cache whatever its permissions."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        port = probe.getsockname()[1]
+    config = state_dir / "nginx.conf"
+    limit = f"limit_rate {limit_rate};" if limit_rate else ""
+    config.write_text(NGINX_CONFIG.format(state=state_dir, address=f"{LOOPBACK}:{port}", root=root, limit=limit))
+    argv = ["nginx", "-p", str(state_dir), "-e", str(state_dir / "error.log"), "-c", str(config), "-g", "daemon off;"]
+    log_path = state_dir / "nginx.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    try:
+        _wait_listening(proc, port, log_path)
+        yield WebServer(port, limit_rate)
+    finally:
+        terminate(proc)  # nginx's fast shutdown
+
+
+def _wait_listening(proc: subprocess.Popen, port: int, log_path: Path) -> None:
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nginx exited with {proc.returncode}: {_tail(log_path)}")
+        try:
+            socket.create_connection((LOOPBACK, port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nginx: nothing listens on port {port} after {MOUNT_TIMEOUT:.0f} s") from None
+            time.sleep(0.02)
 
 
 # -- checking and measuring ------------------------------------------------------------------------

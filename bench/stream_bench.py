@@ -66,6 +66,7 @@ from common import (
     Chain,
     LoggedFio,
     MiB,
+    Qmp,
     Settings,
     StreamedImage,
     check_streamed,
@@ -174,12 +175,7 @@ class StreamBench:
     def block_stream(self, export: bool) -> Run:
         with qsd_qmp(self.fresh_copy(), self.qmp_socket, self.export_file if export else None) as qmp:
             self.cold_start()
-            started = time.monotonic()
-            qmp.command("block-stream", **QMP_STREAM)
-            event = qmp.wait_event("BLOCK_JOB_COMPLETED", STREAM_TIMEOUT)
-            seconds = time.monotonic() - started
-            if event["data"].get("error"):
-                raise RuntimeError(f"block-stream failed: {event['data']['error']}")
+            seconds = timed_block_stream(qmp)
         return self.checked(QSD_EXPORT if export else QSD, seconds)
 
     def rebase(self) -> Run:
@@ -223,6 +219,18 @@ def fusestream_cli(command: str, mountdir: Path, *options: str) -> None:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"fusestream {command} exited with {proc.returncode}: {proc.stderr.strip()}")
+
+
+def timed_block_stream(qmp: Qmp) -> float:
+    """Seconds from sending block-stream to its BLOCK_JOB_COMPLETED event; a job that ends in
+    an error raises RuntimeError."""
+    started = time.monotonic()
+    qmp.command("block-stream", **QMP_STREAM)
+    event = qmp.wait_event("BLOCK_JOB_COMPLETED", STREAM_TIMEOUT)
+    seconds = time.monotonic() - started
+    if event["data"].get("error"):
+        raise RuntimeError(f"block-stream failed: {event['data']['error']}")
+    return seconds
 
 
 def job_window(mountdir: Path) -> tuple[float, float]:

@@ -2,10 +2,11 @@
 place that does), and read, write and stream through them.
 
 Opening a layer: open its source (sources.open_source), probe the format through it, hand the
-source to the format. Backing names are resolved relative to the directory of the image that
-names them; formats are probed by magic unless the image names the backing format
+source to the format. Backing names are resolved as QEMU resolves them: an http:// or https://
+URL as it is (QEMU's curl driver), a relative name against the directory, or the URL, of the
+image that names it; formats are probed by magic unless the image names the backing format
 (QED_F_BACKING_FORMAT_NO_PROBE: raw; qcow2's backing format header extension). Every failure
-names the file that caused it.
+names the image and the file or URL (without credentials) that caused it.
 
 A layer reads only what it holds and hands back what it leaves UNALLOCATED; the chain asks each
 layer, top down, once about the ranges the layers above left, and what no layer holds reads as
@@ -18,14 +19,16 @@ import contextlib
 import dataclasses
 import os
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 
 from .errors import BackingFileError, FusestreamError, describe_os_error
 from .formats import qcow2, qed, raw
 from .formats.layer import BlockStatus, Layer, Ranges, ReadBelow, ShortRead, fill_zeros
 from .formats.qed_structs import QED_MAGIC
-from .sources import Source, open_source
-from .sources.local import LocalFile, file_identity
+from .sources import HttpOptions, Source, display_name, is_url, location_identity, open_source
+from .sources.http import url_origin
+from .sources.local import LocalFile
 
 MAX_CHAIN_DEPTH = 64
 # A guest read of at least this much (the kernel's readahead: 1 MiB requests) first prefetches
@@ -59,10 +62,10 @@ FORMATS: dict[str, Callable[[Source], Layer]] = {
 }
 
 
-def probe_format(path: str, allow_device: bool = False) -> str:
-    """The format of the image at `path` by its magic: 'qed', another image format's name, or
-    'raw'."""
-    source = open_source(path, lock=False, allow_device=allow_device)
+def probe_format(path: str, allow_device: bool = False, http: HttpOptions | None = None) -> str:
+    """The format of the image at `path` (or URL) by its magic: 'qed', another image format's
+    name, or 'raw'."""
+    source = open_source(path, lock=False, allow_device=allow_device, http=http)
     try:
         return _probe(source)
     finally:
@@ -86,21 +89,26 @@ def _probe(source: Source) -> str:
 
 
 def resolve_backing(image_path: str, backing_name: str) -> str:
-    """A backing name as QEMU reads it: absolute, or relative to the image's directory."""
-    if os.path.isabs(backing_name):
+    """A backing name as QEMU reads it: a URL or an absolute path as it is, else relative to the
+    image's directory, or to the image's URL for a remote image."""
+    if is_url(backing_name) or os.path.isabs(backing_name):
         return backing_name
+    if is_url(image_path):
+        return urllib.parse.urljoin(image_path, backing_name)
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), backing_name)
 
 
-def open_layer(path: str, fmt: str | None = None, lock: bool = True, allow_device: bool = False) -> Layer:
+def open_layer(path: str, fmt: str | None = None, lock: bool = True, allow_device: bool = False,
+               http: HttpOptions | None = None) -> Layer:
     """Open one read-only layer (without its own backing chain) in format `fmt`, or the one its
-    magic says. With `lock`, it holds a shared lock so that no fusestream mount writes it while
-    it is in use; `allow_device` lets a block device be a raw layer."""
-    source = open_source(path, lock=lock, allow_device=allow_device)
+    magic says, from a path or an http(s) URL (read with the `http` options). With `lock`, a
+    local one holds a shared lock so that no fusestream mount writes it while it is in use;
+    `allow_device` lets a block device be a raw layer."""
+    source = open_source(path, lock=lock, allow_device=allow_device, http=http)
     try:
         fmt = fmt or _probe(source)
         if fmt not in FORMATS:
-            raise BackingFileError(f"{path}: unsupported image format '{fmt}' "
+            raise BackingFileError(f"{source.name}: unsupported image format '{fmt}' "
                                    "(raw, qed and qcow2 layers are supported)")
         if fmt != raw.FORMAT_NAME and isinstance(source, LocalFile) and source.block_device:
             raise BackingFileError(f"{path}: is a block device holding a {fmt} image "
@@ -177,6 +185,12 @@ class Chain:
 
     layers: list[Layer]
     in_use: LayersInUse = dataclasses.field(default_factory=LayersInUse)
+    # Where each layer was opened from, as resolved (a URL with its credentials, if it had
+    # any): what a rebase stores. A layer missing here was opened from its `path`.
+    locations: dict[Layer, str] = dataclasses.field(default_factory=dict)
+    # Whether a backing layer's reads may wait on a network (Source.remote): then no guest I/O
+    # may run on the event loop (fs.py). Set at open, and again when a stream retires layers.
+    remote: bool = False
 
     @property
     def top(self) -> qed.QedImage:
@@ -290,9 +304,17 @@ class Chain:
         self.top.flush()
 
     def find_layer(self, path: str) -> Layer | None:
-        """The backing layer at `path` (compared after resolving links), if it is in the chain."""
+        """The backing layer at `path` (compared after resolving links) or URL (compared as
+        url_identity), if it is in the chain."""
+        if is_url(path):
+            identity = location_identity(path)
+            return next((layer for layer in self.layers[1:] if layer.source.identity() == identity), None)
         real = os.path.realpath(path)
         return next((layer for layer in self.layers[1:] if os.path.realpath(layer.path) == real), None)
+
+    def location(self, layer: Layer) -> str:
+        """Where `layer` was opened from (see `locations`)."""
+        return self.locations.get(layer, layer.path)
 
     def status_above(self, offset: int, length: int, base: int,
                      walk: StatusWalk | None = None) -> tuple[BlockStatus, int]:
@@ -337,12 +359,14 @@ class Chain:
         once no read is in flight, and close the merged layers. Returns the new backing layer."""
         backing = self.layers[base] if base < len(self.layers) else None
         self.top.change_backing_file(
-            None if backing is None else backing_name(self.top.path, backing.path),
+            None if backing is None else backing_name(self.top.path, self.location(backing)),
             raw=backing is not None and backing.format_name == raw.FORMAT_NAME,
         )
         with self.in_use.exclusive():
             retired, self.layers = self.layers[1:base], [self.top, *self.layers[base:]]
+            self.remote = has_remote_layer(self.layers[1:])
         for layer in retired:
+            self.locations.pop(layer, None)
             layer.close()
         return backing
 
@@ -359,8 +383,15 @@ class Chain:
             raise FusestreamError("; ".join(errors))
 
 
+def has_remote_layer(layers: list[Layer]) -> bool:
+    return any(layer.source.remote for layer in layers)
+
+
 def backing_name(image_path: str, backing_path: str) -> str:
-    """The name to store for a backing file: relative when it lies beside the image."""
+    """The name to store for a backing file: a URL as it is; a path relative when it lies beside
+    the image."""
+    if is_url(backing_path):
+        return backing_path
     if os.path.dirname(os.path.abspath(backing_path)) == os.path.dirname(os.path.abspath(image_path)):
         return os.path.basename(backing_path)
     return os.path.abspath(backing_path)
@@ -368,13 +399,20 @@ def backing_name(image_path: str, backing_path: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Confinement:
-    """What a possibly hostile image may make us open as its backing chain."""
+    """What a possibly hostile image may make us open as its backing chain, and how remote
+    layers are read (`http`: its allowed_origins confine them)."""
 
     backing_dir: str | None = None  # backing files only inside this directory (links resolved)
     allow_devices: bool = False  # a block device may be a raw layer
     max_depth: int = MAX_CHAIN_DEPTH
+    http: HttpOptions = HttpOptions()
 
     def check(self, image: str, backing_path: str) -> None:
+        """Refuse a backing file outside backing_dir, or a URL whose origin is not allowed
+        (with backing_dir, only listed origins are), before anything is contacted."""
+        if is_url(backing_path):
+            self._check_url(image, backing_path)
+            return
         if self.backing_dir is None:
             return
         inside = os.path.realpath(self.backing_dir)
@@ -382,38 +420,54 @@ class Confinement:
         if os.path.commonpath([inside, real]) != inside:
             raise BackingFileError(f"{image}: backing file {backing_path} is outside backing_dir {self.backing_dir}")
 
+    def _check_url(self, image: str, url: str) -> None:
+        allowed = self.http.allowed_origins
+        if allowed is None and self.backing_dir is None:
+            return
+        origin = url_origin(url)
+        if allowed is None:
+            raise BackingFileError(f"{image}: backing file {display_name(url)} is remote, and with backing_dir "
+                                   "only the origins that allowed_origins lists may be contacted")
+        if origin not in allowed:
+            raise BackingFileError(f"{image}: backing file {display_name(url)}: {origin} is not an allowed "
+                                   f"origin (allowed_origins: {', '.join(allowed) or 'none'})")
+
 
 def open_chain(path: str, writable: bool = True, lock: bool = True, confinement: Confinement = Confinement()) -> Chain:
     """Open a QED image and its whole backing chain; on any error nothing stays open."""
     path = os.path.abspath(path)
-    layers: list[Layer] = [qed.open_image(path, writable=writable, lock=lock)]
+    chain = Chain([qed.open_image(path, writable=writable, lock=lock)])
     try:
-        _open_backing(layers, confinement, lock)
+        _open_backing(chain, confinement, lock)
     except BaseException:
-        for layer in layers:
+        for layer in chain.layers:
             layer.close()
         raise
-    return Chain(layers)
+    chain.remote = has_remote_layer(chain.backing_layers)
+    return chain
 
 
-def _open_backing(layers: list[Layer], confinement: Confinement, lock: bool) -> None:
-    """Follow backing names down from layers[-1], appending each opened layer."""
-    seen = {layers[0].source.identity()}
-    current = layers[0]
+def _open_backing(chain: Chain, confinement: Confinement, lock: bool) -> None:
+    """Follow backing names down from the chain's last layer, appending each opened layer."""
+    current = chain.layers[0]
+    seen = {current.source.identity()}
+    location = current.path
     while current.backing_filename is not None:
-        backing_path = resolve_backing(current.path, current.backing_filename)
-        identity = file_identity(backing_path)  # before opening: a loop must not meet our own lock
+        location = resolve_backing(location, current.backing_filename)
+        shown = display_name(location)
+        identity = location_identity(location)  # before opening: a loop must not meet our own lock
         if identity is not None and identity in seen:
-            raise BackingFileError(f"{current.path}: backing file loop: {backing_path} is already in the chain")
-        if len(layers) > confinement.max_depth:
+            raise BackingFileError(f"{current.path}: backing file loop: {shown} is already in the chain")
+        if len(chain.layers) > confinement.max_depth:
             raise BackingFileError(f"{current.path}: backing chain deeper than {confinement.max_depth} layers")
-        confinement.check(current.path, backing_path)
-        if not os.path.exists(backing_path):
-            raise BackingFileError(f"{current.path}: backing file {backing_path} does not exist")
+        confinement.check(current.path, location)
+        if not is_url(location) and not os.path.exists(location):
+            raise BackingFileError(f"{current.path}: backing file {location} does not exist")
         try:
-            layer = open_layer(backing_path, current.backing_format, lock, confinement.allow_devices)
+            layer = open_layer(location, current.backing_format, lock, confinement.allow_devices, confinement.http)
         except FusestreamError as err:  # say which image names the file at fault
             raise BackingFileError(f"{current.path}: backing file {err}") from None
         seen.add(layer.source.identity())
-        layers.append(layer)
+        chain.layers.append(layer)
+        chain.locations[layer] = location
         current = layer

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from .chain import Chain
 from .errors import CommandError
 from .faults import WriteErrors
+from .sources import is_url
 from .stream import (
     CANCELLED,
     COMPLETED,
@@ -168,12 +169,27 @@ def _last_outcome(stats: StreamStatistics) -> str:
     return ""
 
 
+def remote_layers(chain: Chain) -> list[dict[str, object]]:
+    """What each remote backing layer's source says (Source.describe: its URL without
+    credentials, what the server said, bytes fetched, requests, connections, retries, the last
+    error), top down."""
+    return [layer.source.describe() for layer in chain.backing_layers if layer.source.remote]
+
+
+def render_remote(layer: dict[str, object]) -> str:
+    """One line of `status` per remote layer."""
+    error = f", last error: {layer['last_error']}" if layer["last_error"] else ""
+    return (f"Remote {layer['url']}: {format_size(layer['bytes_fetched'])} fetched in {layer['requests']} requests, "
+            f"{layer['connections']} connections, {layer['retries']} retries{error}\n")
+
+
 def render_status_json(name: str, chain: Chain, stats: StreamStatistics, write_error: str | None = None) -> str:
     image = {
         "name": name,
         "image": chain.top.path,
         "size": chain.size,
-        "backing_chain": [os.path.abspath(layer.path) for layer in chain.backing_layers],
+        "backing_chain": [layer.path if is_url(layer.path) else os.path.abspath(layer.path)
+                          for layer in chain.backing_layers],
         "stream": {
             "state": stats.state,
             "offset": stats.offset,
@@ -189,6 +205,8 @@ def render_status_json(name: str, chain: Chain, stats: StreamStatistics, write_e
         },
         "write_error": write_error,
     }
+    if chain.remote:
+        image["remote"] = remote_layers(chain)
     return json.dumps({"images": [image]}, indent=2) + "\n"
 
 
@@ -278,6 +296,8 @@ class Control:
         line = render_status(self.name, self.streamer.statistics())
         if self.write_errors.error is not None:
             line = line.rstrip("\n") + f"; write error: {self.write_errors.error}\n"
+        if self.chain.remote:
+            line += "".join(render_remote(layer) for layer in remote_layers(self.chain))
         return line.encode()
 
     def status_json(self) -> bytes:

@@ -7,6 +7,11 @@ another allocation, or a write-back's flush) goes to a thread instead. Larger re
 fsync, lseek and every read with copy-on-read run in worker threads (``trio.to_thread``), so
 that a slow disk or a long allocating write never stalls the event loop, which also serves the
 other requests and the stream job. The image is thread-safe for this reason (formats/qed.py).
+
+While a backing layer is remote (Chain.remote), nothing of the raw file runs inline: any read,
+and any write that allocates (it reads what lies below for the rest of its clusters), may wait
+on the network, for up to the retries' bounded time. Once a stream has retired the remote
+layers, small requests run inline again.
 """
 
 from __future__ import annotations
@@ -250,7 +255,7 @@ class Operations(pyfuse3.Operations):
         if fh == EVENTS_INODE:
             return self.control.events.read(off, size)
         self.guest.note()
-        if size <= INLINE_READ_MAX and self.inline_small_reads:
+        if size <= INLINE_READ_MAX and self.inline_small_reads and not self.chain.remote:
             return run_inline(self.chain.read, off, size)
         return await run_io(self.read_raw, off, size)
 
@@ -263,7 +268,8 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSPC)  # a disk does not grow when written past its end
         self.guest.note()
         with self._reporting_write_errors("guest write"):
-            written = run_inline(self._write_unless_blocked, off, buf) if len(buf) <= INLINE_WRITE_MAX else None
+            inline = len(buf) <= INLINE_WRITE_MAX and not self.chain.remote
+            written = run_inline(self._write_unless_blocked, off, buf) if inline else None
             if written is None:
                 written = await run_io(self.chain.write, off, buf)
         self.mtime_ns = self.ctime_ns = time.time_ns()

@@ -18,6 +18,8 @@ import re
 import signal
 import stat
 import sys
+import urllib.parse
+from collections.abc import Callable
 
 import pyfuse3
 import trio
@@ -31,6 +33,8 @@ from .faults import WriteErrors
 from .formats import qed_check
 from .fs import Operations, raw_name
 from .services import NeedCheckTimer, Service, WriteBackTimer
+from .sources import HttpOptions, is_url
+from .sources.http import url_origin
 from .stream import CopyOnRead, Streamer
 from .units import parse_size
 
@@ -56,17 +60,35 @@ class MountOptions:
     debug: bool = False
     backing_dir: str | None = None
     allow_devices: bool = False
+    http: dict[str, object] = dataclasses.field(default_factory=dict)  # HttpOptions' fields, as given
     kernel_flags: list[str] = dataclasses.field(default_factory=list)
     fuse_flags: list[str] = dataclasses.field(default_factory=list)
 
 
 VALUED_OPTIONS = ("base", "speed", "backing_dir")
+# The remote layers' options (sources.http.HttpOptions): -o name -> (HttpOptions field, parser).
+# QEMU curl's sslverify keeps its name; the tuning ones say http_, as a mount has local readahead,
+# block sizes and timeouts too. allowed_origins may be given more than once (commas split -o).
+HTTP_OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "sslverify": ("sslverify", lambda v: _on_off("sslverify", v)),
+    "ca_file": ("ca_file", os.path.abspath),
+    "allowed_origins": ("allowed_origins", lambda v: _origin(v)),
+    "http_connections": ("connections", lambda v: _number("http_connections", int, v)),
+    "http_timeout": ("timeout", lambda v: _number("http_timeout", float, v)),
+    "http_retry_time": ("retry_time", lambda v: _number("http_retry_time", float, v)),
+    "http_retry_delay_min": ("retry_delay_min", lambda v: _number("http_retry_delay_min", float, v)),
+    "http_retry_delay_max": ("retry_delay_max", lambda v: _number("http_retry_delay_max", float, v)),
+    "http_block_size": ("block_size", lambda v: _size("http_block_size", v)),
+    "http_request_size": ("request_size", lambda v: _size("http_request_size", v)),
+    "http_readahead": ("readahead", lambda v: _size("http_readahead", v)),
+    "http_cache_size": ("cache_size", lambda v: _size("http_cache_size", v)),
+}
 FLAG_OPTIONS = ("ro", "nostream", "copy_on_read", "allow_other", "debug", "allow_devices")
 # The FUSE options users know from other FUSE filesystems, handed to libfuse as they are:
 # default_permissions is always set (pyfuse3.default_options), auto_unmount has libfuse mount
 # through fusermount3, whose watcher unmounts once the daemon is gone, even after a kill -9.
 FUSE_OPTIONS = ("default_permissions", "allow_root", "auto_unmount")
-OPTION_NAMES = VALUED_OPTIONS + FLAG_OPTIONS + FUSE_OPTIONS  # the -o options the man page names
+OPTION_NAMES = VALUED_OPTIONS + tuple(HTTP_OPTIONS) + FLAG_OPTIONS + FUSE_OPTIONS  # the -o options the man page names
 
 
 def parse_options(texts: list[str]) -> MountOptions:
@@ -77,6 +99,8 @@ def parse_options(texts: list[str]) -> MountOptions:
             name, has_value, value = item.partition("=")
             if has_value and name in VALUED_OPTIONS:
                 _set_valued(opts, name, value)
+            elif has_value and name in HTTP_OPTIONS:
+                _set_http(opts, name, value)
             elif not has_value and name in FLAG_OPTIONS:
                 setattr(opts, name, True)
             elif not has_value and name in KERNEL_FLAGS:
@@ -89,14 +113,65 @@ def parse_options(texts: list[str]) -> MountOptions:
                 raise UsageError(f"unknown mount option '{item}'")
     if opts.allow_other and "allow_root" in opts.fuse_flags:
         raise UsageError("mount options allow_other and allow_root exclude each other")
+    http_options(opts)  # refuses bad values now, as one line
     return opts
+
+
+def http_options(opts: MountOptions) -> HttpOptions:
+    """The remote layers' options: HttpOptions' defaults, changed by the -o options given."""
+    return HttpOptions(**opts.http)
+
+
+def _set_http(opts: MountOptions, name: str, value: str) -> None:
+    if not value:
+        raise UsageError(f"mount option '{name}=' needs a value")
+    field, parse = HTTP_OPTIONS[name]
+    parsed = parse(value)
+    if field == "allowed_origins":
+        parsed = (*opts.http.get(field, ()), parsed)
+    opts.http[field] = parsed
+
+
+def _on_off(name: str, value: str) -> bool:
+    if value not in ("on", "off"):
+        raise UsageError(f"mount option {name}: '{value}' is not on or off")
+    return value == "on"
+
+
+def _number(name: str, kind: type, value: str) -> object:
+    try:
+        return kind(value)
+    except ValueError:
+        raise UsageError(f"mount option {name}: '{value}' is not a number") from None
+
+
+def _size(name: str, value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as err:
+        raise UsageError(f"mount option {name}: {err}") from None
+
+
+def _origin(value: str) -> str:
+    """An allowed origin, scheme://host[:port] and nothing more, as url_origin writes it."""
+    parts = urllib.parse.urlsplit(value)
+    try:
+        parts.port  # noqa: B018 (a port that is not a number raises here)
+    except ValueError:
+        raise UsageError(f"mount option allowed_origins: '{value}' has a bad port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or "@" in parts.netloc:
+        raise UsageError(f"mount option allowed_origins: '{value}' is not an origin (http[s]://host[:port])")
+    return url_origin(value)
 
 
 def _set_valued(opts: MountOptions, name: str, value: str) -> None:
     if not value:
         raise UsageError(f"mount option '{name}=' needs a value")
-    if name in ("base", "backing_dir"):
-        setattr(opts, name, os.path.abspath(value))
+    if name == "base":  # a URL names a remote layer as it is
+        opts.base = value if is_url(value) else os.path.abspath(value)
+    elif name == "backing_dir":
+        opts.backing_dir = os.path.abspath(value)
     else:
         try:
             opts.speed = parse_size(value)
@@ -129,7 +204,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                         help="ro, nostream, base=PATH, speed=RATE, copy_on_read, allow_other, debug, "
-                             "backing_dir=DIR, allow_devices, default_permissions, allow_root, auto_unmount")
+                             "backing_dir=DIR, allow_devices, default_permissions, allow_root, auto_unmount; "
+                             "for remote layers: " + ", ".join(f"{name}=" for name in HTTP_OPTIONS))
     # Flags that mount(8) passes to helpers: sloppy, no-mtab, verbose, and the type.
     parser.add_argument("-s", "-n", "-v", dest="mount_helper_flags", action="count", help=argparse.SUPPRESS)
     parser.add_argument("-t", dest="fstype", help=argparse.SUPPRESS)
@@ -156,7 +232,8 @@ def open_image(image: str, opts: MountOptions) -> Chain:
     if writable:
         repair_before_use(image)
     return open_chain(image, writable=writable,
-                      confinement=Confinement(backing_dir=opts.backing_dir, allow_devices=opts.allow_devices))
+                      confinement=Confinement(backing_dir=opts.backing_dir, allow_devices=opts.allow_devices,
+                                              http=http_options(opts)))
 
 
 def repair_before_use(image: str) -> None:

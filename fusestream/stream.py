@@ -25,7 +25,7 @@ import outcome
 import trio
 
 from .chain import Chain, StatusWalk, resolve_backing
-from .copy import MAX_COPY, Copier
+from .copy import Copier
 from .errors import CommandError, FusestreamError, StreamError
 from .formats.layer import Layer
 from .services import Service
@@ -294,9 +294,9 @@ class StreamJob:
     def _max_read(self, gentle: bool) -> int:
         """Read at most a tenth of a second's worth per step at the speed limit, in whole
         clusters, so that pause, cancel and speed changes take effect quickly; less while the
-        guest is busy."""
+        guest is busy. Unlimited: the copier's largest step (bigger for remote layers)."""
         cs = self.chain.top.cluster_size
-        limit = GENTLE_COPY if gentle else MAX_COPY
+        limit = GENTLE_COPY if gentle else self.copier.max_step
         if self.speed:
             limit = min(limit, self.speed // 10)
         return max(cs, limit - limit % cs)

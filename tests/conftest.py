@@ -184,7 +184,7 @@ class FaultyLayer:
         self.layer, self.fail_start, self.fail_end, self.err = layer, fail_start, fail_end, err
         self.short, self.delay = short, delay
         self.failing = True
-        self.path, self.format_name, self.size = layer.path, layer.format_name, layer.size
+        self.source, self.path, self.format_name, self.size = layer.source, layer.path, layer.format_name, layer.size
 
     def read_into(self, view, offset, direct=False):
         time.sleep(self.delay)

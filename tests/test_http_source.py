@@ -193,12 +193,14 @@ def test_a_prefetched_bulk_range_is_read_from_its_staged_pieces(fault_server):
     source = open_source(server.url(), HttpOptions(connections=2, request_size=1 * MiB, readahead=0))
     try:
         source.prefetch(0, 1 * MiB)  # a plan that changed: never read, pushed out below
-        source.prefetch(1 * MiB + 5, 2 * MiB)  # pieces cut at 2 and 3 MiB, as the read cuts them
+        # Pieces cut at 2, 3, 4 and 5 MiB, as the read cuts them: past the 4 MiB kept (two
+        # bulk_size reads), so the oldest piece goes.
+        source.prefetch(1 * MiB + 5, 4 * MiB)
         deadline = time.monotonic() + 5
-        while len(server.requests) < 5 and time.monotonic() < deadline:  # the probe and 4 pieces
+        while len(server.requests) < 7 and time.monotonic() < deadline:  # the probe and 6 pieces
             time.sleep(0.01)
         requests = len(server.requests)
-        assert read_exact(source, 1 * MiB + 5, 2 * MiB) == data[1 * MiB + 5 : 3 * MiB + 5]
+        assert read_exact(source, 1 * MiB + 5, 4 * MiB) == data[1 * MiB + 5 : 5 * MiB + 5]
         assert len(server.requests) == requests
         assert read_exact(source, 0, 1 * MiB) == data[: 1 * MiB]  # pushed out: fetched again
         assert len(server.requests) == requests + 1

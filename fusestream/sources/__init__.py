@@ -11,8 +11,8 @@ from collections.abc import Hashable
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from .http import HttpOptions, HttpSource
-from .local import LocalFile
+from .http import HttpOptions, HttpSource, redact_url, url_identity
+from .local import LocalFile, file_identity
 
 
 class Source(Protocol):
@@ -25,6 +25,9 @@ class Source(Protocol):
     """Its length in bytes, fixed at open (a source that changes under us is an error)."""
     remote: bool
     """Reads may wait on a network: callers keep them off the event loop."""
+    bulk_size: int
+    """The read size that keeps all of the source's transfers busy (HttpSource: connections x
+    request_size), for the stream's steps; 0 where any size does (a local file)."""
 
     def identity(self) -> Hashable:
         """The same value for the same object under any name (hard links, symbolic links, an
@@ -66,4 +69,15 @@ def open_source(location: str, *, writable: bool = False, lock: bool = True, all
 
 def is_url(location: str) -> bool:
     """Whether a location (a backing name) names a remote source rather than a path."""
-    return urlsplit(location).scheme in ("http", "https")
+    return urlsplit(location).scheme.lower() in ("http", "https")
+
+
+def display_name(location: str) -> str:
+    """A location as messages, status and events may show it: a URL without its credentials."""
+    return redact_url(location) if is_url(location) else location
+
+
+def location_identity(location: str) -> Hashable | None:
+    """Source.identity of the source at `location` without opening it: None for a local path
+    where there is no file."""
+    return url_identity(location) if is_url(location) else file_identity(location)

@@ -99,6 +99,13 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+def url_identity(url: str) -> Hashable:
+    """HttpSource.identity of the object at `url`, without contacting it: (origin, path, query),
+    the same under an equivalent spelling (case of scheme and host, default port, userinfo)."""
+    parts = urllib.parse.urlsplit(url)
+    return url_origin(url), parts.path or "/", parts.query
+
+
 def url_origin(url: str) -> str:
     """scheme://host[:port] of `url`, lower-case, the default port left out."""
     parts = urllib.parse.urlsplit(url)
@@ -207,7 +214,7 @@ class HttpSource:
                               f"{', '.join(opts.allowed_origins) or 'none'})")
         self._host = parts.hostname
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self._identity = (self.origin, parts.path or "/", parts.query)
+        self._identity = url_identity(url)
         self._headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
         if parts.username is not None:
             userinfo = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
@@ -241,10 +248,13 @@ class HttpSource:
     # -- the Source protocol ----------------------------------------------------------------------
 
     def identity(self) -> Hashable:
-        """(origin, path, query): the same object under an equivalent spelling of its URL
-        (case of scheme and host, default port, userinfo). Not for display: the query may hold
-        a signature."""
+        """url_identity of the URL. Not for display: the query may hold a signature."""
         return self._identity
+
+    @property
+    def bulk_size(self) -> int:
+        """connections x request_size: a read of this much keeps every bulk connection busy."""
+        return self.options.connections * self.options.request_size
 
     def read_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
         length = max(0, min(len(view), self.size - offset))
@@ -383,10 +393,11 @@ class HttpSource:
         return list(zip(cuts, cuts[1:], strict=False))
 
     def _stage(self, offset: int, end: int) -> None:
-        """Fetch the pieces of [offset, end) into buffers of their own, keeping at most
-        connections x request_size bytes of them: the oldest go first (a plan that changed
-        leaves pieces nobody reads)."""
-        limit = self.options.connections * self.options.request_size
+        """Fetch the pieces of [offset, end) into buffers of their own, keeping at most two
+        bulk_size reads' worth of them (the step being read and the next one, which the copier
+        prefetches before it reads the first): the oldest go first (a plan that changed leaves
+        pieces nobody reads)."""
+        limit = 2 * self.bulk_size
         for start, stop in self._pieces(offset, end):
             with self._lock:
                 if (start, stop) in self._staged:

@@ -39,6 +39,7 @@ class LocalFile:
     account of the end (current_size() asks the file)."""
 
     remote = False
+    bulk_size = 0  # any read size keeps a local file busy
 
     def __init__(self, path: str, *, writable: bool = False, lock: bool = True, allow_device: bool = False):
         try:

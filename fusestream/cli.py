@@ -45,6 +45,7 @@ CREATE_FLAGS = {"backing": "-b", "backing_format": "-F", "cluster_size": "--clus
 def cmd_create(args: argparse.Namespace) -> int:
     from .chain import open_layer, probe_format, resolve_backing
     from .formats import qed
+    from .sources import display_name, is_url
 
     if args.format not in (None, "qed"):
         raise FusestreamError(f"create makes QED images only (-f qed), not '{args.format}'")
@@ -53,7 +54,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     backing_raw = False
     if args.backing:
         backing_path = resolve_backing(args.image, args.backing)
-        if _same_file(backing_path, args.image):
+        if not is_url(backing_path) and _same_file(backing_path, args.image):
             raise FusestreamError(f"{args.image}: an image cannot be its own backing file")
         fmt = args.backing_format or probe_format(backing_path)
         backing = open_layer(backing_path, fmt)  # refuses formats we cannot read
@@ -76,7 +77,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         overwrite=args.force,
     )
     print(f"Created {args.image}: qed, {format_size(size)} ({size} bytes)"
-          + (f", backing file {args.backing} ({fmt})" if args.backing else ""))
+          + (f", backing file {display_name(args.backing)} ({fmt})" if args.backing else ""))
     return 0
 
 
@@ -137,16 +138,19 @@ def _parse_size_arg(text: str) -> int:
 
 
 def describe_layer(layer: Layer) -> dict:
-    """The facts `info` shows for one layer; keys follow qemu-img info's JSON where it has one."""
+    """The facts `info` shows for one layer; keys follow qemu-img info's JSON where it has one.
+    A remote layer has no actual-size (None: qemu-img says "unavailable") and a "remote" object:
+    what its source says (Source.describe). Backing URLs are shown without credentials."""
     from .chain import resolve_backing
     from .formats import qcow2, qed
     from .formats.qed_structs import QED_F_NEED_CHECK
+    from .sources import display_name
 
     info = {
         "filename": layer.path,
         "format": layer.format_name,
         "virtual-size": layer.size,
-        "actual-size": os.stat(layer.path).st_blocks * 512,
+        "actual-size": None if layer.source.remote else os.stat(layer.path).st_blocks * 512,
     }
     if isinstance(layer, qed.QedImage):
         info["cluster-size"] = layer.cluster_size
@@ -157,11 +161,13 @@ def describe_layer(layer: Layer) -> dict:
         info["format-specific"] = {"type": "qcow2", "data": qcow2_specific(layer)}
         info["dirty-flag"] = layer.dirty
     if isinstance(layer, qed.QedImage | qcow2.Qcow2Image) and layer.backing_filename is not None:
-        info["backing-filename"] = layer.backing_filename
-        info["full-backing-filename"] = resolve_backing(layer.path, layer.backing_filename)
+        info["backing-filename"] = display_name(layer.backing_filename)
+        info["full-backing-filename"] = display_name(resolve_backing(layer.path, layer.backing_filename))
         backing_format = "raw" if layer.backing_format_is_raw else getattr(layer, "backing_format", None)
         if backing_format:
             info["backing-filename-format"] = backing_format
+    if layer.source.remote:
+        info["remote"] = layer.source.describe()
     return info
 
 
@@ -179,7 +185,7 @@ def render_info(info: dict) -> str:
         f"image: {printable(info['filename'])}",
         f"file format: {info['format']}",
         f"virtual size: {format_size(info['virtual-size'])} ({info['virtual-size']} bytes)",
-        f"disk size: {format_size(info['actual-size'])}",
+        f"disk size: {'unavailable' if info['actual-size'] is None else format_size(info['actual-size'])}",
     ]
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
@@ -193,7 +199,21 @@ def render_info(info: dict) -> str:
         lines.append(f"backing file (resolved): {printable(info['full-backing-filename'])}")
     if info.get("need-check"):
         lines.append("needs check: yes (not closed cleanly)")
+    if "remote" in info:
+        lines += render_remote_info(info["remote"])
     return "\n".join(lines)
+
+
+def render_remote_info(remote: dict) -> list[str]:
+    """What the server said of a remote layer, and what reading it has cost so far."""
+    lines = [f"server: {printable(str(remote['server'] or 'not named'))}"]
+    lines += [f"{key.replace('_', '-')}: {printable(str(remote[key]))}"
+              for key in ("etag", "last_modified") if remote[key] is not None]
+    lines.append(f"fetched: {remote['bytes_fetched']} bytes in {remote['requests']} requests, "
+                 f"{remote['connections']} connections, {remote['retries']} retries")
+    if remote["last_error"]:
+        lines.append(f"last error: {printable(remote['last_error'])}")
+    return lines
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -375,7 +395,7 @@ def watch_end_line(stream: dict, copied: int, seconds: float) -> str:
 def cmd_stream(args: argparse.Namespace) -> int:
     words = ["stream"]
     if args.base:
-        words.append(f"base={os.path.abspath(args.base)}")
+        words.append(f"base={base_argument(args.base)}")
     if args.speed:
         words.append(f"speed={args.speed}")
     send_command(args.mountpoint, ctl_command(words))
@@ -383,8 +403,15 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 
 def cmd_rebase(args: argparse.Namespace) -> int:
-    send_command(args.mountpoint, ctl_command(["rebase", os.path.abspath(args.base)]))
+    send_command(args.mountpoint, ctl_command(["rebase", base_argument(args.base)]))
     return 0
+
+
+def base_argument(base: str) -> str:
+    """A base as ctl takes it: a path made absolute from the current directory, a URL as it is."""
+    from .sources import is_url
+
+    return base if is_url(base) else os.path.abspath(base)
 
 
 def ctl_command(words: list[str]) -> str:

@@ -33,7 +33,7 @@ from .faults import WriteErrors
 from .formats import qed_check
 from .fs import Operations, raw_name
 from .services import NeedCheckTimer, Service, WriteBackTimer
-from .sources import HttpOptions, is_url
+from .sources import HttpOptions, display_name, is_url
 from .sources.http import url_origin
 from .stream import CopyOnRead, Streamer
 from .units import parse_size
@@ -371,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
     chain = open_image(image, opts)
     if opts.base is not None and chain.find_layer(opts.base) is None:
         chain.close()
-        raise FusestreamError(f"base {opts.base} is not in the backing chain of {image}")
+        raise FusestreamError(f"base {display_name(opts.base)} is not in the backing chain of {image}")
     mounted = build_mount(chain, opts)
     ops = mounted.ops
     # From the mount on, SIGTERM and SIGINT must never kill the process half-way: the loop's own

@@ -29,6 +29,7 @@ from .copy import Copier
 from .errors import CommandError, FusestreamError, StreamError
 from .formats.layer import Layer
 from .services import Service
+from .sources import display_name
 
 if TYPE_CHECKING:
     from .faults import WriteErrors
@@ -138,6 +139,13 @@ class GuestActivity:
         return trio.current_time() - self.last < GUEST_BUSY_SECONDS
 
 
+def shown_backing_file(chain: Chain) -> str | None:
+    """The top image's backing file name as status and events show it: a URL without
+    credentials."""
+    name = chain.top.backing_filename
+    return None if name is None else display_name(name)
+
+
 class StreamJob:
     """One run of streaming over the whole virtual disk."""
 
@@ -201,7 +209,7 @@ class StreamJob:
         if self.offset >= self.len:
             remaining = 0
         return StreamStatistics(self.state, self.offset, self.len, self.speed, rate, self.base_path, self.error,
-                                self.chain.top.backing_filename, self.copied, remaining, progress_rate)
+                                shown_backing_file(self.chain), self.copied, remaining, progress_rate)
 
     # -- the job ----------------------------------------------------------------------------------
 
@@ -232,7 +240,7 @@ class StreamJob:
             self._completing = True  # no await since the check above: a cancel is seen or refused
             base = await self.run_sync(self.chain.rebase, self.copier.base_index)
             self.state = COMPLETED
-            self.emit("BACKING_CHANGED", {"backing_file": self.chain.top.backing_filename,
+            self.emit("BACKING_CHANGED", {"backing_file": shown_backing_file(self.chain),
                                           "base": base.path if base is not None else None})
             self.emit("STREAM_COMPLETED", {"offset": self.offset, "len": self.len})
         except (OSError, FusestreamError) as err:
@@ -350,7 +358,7 @@ class Streamer(Service):
     def statistics(self) -> StreamStatistics:
         if self.job is None:
             return StreamStatistics(IDLE, 0, self.chain.size, self.default_speed, 0, None, None,
-                                    self.chain.top.backing_filename)
+                                    shown_backing_file(self.chain))
         return self.job.statistics()
 
     def start(self, base: str | None = None, speed: int | None = None) -> StreamJob:
@@ -372,7 +380,7 @@ class Streamer(Service):
         base = resolve_backing(self.chain.top.path, base)  # a relative name: beside the image
         layer = self.chain.find_layer(base)
         if layer is None:
-            raise CommandError(f"base {base} is not in the backing chain of {self.chain.top.path}")
+            raise CommandError(f"base {display_name(base)} is not in the backing chain of {self.chain.top.path}")
         return layer
 
     def copy_on_read_base(self) -> Layer | None:

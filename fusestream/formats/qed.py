@@ -10,7 +10,7 @@ those (`below`).
 
 The image is thread-safe so that bulk I/O can run off the trio event loop. Two locks:
 
-* ``_table_lock`` (QedTables.lock) guards the in-memory L1 table and the L2 cache; it is held
+* ``tables.lock`` (QedTables.lock) guards the in-memory L1 table and the L2 cache; it is held
   for lookups, including the read of an L2 table that is not cached.
 * ``_alloc_lock`` serialises allocating writes (QEMU does the same) and is held across their I/O,
   so a cluster is never allocated twice and the crash-safe order (see qed_alloc.py) is kept.
@@ -39,7 +39,7 @@ from ..errors import (
 from ..sources import Source, open_source
 from ..sources.local import LocalFile
 from .layer import BlockStatus, Ranges, ReadBelow, fill_zeros
-from .qed_alloc import DISCARD_BATCH, Allocator, ClusterSpace
+from .qed_alloc import DISCARD_BATCH, Allocator
 from .qed_structs import (
     QED_AUTOCLEAR_FEATURE_MASK,
     QED_DEFAULT_CLUSTER_SIZE,
@@ -61,7 +61,7 @@ from .qed_structs import (
     max_image_size,
 )
 from .qed_sync import SyncLog
-from .qed_table import Extent, Geometry, QedTables
+from .qed_table import ClusterSpace, Extent, Geometry, QedTables
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,6 @@ class QedImage:
         self.space = ClusterSpace(file_size, g.cluster_size)
         self.log = SyncLog(self.source, g.cluster_size, g.size)
         self.tables = QedTables(self.source, g, self.space, self.log, self._alloc_lock, l2_cache_bytes)
-        self._table_lock = self.tables.lock
         if check_tables:
             self.tables.check_l1()
         self.alloc = Allocator(self.source, g, self.tables, self.space, self.log, self._alloc_lock,
@@ -230,7 +229,7 @@ class QedImage:
         UNALLOCATED ranges."""
         cluster, within = divmod(offset, self.cluster_size)
         if within + len(view) <= self.cluster_size:  # the common small read: one lookup, no extents
-            with self._table_lock:
+            with self.tables.lock:
                 entry = self.tables.cluster_entry(cluster)
             if entry == QED_UNALLOCATED:
                 return [(offset, len(view))]

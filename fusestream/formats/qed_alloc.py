@@ -22,44 +22,17 @@ from ..sources.local import LocalFile
 from .layer import ZEROS, BlockStatus, ReadBelow
 from .qed_structs import QED_UNALLOCATED, QED_ZERO_CLUSTER
 from .qed_sync import SyncLog, read_below
-from .qed_table import Extent, Geometry, QedTables, read_exact
+from .qed_table import ClusterSpace, Extent, Geometry, QedTables, read_exact
 
 DISCARD_BATCH = 65536  # clusters a discard changes under one hold of the allocation lock
-
-
-class ClusterSpace:
-    """Where new clusters go: the end of the file, tracked in memory from the file size rounded
-    down to a cluster, or a free cluster. Data clusters nothing references (`free`, lowest
-    first) are found by one scan of the tables at the first allocation (the leaks a crash or an
-    earlier mount's discards left), then fed by discards. A cluster a discard frees waits in
-    `freed` until the entries that dropped it are durable (see Allocator.release_freed)."""
-
-    def __init__(self, file_size: int, cluster_size: int):
-        self.file_size = file_size - file_size % cluster_size
-        self.free: list[int] = []
-        self.freed: list[int] = []
-        self.scanned = False
-        self.tail_unused = False  # a failed append left bytes past file_size
-
-    def append(self, length: int) -> int:
-        """Take `length` bytes at the end of the file; returns where they start."""
-        start = self.file_size
-        self.file_size += length
-        return start
-
-    def give_back(self, start: int) -> None:
-        """An append from `start` failed: nothing points there, so the next one takes it again,
-        and what it left past the end is cut at close (Allocator.cut_unused_tail)."""
-        self.file_size = start
-        self.tail_unused = True
 
 
 class Allocator:
     """The allocations of one writable QED image."""
 
-    def __init__(self, file: LocalFile, geometry: Geometry, tables: QedTables, space: ClusterSpace, log: SyncLog,
+    def __init__(self, source: LocalFile, geometry: Geometry, tables: QedTables, space: ClusterSpace, log: SyncLog,
                  alloc_lock: threading.Lock, mark_need_check: Callable[[], None], write_back: Callable[[], None]):
-        self.file, self.geometry, self.tables, self.space, self.log = file, geometry, tables, space, log
+        self.source, self.geometry, self.tables, self.space, self.log = source, geometry, tables, space, log
         self._alloc_lock = alloc_lock
         self._mark_need_check = mark_need_check  # set QED_F_NEED_CHECK: an allocation with no backing file
         self._write_back = write_back  # QedImage._write_back: when the cache fills with unwritten tables
@@ -107,7 +80,7 @@ class Allocator:
         for offset, data in copies:
             end = offset + len(data)
             if offset % cs or (end % cs and end != self.geometry.size) or end > self.geometry.size:
-                raise ValueError(f"{self.file.name}: populate of [{offset}, {end}) does not cover whole clusters")
+                raise ValueError(f"{self.source.name}: populate of [{offset}, {end}) does not cover whole clusters")
         with self._alloc_lock:
             contents: dict[int, bytes | memoryview | None] = {}
             for offset, data in copies:
@@ -200,7 +173,7 @@ class Allocator:
         may be read again soon, through the page cache."""
         start = self.space.append(len(clusters) * self.geometry.cluster_size)
         try:
-            self.file.write(start, clusters, direct=True)
+            self.source.write(start, clusters, direct=True)
             if below is None:
                 self._mark_need_check()
         except BaseException:
@@ -231,9 +204,9 @@ class Allocator:
         table = self.tables.new_table(updates)
         l2_offset = self.space.append(self.geometry.table_bytes)
         try:
-            self.file.truncate(l2_offset)  # what lay past the last cluster (nothing points there)
-            self.file.write(l2_offset, table.tobytes())
-            self.file.truncate(self.space.file_size)
+            self.source.truncate(l2_offset)  # what lay past the last cluster (nothing points there)
+            self.source.write(l2_offset, table.tobytes())
+            self.source.truncate(self.space.file_size)
             self.log.sync()  # the table, and the data its entries point to, before the L1 entry
             with self.tables.lock:
                 self.tables.write_l1_entry(l1_index, l2_offset)
@@ -265,7 +238,7 @@ class Allocator:
             if entries:
                 self._set_entries(entries)
             for run_start, run_length in _runs(freed, cs):
-                self.file.punch_hole(run_start, run_length)
+                self.source.punch_hole(run_start, run_length)
             self.space.freed += freed
 
     def release_freed(self) -> None:
@@ -282,9 +255,9 @@ class Allocator:
 
     def cut_unused_tail(self) -> None:
         """Give back what failed appends left past the end that nothing points to."""
-        if self.space.tail_unused and self.file.current_size() > self.space.file_size:
-            self.file.truncate(self.space.file_size)
-            self.file.sync()
+        if self.space.tail_unused and self.source.current_size() > self.space.file_size:
+            self.source.truncate(self.space.file_size)
+            self.source.sync()
 
     def trim_free_tail(self) -> None:
         """Cut the free clusters at the end of the file off, so that discards there leave no
@@ -297,8 +270,8 @@ class Allocator:
             while end - cs in free:
                 end -= cs
             if end < self.space.file_size:
-                self.file.truncate(end)
-                self.file.sync()
+                self.source.truncate(end)
+                self.source.sync()
                 self.space.file_size = end
                 self.space.free = [offset for offset in self.space.free if offset < end]
                 heapq.heapify(self.space.free)
@@ -310,18 +283,18 @@ class Allocator:
         it; returns where the copy is (for a cluster referenced twice)."""
         with self._alloc_lock:
             cs = self.geometry.cluster_size
-            data = read_exact(self.file, file_offset, cs)
+            data = read_exact(self.source, file_offset, cs)
             copy = self.space.file_size
-            self.file.write(copy, data)
-            self.file.sync()
+            self.source.write(copy, data)
+            self.source.sync()
             self.space.file_size += cs
             return copy
 
     def truncate_file(self, size: int) -> None:
         """Cut clusters nothing references off the end of the file."""
         with self._alloc_lock:
-            self.file.truncate(size)
-            self.file.sync()
+            self.source.truncate(size)
+            self.source.sync()
             self.space.file_size = size
 
 

@@ -51,8 +51,8 @@ class SyncLog:
     """The top image's file with the account of its writes since the last good fdatasync. A
     read-only image has one too, never written through."""
 
-    def __init__(self, file: LocalFile, cluster_size: int, size: int):
-        self.file = file
+    def __init__(self, source: LocalFile, cluster_size: int, size: int):
+        self.source = source
         self._cluster_size, self._size = cluster_size, size
         self.unsynced = Unsynced()
         # Set after a write past UNSYNCED_DATA_MAX: data written that is not kept, so a failed
@@ -69,7 +69,7 @@ class SyncLog:
         """Write a data cluster, or part of one, and keep it until durable: `kept` is `data`,
         or None for a copy of what lies below (read again through `below`)."""
         with self._lock:
-            self.file.write(file_offset, data, direct)
+            self.source.write(file_offset, data, direct)
             self._keep(file_offset, kept, guest_offset, below)
 
     def keep(self, file_offset: int, kept: bytes | memoryview | None, guest_offset: int,
@@ -98,7 +98,7 @@ class SyncLog:
         covered = len(self.unsynced.writes)
         unkept, self._unkept = self._unkept, False  # cleared first: a write racing us sets it again
         try:
-            self.file.sync()
+            self.source.sync()
         except OSError as err:
             self.flush_failed = err
             if unkept or self._unkept:
@@ -119,5 +119,5 @@ class SyncLog:
             for file_offset, data, guest_offset, below in unsynced.writes:
                 if data is None:
                     data = read_below(below, guest_offset, self._cluster_size, self._size)
-                self.file.write(file_offset, data)
+                self.source.write(file_offset, data)
         return unsynced

@@ -1,10 +1,11 @@
 """QED images: the header and its rules, opening, and the image that composes the parts (QEMU's
 qed.c): reads, guest writes, populate, discard, flush, the backing file's name, close.
 
-The parts: qed_table.py (L1/L2 tables, the L2 cache and its write-back, lookups), qed_alloc.py
-(cluster allocation: allocating writes, populate, new tables, free clusters, discard),
-qed_sync.py (the fdatasync and what it must write again after a failed one), qed_check.py (the
-consistency check). An image reads only what it holds: the chain (chain.py) reads what it
+The parts: qed_table.py (L1/L2 tables, the L2 cache, lookups, the file's cluster space),
+qed_alloc.py (cluster allocation: allocating writes, populate, new tables, free clusters,
+discard, and the write-back that makes them durable in QEMU's order), qed_sync.py (the
+fdatasync, what it must write again after a failed one, and the header as the disk is to hold
+it), qed_check.py (the consistency check). An image reads only what it holds: the chain (chain.py) reads what it
 leaves UNALLOCATED from the layers below, and hands a top image's writes what they need of
 those (`below`).
 
@@ -26,7 +27,7 @@ import threading
 import types
 from collections.abc import Iterator
 
-from construct import ConstructError
+from construct import ConstructError, Container
 
 from ..errors import (
     CorruptionError,
@@ -145,20 +146,20 @@ class QedImage:
                 raise _fail(self.path, "empty file")
             raise _fail(self.path, "truncated QED header" if raw.startswith(QED_MAGIC) else "not a QED image")
         try:
-            self.header = QED_HEADER.parse(raw)
+            header = QED_HEADER.parse(raw)
         except ConstructError as err:
             raise _fail(self.path, f"unreadable QED header ({err})") from None
-        validate_header(self.path, self.header, file_size)
-        self.geometry = g = Geometry.of(self.header)
+        validate_header(self.path, header, file_size)
+        self.geometry = g = Geometry.of(header)
         self.cluster_size, self.size = g.cluster_size, g.size
+        self.log = SyncLog(self.source, g.cluster_size, g.size, header)
         self.backing_filename = self._read_backing_filename()
         self.space = ClusterSpace(file_size, g.cluster_size)
-        self.log = SyncLog(self.source, g.cluster_size, g.size)
         self.tables = QedTables(self.source, g, self.space, self.log, self._alloc_lock, l2_cache_bytes)
         if check_tables:
             self.tables.check_l1()
         self.alloc = Allocator(self.source, g, self.tables, self.space, self.log, self._alloc_lock,
-                               self._set_need_check, self._write_back)
+                               self._set_need_check)
         if self.writable:
             self._clear_unknown_autoclear_bits()
         if self.header.features & QED_F_NEED_CHECK and self.writable and check_tables:
@@ -182,6 +183,12 @@ class QedImage:
             self.header.autoclear_features &= QED_AUTOCLEAR_FEATURE_MASK
             self._write_header()
             self.log.sync()
+
+    @property
+    def header(self) -> Container:
+        """The QED header as the disk holds it, or is to hold it once written again (held by
+        the SyncLog, which writes it)."""
+        return self.log.header
 
     @property
     def backing_format_is_raw(self) -> bool:
@@ -349,9 +356,8 @@ class QedImage:
     # -- the header --------------------------------------------------------------------------------
 
     def _write_header(self) -> None:
-        """Rewrite the known header fields in place; the backing name after them is untouched."""
-        self.log.unsynced.header = True
-        self.source.write(0, QED_HEADER.build(self.header))
+        """The header fields as they are in memory, rewritten in place (SyncLog.write_header)."""
+        self.log.write_header()
 
     def _set_need_check(self) -> None:
         self.need_check_allocations += 1
@@ -371,7 +377,7 @@ class QedImage:
         with self._alloc_lock:
             if not self._we_set_need_check:
                 return
-            self._write_back()
+            self.alloc.write_back()
             self.log.sync()
             self.header.features &= ~QED_F_NEED_CHECK
             try:
@@ -385,7 +391,7 @@ class QedImage:
     def mark_clean(self) -> None:
         """Clear QED_F_NEED_CHECK after a check found the image consistent."""
         with self._alloc_lock:
-            self._write_back()
+            self.alloc.write_back()
             if self.header.features & QED_F_NEED_CHECK:
                 self.source.sync()
                 self.header.features &= ~QED_F_NEED_CHECK
@@ -406,7 +412,7 @@ class QedImage:
             try:
                 self._change_backing_file(name, raw)
             except BaseException:
-                self.header = saved  # what the disk holds, or will once written again
+                self.log.header = saved  # what the disk holds, or will once written again
                 raise
             self.backing_filename = name
 
@@ -414,7 +420,7 @@ class QedImage:
         """change_backing_file's steps. They change the header in memory as they go; on a
         failure the caller puts back the header the disk holds."""
         h = self.header
-        self._write_back()
+        self.alloc.write_back()
         self.log.sync()
         if name is None:
             h.features &= ~(QED_F_BACKING_FILE | QED_F_BACKING_FORMAT_NO_PROBE)
@@ -448,7 +454,7 @@ class QedImage:
     def write_back(self) -> None:
         """Write the L2 entries that allocations changed since the last write-back."""
         with self._alloc_lock:
-            self._write_back()
+            self.alloc.write_back()
 
     @property
     def has_unwritten_tables(self) -> bool:
@@ -460,40 +466,13 @@ class QedImage:
         that discards freed to release."""
         return bool(self.tables.unwritten or self.space.freed) or self.log.flush_failed is not None
 
-    def _write_back(self) -> None:
-        """QEMU's order, batched: one fdatasync makes every cluster appended so far durable, and
-        only then are the L2 entries that point to them written (they become durable at the
-        next fdatasync). So an entry on disk never points at data that may not be there, and an
-        allocating write costs no flush of its own. Needs _alloc_lock.
-
-        On a failure the entries not yet written stay unwritten and the next write-back writes
-        them; the tables stay cached until then."""
-        if self._write_again() or self.tables.unwritten:
-            self.log.sync()
-            self.tables.write_unwritten()
-        self.alloc.release_freed()
-
-    def _write_again(self) -> bool:
-        """After a failed fdatasync: write again every cluster, L2 entry, L1 entry and header
-        written since the last good one, so that the next fdatasync covers them. Until this has
-        succeeded, no L2 entry is written: it could point at a cluster that is not on disk.
-        Returns whether there was anything to do."""
-        if self.log.flush_failed is None:
-            return False
-        unsynced = self.log.write_data_again()
-        self.tables.write_again(unsynced.spans, unsynced.l1)
-        if unsynced.header:
-            self._write_header()
-        self.log.flush_failed = None
-        return True
-
     def flush(self) -> None:
         """Make everything written so far durable (what fsync on the raw file asks for). Once a
         failed fdatasync has lost data that was not kept (see qed_sync), every flush fails with
         EIO: a later success would claim what is not on disk."""
         if self.writable:
             with self._alloc_lock:
-                self._write_back()
+                self.alloc.write_back()
                 self.log.sync()
                 if self.log.lost is not None:
                     raise OSError(errno.EIO, f"an earlier flush failed ({self.log.lost.strerror}): "

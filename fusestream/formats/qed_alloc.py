@@ -1,5 +1,6 @@
 """Cluster allocation in the QED top image: allocating writes, `populate` (the stream's copy),
-new L2 tables, free clusters, discard (QEMU's allocating write path of qed.c).
+new L2 tables, free clusters, discard (QEMU's allocating write path of qed.c), and the
+write-back that makes what they changed durable.
 
 Everything here needs the image's ``_alloc_lock`` (the methods that take it themselves say so):
 allocations are serialised and held across their I/O, so that a cluster is never allocated
@@ -31,11 +32,10 @@ class Allocator:
     """The allocations of one writable QED image."""
 
     def __init__(self, source: LocalFile, geometry: Geometry, tables: QedTables, space: ClusterSpace, log: SyncLog,
-                 alloc_lock: threading.Lock, mark_need_check: Callable[[], None], write_back: Callable[[], None]):
+                 alloc_lock: threading.Lock, mark_need_check: Callable[[], None]):
         self.source, self.geometry, self.tables, self.space, self.log = source, geometry, tables, space, log
         self._alloc_lock = alloc_lock
         self._mark_need_check = mark_need_check  # set QED_F_NEED_CHECK: an allocation with no backing file
-        self._write_back = write_back  # QedImage._write_back: when the cache fills with unwritten tables
 
     # -- allocating writes ---------------------------------------------------------------------
 
@@ -196,7 +196,7 @@ class Allocator:
             else:
                 self.tables.update_table(self.tables.l1[l1_index], updates)
         if self.tables.write_back_due:
-            self._write_back()  # keeps the tables that must stay cached well within the cache
+            self.write_back()  # keeps the tables that must stay cached well within the cache
 
     def _new_l2_table(self, l1_index: int, updates: dict[int, int]) -> None:
         """Append a new L2 table, whole on disk: its l2_entries are written, the rest of it is
@@ -214,6 +214,36 @@ class Allocator:
             self.space.give_back(l2_offset)  # nothing points at the table: the space is used again
             raise
         self.tables.add_table(l1_index, l2_offset, table)
+
+    # -- write-back --------------------------------------------------------------------------------
+
+    def write_back(self) -> None:
+        """QEMU's order, batched: one fdatasync makes every cluster appended so far durable, and
+        only then are the L2 entries that point to them written (they become durable at the
+        next fdatasync). So an entry on disk never points at data that may not be there, and an
+        allocating write costs no flush of its own. Then the clusters that discards freed are
+        released. Needs _alloc_lock.
+
+        On a failure the entries not yet written stay unwritten and the next write-back writes
+        them; the tables stay cached until then."""
+        if self._write_again() or self.tables.unwritten:
+            self.log.sync()
+            self.tables.write_unwritten()
+        self.release_freed()
+
+    def _write_again(self) -> bool:
+        """After a failed fdatasync: write again every cluster, L2 entry, L1 entry and header
+        written since the last good one, so that the next fdatasync covers them. Until this has
+        succeeded, no L2 entry is written: it could point at a cluster that is not on disk.
+        Returns whether there was anything to do."""
+        if self.log.flush_failed is None:
+            return False
+        unsynced = self.log.write_data_again()
+        self.tables.write_again(unsynced.spans, unsynced.l1)
+        if unsynced.header:
+            self.log.write_header()
+        self.log.flush_failed = None
+        return True
 
     # -- discard ---------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ Linux may drop the dirty pages an fdatasync could not write, mark them clean and
 at the next fdatasync ("fsyncgate"): a cluster or a table entry written before a failed flush is
 on disk only once written again. Guest data is kept (by reference, up to UNSYNCED_DATA_MAX); a
 cluster copied from the backing chain is read again from there; tables and the header are
-written again from memory (see QedImage._write_again).
+written again from memory (see Allocator.write_back in qed_alloc.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from __future__ import annotations
 import dataclasses
 import threading
 
+from construct import Container
+
 from ..sources.local import Buffers, LocalFile
 from .layer import ReadBelow
+from .qed_structs import QED_HEADER
 
 # Guest data kept in memory until an fdatasync has made it durable, at most; past this, a failed
 # fdatasync can no longer be repaired by writing again.
@@ -48,11 +51,13 @@ def read_below(below: ReadBelow | None, offset: int, length: int, size: int) -> 
 
 
 class SyncLog:
-    """The top image's file with the account of its writes since the last good fdatasync. A
+    """The top image's file with the account of its writes since the last good fdatasync, and
+    its header as the disk is to hold it (written again from here after a failed one). A
     read-only image has one too, never written through."""
 
-    def __init__(self, source: LocalFile, cluster_size: int, size: int):
+    def __init__(self, source: LocalFile, cluster_size: int, size: int, header: Container):
         self.source = source
+        self.header = header  # QED_HEADER's fields, changed in memory first, then written
         self._cluster_size, self._size = cluster_size, size
         self.unsynced = Unsynced()
         # Set after a write past UNSYNCED_DATA_MAX: data written that is not kept, so a failed
@@ -91,7 +96,7 @@ class SyncLog:
 
     def sync(self) -> None:
         """fdatasync of the top image. After a failure everything written since the last good one
-        is to be written again before the next write-back (QedImage._write_again); if some of it
+        is to be written again before the next write-back (Allocator.write_back); if some of it
         was not kept, every later flush fails (see QedImage.flush). Needs the image's
         _alloc_lock; writes in place may run meanwhile: only those recorded before the fdatasync
         began are known to be covered."""
@@ -109,6 +114,11 @@ class SyncLog:
             later = self.unsynced.writes[covered:]
             size = sum(len(data) for _, data, _, _ in later if data is not None)
             self.unsynced = Unsynced(writes=later, data_bytes=size)
+
+    def write_header(self) -> None:
+        """Rewrite the known header fields in place; the backing name after them is untouched."""
+        self.unsynced.header = True
+        self.source.write(0, QED_HEADER.build(self.header))
 
     def write_data_again(self) -> Unsynced:
         """After a failed fdatasync: write every data write since the last good one again, from

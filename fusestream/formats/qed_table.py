@@ -286,7 +286,7 @@ class QedTables:
 
     def write_unwritten(self) -> None:
         """Write the entries of every cached table that updates changed. Only after an fdatasync
-        has made the data they point to durable (QedImage._write_back). On a failure the entries
+        has made the data they point to durable (Allocator.write_back). On a failure the entries
         not yet written stay in `unwritten`; the tables stay cached until written."""
         with self.lock:
             for l2_offset, (lo, hi) in sorted(self.unwritten.items()):

@@ -37,8 +37,7 @@ from ..errors import (
     UnsupportedImageError,
     describe_os_error,
 )
-from ..sources import Source, open_source
-from ..sources.local import LocalFile
+from ..sources import Source, WritableSource, create_file, open_source
 from .layer import BlockStatus, Ranges, ReadBelow, fill_zeros
 from .qed_alloc import DISCARD_BATCH, Allocator
 from .qed_structs import (
@@ -113,7 +112,7 @@ def validate_header(path: str, h, file_size: int) -> None:
 
 class QedImage:
     """One open QED image, read through its source (which it owns, and closes on a failed open
-    too). Writable when the source is a local file opened writable: the top image."""
+    too). Writable when the source is a WritableSource opened writable: the top image."""
 
     format_name = FORMAT_NAME
 
@@ -122,7 +121,7 @@ class QedImage:
         for the consistency check, which examines them itself."""
         self.source = source
         self.path = source.name
-        self.writable = isinstance(source, LocalFile) and source.writable
+        self.writable = isinstance(source, WritableSource) and source.writable
         self._alloc_lock = threading.Lock()
         self._closed = False
         self._we_set_need_check = False
@@ -544,7 +543,7 @@ def create(
     file_size = cluster_size * (1 + table_size)
     validate_header(path, types.SimpleNamespace(**header), file_size)  # before build: any int
     first_cluster = QED_HEADER.build(header) + name
-    file = LocalFile.create(path, overwrite)  # locked: never truncate an image that is in use
+    file = create_file(path, overwrite)  # locked: never truncate an image that is in use
     try:
         file.truncate(0)
         file.write(0, first_cluster)

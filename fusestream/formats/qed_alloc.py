@@ -19,7 +19,7 @@ import mmap
 import threading
 from collections.abc import Callable, Iterator
 
-from ..sources.local import LocalFile
+from ..sources import WritableSource
 from .layer import ZEROS, BlockStatus, ReadBelow
 from .qed_structs import QED_UNALLOCATED, QED_ZERO_CLUSTER
 from .qed_sync import SyncLog, read_below
@@ -31,7 +31,7 @@ DISCARD_BATCH = 65536  # clusters a discard changes under one hold of the alloca
 class Allocator:
     """The allocations of one writable QED image."""
 
-    def __init__(self, source: LocalFile, geometry: Geometry, tables: QedTables, space: ClusterSpace, log: SyncLog,
+    def __init__(self, source: WritableSource, geometry: Geometry, tables: QedTables, space: ClusterSpace, log: SyncLog,
                  alloc_lock: threading.Lock, mark_need_check: Callable[[], None]):
         self.source, self.geometry, self.tables, self.space, self.log = source, geometry, tables, space, log
         self._alloc_lock = alloc_lock
@@ -169,8 +169,8 @@ class Allocator:
     def _append_clusters(self, clusters: list[bytes | memoryview], below: ReadBelow | None) -> int:
         """Write whole clusters at the end of the file. No table on disk points there before
         they are durable: the entries are written by the write-back, after an fdatasync. The
-        stream's page-aligned buffers go through O_DIRECT (LocalFile.write); guest data, which
-        may be read again soon, through the page cache."""
+        stream's page-aligned buffers bypass the page cache (the source's direct write); guest
+        data, which may be read again soon, goes through it."""
         start = self.space.append(len(clusters) * self.geometry.cluster_size)
         try:
             self.source.write(start, clusters, direct=True)

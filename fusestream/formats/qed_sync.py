@@ -15,7 +15,7 @@ import threading
 
 from construct import Container
 
-from ..sources.local import Buffers, LocalFile
+from ..sources import Buffers, WritableSource
 from .layer import ReadBelow
 from .qed_structs import QED_HEADER
 
@@ -55,7 +55,7 @@ class SyncLog:
     its header as the disk is to hold it (written again from here after a failed one). A
     read-only image has one too, never written through."""
 
-    def __init__(self, source: LocalFile, cluster_size: int, size: int, header: Container):
+    def __init__(self, source: WritableSource, cluster_size: int, size: int, header: Container):
         self.source = source
         self.header = header  # QED_HEADER's fields, changed in memory first, then written
         self._cluster_size, self._size = cluster_size, size

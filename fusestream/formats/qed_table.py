@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 
 from ..errors import CorruptionError, InvalidImageError
-from ..sources import Source
+from ..sources import Source, WritableSource
 from .layer import BlockStatus
 from .qed_structs import QED_UNALLOCATED, QED_ZERO_CLUSTER, TABLE_ENTRY_SIZE, table_nelems
 from .qed_sync import SyncLog
@@ -85,11 +85,12 @@ class ClusterSpace:
 
 
 class QedTables:
-    """The tables of one open QED image, read through its source. For a writable image, updates
-    go to the cached tables first (lookups see them at once) and reach the disk at the next
-    write-back, after an fdatasync has made the data they point to durable."""
+    """The tables of one open QED image, read through its source (and written through it when
+    the image is writable). For a writable image, updates go to the cached tables first (lookups
+    see them at once) and reach the disk at the next write-back, after an fdatasync has made the
+    data they point to durable."""
 
-    def __init__(self, source: Source, geometry: Geometry, space: ClusterSpace, log: SyncLog,
+    def __init__(self, source: WritableSource, geometry: Geometry, space: ClusterSpace, log: SyncLog,
                  alloc_lock: threading.Lock, l2_cache_bytes: int):
         self.source, self.geometry, self.space, self.log = source, geometry, space, log
         self._alloc_lock = alloc_lock  # the image's: held by the repairs

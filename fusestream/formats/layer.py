@@ -8,10 +8,12 @@ them from the layers below. A new format is a new module with this interface.
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from ..errors import InvalidImageError, describe_os_error
 from ..sources import Source
 
 
@@ -70,6 +72,25 @@ class Layer(Protocol):
 
     def close(self) -> None:
         """Close the source too."""
+
+
+def invalid_image(path: str, problem: str) -> InvalidImageError:
+    """The error for an image that breaks its format's rules: one line, naming the file."""
+    return InvalidImageError(f"{path}: {problem}")
+
+
+@contextlib.contextmanager
+def closed_on_failure(source: Source) -> Iterator[None]:
+    """Around a layer's open of `source`, which the layer owns: a failure closes the source, and
+    an OSError becomes an InvalidImageError naming it."""
+    try:
+        yield
+    except OSError as err:
+        source.close()
+        raise InvalidImageError(describe_os_error(source.name, err)) from None
+    except BaseException:
+        source.close()
+        raise
 
 
 ZEROS = bytes(1 << 20)

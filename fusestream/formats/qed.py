@@ -32,13 +32,11 @@ from construct import ConstructError, Container
 from ..errors import (
     CorruptionError,
     FusestreamError,
-    InvalidImageError,
     ReadOnlyImageError,
     UnsupportedImageError,
-    describe_os_error,
 )
 from ..sources import Source, WritableSource, create_file, open_source
-from .layer import BlockStatus, Ranges, ReadBelow, fill_zeros
+from .layer import BlockStatus, Ranges, ReadBelow, closed_on_failure, fill_zeros, invalid_image
 from .qed_alloc import DISCARD_BATCH, Allocator
 from .qed_structs import (
     QED_AUTOCLEAR_FEATURE_MASK,
@@ -76,38 +74,36 @@ DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
 BLOCK_STATUS_MAX_LOOKUPS = 1024
 
 
-def _fail(path: str, problem: str) -> InvalidImageError:
-    return InvalidImageError(f"{path}: {problem}")
-
-
 def validate_header(path: str, h, file_size: int) -> None:
     """Refuse a header that breaks any rule of QEMU's QED spec; every message names the field."""
     cs, ts = h.cluster_size, h.table_size
     if not (is_power_of_two(cs) and QED_MIN_CLUSTER_SIZE <= cs <= QED_MAX_CLUSTER_SIZE):
-        raise _fail(path, f"invalid cluster_size {cs} (a power of two from 4 KiB to 64 MiB)")
+        raise invalid_image(path, f"invalid cluster_size {cs} (a power of two from 4 KiB to 64 MiB)")
     if not (is_power_of_two(ts) and QED_MIN_TABLE_SIZE <= ts <= QED_MAX_TABLE_SIZE):
-        raise _fail(path, f"invalid table_size {ts} (a power of two from 1 to 16)")
+        raise invalid_image(path, f"invalid table_size {ts} (a power of two from 1 to 16)")
     unknown = h.features & ~QED_FEATURE_MASK
     if unknown:
         raise UnsupportedImageError(f"{path}: unknown QED feature bits {unknown:#x}")
     header_bytes = h.header_size * cs
     if h.header_size < 1 or header_bytes > file_size:
-        raise _fail(path, f"invalid header_size {h.header_size} clusters for a {file_size}-byte file")
+        raise invalid_image(path, f"invalid header_size {h.header_size} clusters for a {file_size}-byte file")
     if h.image_size % 512:
-        raise _fail(path, f"invalid image_size {h.image_size} (not a multiple of 512)")
+        raise invalid_image(path, f"invalid image_size {h.image_size} (not a multiple of 512)")
     if h.image_size > max_image_size(cs, ts):
-        raise _fail(path, f"invalid image_size {h.image_size} (more than the tables can address: "
+        raise invalid_image(path, f"invalid image_size {h.image_size} (more than the tables can address: "
                           f"{max_image_size(cs, ts)} bytes)")
     if h.image_size > BDRV_MAX_LENGTH:
-        raise _fail(path, f"invalid image_size {h.image_size} (more than QEMU's limit, {BDRV_MAX_LENGTH} bytes)")
+        raise invalid_image(path, f"invalid image_size {h.image_size} (more than QEMU's limit, "
+                                  f"{BDRV_MAX_LENGTH} bytes)")
     table_bytes = cs * ts
     l1 = h.l1_table_offset
     if l1 % cs or l1 < header_bytes or l1 + table_bytes > file_size:
-        raise _fail(path, f"invalid l1_table_offset {l1} (not cluster-aligned, in the header or past the end)")
+        raise invalid_image(path, f"invalid l1_table_offset {l1} (not cluster-aligned, in the header or past the end)")
     if h.features & QED_F_BACKING_FILE:
         start, size = h.backing_filename_offset, h.backing_filename_size
         if size == 0 or size > MAX_BACKING_NAME or start < QED_HEADER_SIZE or start + size > header_bytes:
-            raise _fail(path, f"invalid backing file name at offset {start}, size {size} (not in the header clusters)")
+            raise invalid_image(path, f"invalid backing file name at offset {start}, size {size} "
+                                      "(not in the header clusters)")
 
 
 class QedImage:
@@ -126,14 +122,8 @@ class QedImage:
         self._closed = False
         self._we_set_need_check = False
         self.need_check_allocations = 0  # allocations that set or kept NEED_CHECK (services.NeedCheckTimer)
-        try:
+        with closed_on_failure(source):
             self._load(l2_cache_bytes, check_tables)
-        except OSError as err:
-            source.close()
-            raise InvalidImageError(describe_os_error(self.path, err)) from None
-        except BaseException:
-            source.close()
-            raise
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -142,12 +132,12 @@ class QedImage:
         raw = self.source.read(0, QED_HEADER_SIZE)
         if len(raw) < QED_HEADER_SIZE or not raw.startswith(QED_MAGIC):
             if file_size == 0:
-                raise _fail(self.path, "empty file")
-            raise _fail(self.path, "truncated QED header" if raw.startswith(QED_MAGIC) else "not a QED image")
+                raise invalid_image(self.path, "empty file")
+            raise invalid_image(self.path, "truncated QED header" if raw.startswith(QED_MAGIC) else "not a QED image")
         try:
             header = QED_HEADER.parse(raw)
         except ConstructError as err:
-            raise _fail(self.path, f"unreadable QED header ({err})") from None
+            raise invalid_image(self.path, f"unreadable QED header ({err})") from None
         validate_header(self.path, header, file_size)
         self.geometry = g = Geometry.of(header)
         self.cluster_size, self.size = g.cluster_size, g.size
@@ -172,9 +162,9 @@ class QedImage:
         try:
             name = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise _fail(self.path, "backing file name is not valid UTF-8") from None
+            raise invalid_image(self.path, "backing file name is not valid UTF-8") from None
         if "\0" in name:
-            raise _fail(self.path, "backing file name contains a NUL byte")
+            raise invalid_image(self.path, "backing file name contains a NUL byte")
         return name
 
     def _clear_unknown_autoclear_bits(self) -> None:
@@ -446,7 +436,7 @@ class QedImage:
         for start in (QED_HEADER_SIZE, max(QED_HEADER_SIZE, used_end)):
             if (start + size <= used_start or start >= used_end) and start + size <= self.geometry.first_cluster:
                 return start
-        raise InvalidImageError(f"{self.path}: backing file name of {size} bytes does not fit in the header")
+        raise invalid_image(self.path, f"backing file name of {size} bytes does not fit in the header")
 
     # -- write-back, durability and closing ----------------------------------------------------------
 
@@ -520,7 +510,7 @@ def create(
     if table_size == 1:
         # Valid by the spec, but QEMU (7.2 at least) cannot open such images: its overflow check
         # on the table's last cluster rejects them. Images we create must open in QEMU.
-        raise InvalidImageError(f"{path}: table_size 1 makes images that QEMU cannot open; use 2 or more")
+        raise invalid_image(path, "table_size 1 makes images that QEMU cannot open; use 2 or more")
     header = dict(
         cluster_size=cluster_size,
         table_size=table_size,

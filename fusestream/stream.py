@@ -27,6 +27,7 @@ import trio
 from .chain import Chain, StatusWalk, resolve_backing
 from .copy import MAX_COPY, Copier
 from .errors import CommandError, FusestreamError, StreamError
+from .faults import EventSink
 from .formats.layer import Layer
 from .services import Service
 
@@ -119,7 +120,6 @@ class ProgressRate:
         self._samples.clear()
 
 
-EventSink = Callable[[str, dict], None]
 RunSync = Callable[..., Awaitable]
 
 

@@ -76,6 +76,41 @@ def test_need_check_is_cleared_once_allocating_writes_pause(tmp_path):
         top.close()
 
 
+def test_a_failed_need_check_clear_is_reported_as_need_check_and_tried_again(tmp_path, monkeypatch):
+    image = tmp_path / "solo.qed"
+    qed.create(str(image), 16 << 20)
+    top = qed.open_image(str(image), writable=True)
+    clear_need_check = top.clear_need_check
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    def failing_once():
+        if failures:
+            raise failures.pop()
+        clear_need_check()
+
+    monkeypatch.setattr(top, "clear_need_check", failing_once)
+    seen: list[tuple[str | None, bool]] = []
+
+    async def body(nursery, write_errors):
+        timer = NeedCheckTimer(top, write_errors, run_sync=inline)
+        await nursery.start(timer.run)
+        start = trio.current_time()
+        top.write(0, b"data" * 1000, below=None)
+        cleared_at = start + NEED_CHECK_POLL + NEED_CHECK_IDLE  # the look that sees the write, then the wait
+        for at in (cleared_at + 0.01, cleared_at + NEED_CHECK_POLL + 0.01):  # it fails, then the next look clears
+            await trio.sleep_until(at)
+            seen.append((write_errors.error, need_check_on_disk(image)))
+        timer.stop()
+
+    try:
+        events = run_on_mock_clock(body)
+    finally:
+        top.close()
+    # The error stays the state until a write-back or a guest fsync succeeds (faults.WriteErrors).
+    assert seen == [("need-check: Input/output error", True), ("need-check: Input/output error", False)]
+    assert [(e["event"], e["data"]["origin"]) for e in events.events()] == [("BLOCK_IO_ERROR", "need-check")]
+
+
 def test_the_write_back_timer_writes_l2_entries_every_interval_and_reports_a_failure(tmp_path, chain, monkeypatch):
     c = open_chain(str(chain.top))
     top = c.top

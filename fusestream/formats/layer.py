@@ -54,18 +54,17 @@ class Layer(Protocol):
 
     def read_into(self, view: memoryview, offset: int, direct: bool = False) -> Ranges:
         """Fill `view` from `offset` (a range within `size`) where the layer decides: its data
-        (FOUND) and zeros (ZERO); returns the UNALLOCATED ranges it left for the layers below.
-        For bulk reads: no copies under the GIL. `direct`: read exactly this, bypassing the
-        page cache and its readahead where the alignment of `view` allows (the stream, while
-        it gives way to the guest). ShortRead where the file ended early."""
+        (FOUND), read by the source straight into `view` (Source.read_into), and zeros (ZERO);
+        returns the UNALLOCATED ranges it left for the layers below. `direct` is handed to the
+        source (read exactly this, bypassing its caches: the stream, while it gives way to the
+        guest). ShortRead where the source ended early."""
 
     def prefetch(self, offset: int, length: int) -> Ranges:
-        """Start reading the layer's data of a range within `size` into the page cache, without
-        waiting for it (posix_fadvise WILLNEED; the kernel may still block while it queues the
-        reads): the reads that follow find it there. For reads of many scattered clusters: the
-        device fetches them all at once, where the reads alone would wait for one cluster at a
-        time. A hint: it never fails (see sources.local.ReadAdvice). Returns the UNALLOCATED
-        ranges, for the chain to prefetch below."""
+        """Hint the source (Source.prefetch) at where the layer's data of a range within `size`
+        lies, so that it starts fetching it without waiting and the reads that follow find it
+        there: for reads of many scattered clusters, fetched all at once rather than one
+        cluster at a time. A hint: it never fails. Returns the UNALLOCATED ranges, for the
+        chain to prefetch below."""
 
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         """Status of the run starting at `offset` and how many bytes (<= length) share it."""

@@ -221,8 +221,8 @@ class QedImage:
     # -- reads -----------------------------------------------------------------------------------
 
     def read_into(self, view: memoryview, offset: int, direct: bool = False) -> Ranges:
-        """Fill `view` where the image decides, with preadv straight into it; returns the
-        UNALLOCATED ranges."""
+        """Fill `view` where the image decides (Layer.read_into): data clusters read by the
+        source straight into it, zero clusters as zeros; returns the UNALLOCATED ranges."""
         cluster, within = divmod(offset, self.cluster_size)
         if within + len(view) <= self.cluster_size:  # the common small read: one lookup, no extents
             with self.tables.lock:

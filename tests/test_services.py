@@ -37,6 +37,19 @@ def run_on_mock_clock(body) -> EventLog:
     return events
 
 
+def fail_once(monkeypatch, obj, name: str, error: OSError) -> None:
+    """Make the method `name` of `obj` raise `error` at its first call, and work after."""
+    real = getattr(obj, name)
+    failures = [error]
+
+    def failing_once():
+        if failures:
+            raise failures.pop()
+        real()
+
+    monkeypatch.setattr(obj, name, failing_once)
+
+
 def need_check_on_disk(path) -> bool:
     return bool(QED_HEADER.parse(path.read_bytes()[:QED_HEADER_SIZE]).features & QED_F_NEED_CHECK)
 
@@ -80,15 +93,7 @@ def test_a_failed_need_check_clear_is_reported_as_need_check_and_tried_again(tmp
     image = tmp_path / "solo.qed"
     qed.create(str(image), 16 << 20)
     top = qed.open_image(str(image), writable=True)
-    clear_need_check = top.clear_need_check
-    failures = [OSError(errno.EIO, "Input/output error")]
-
-    def failing_once():
-        if failures:
-            raise failures.pop()
-        clear_need_check()
-
-    monkeypatch.setattr(top, "clear_need_check", failing_once)
+    fail_once(monkeypatch, top, "clear_need_check", OSError(errno.EIO, "Input/output error"))
     seen: list[tuple[str | None, bool]] = []
 
     async def body(nursery, write_errors):
@@ -115,15 +120,7 @@ def test_the_write_back_timer_writes_l2_entries_every_interval_and_reports_a_fai
     c = open_chain(str(chain.top))
     top = c.top
     unallocated = next(e for e in top.extents(0, chain.size) if e.status.value == "unallocated")
-    write_back = top.write_back
-    failures = [OSError(errno.ENOSPC, "No space left on device")]
-
-    def failing_once():
-        if failures:
-            raise failures.pop()
-        write_back()
-
-    monkeypatch.setattr(top, "write_back", failing_once)
+    fail_once(monkeypatch, top, "write_back", OSError(errno.ENOSPC, "No space left on device"))
     pending: list[bool] = []
     errors: list[str | None] = []
 

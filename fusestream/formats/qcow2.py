@@ -182,7 +182,7 @@ class Qcow2Image:
         if (h.header_length < QCOW2_V3_HEADER_LENGTH or h.header_length % 8
                 or h.header_length > min(self.cluster_size, self.file_size)):
             raise invalid_image(self.path, f"invalid header_length {h.header_length} (a multiple of 8 from 104 to "
-                                   "the cluster size, inside the file)")
+                                           "the cluster size, inside the file)")
         if h.refcount_order > 6:
             raise invalid_image(self.path, f"invalid refcount_order {h.refcount_order} (at most 6)")
         h.compression_type = QCOW2_COMPRESSION_TYPE_ZLIB
@@ -204,7 +204,7 @@ class Qcow2Image:
         if bool(h.incompatible_features & QCOW2_INCOMPAT_COMPRESSION) != (
                 h.compression_type != QCOW2_COMPRESSION_TYPE_ZLIB):
             raise invalid_image(self.path, "the compression type feature bit disagrees with compression_type "
-                                   f"{h.compression_type}")
+                                           f"{h.compression_type}")
         self.extended_l2 = bool(h.incompatible_features & QCOW2_INCOMPAT_EXTL2)
         if self.extended_l2 and self.cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS:
             raise invalid_image(self.path, f"extended L2 entries with {self.cluster_size}-byte clusters "
@@ -224,7 +224,7 @@ class Qcow2Image:
             data_start = at + QCOW2_EXTENSION_HEADER.sizeof()
             if data_start + ext.len > len(header_cluster):
                 raise invalid_image(self.path, f"header extension {ext.magic:#x} of {ext.len} bytes "
-                                       "runs past the header cluster")
+                                               "runs past the header cluster")
             data = header_cluster[data_start : data_start + ext.len]
             if ext.magic == QCOW2_EXT_MAGIC_BACKING_FORMAT:
                 backing_format = self._decode(data, "backing format")
@@ -268,7 +268,7 @@ class Qcow2Image:
         start, size = h.backing_file_offset, h.backing_file_size
         if size > MAX_BACKING_FILE_SIZE or start + size > len(header_cluster) or start + size > self.cluster_size:
             raise invalid_image(self.path, f"invalid backing file name at offset {start}, size {size} "
-                                   "(not in the header cluster)")
+                                           "(not in the header cluster)")
         return self._decode(header_cluster[start : start + size], "backing file name")
 
     def _check_geometry(self) -> None:
@@ -286,11 +286,11 @@ class Qcow2Image:
         if h.l1_table_offset % cs or (h.l1_size and h.l1_table_offset < cs) or (
                 h.l1_table_offset + h.l1_size * 8 > self.file_size):
             raise invalid_image(self.path, f"invalid l1_table_offset {h.l1_table_offset} "
-                                   "(not cluster-aligned, in the header or past the end)")
+                                           "(not cluster-aligned, in the header or past the end)")
         reftable_bytes = h.refcount_table_clusters * cs
         if h.refcount_table_offset % cs or reftable_bytes > QCOW_MAX_REFTABLE_SIZE:
             raise invalid_image(self.path, f"invalid refcount table at {h.refcount_table_offset}, "
-                                   f"{h.refcount_table_clusters} clusters")
+                                           f"{h.refcount_table_clusters} clusters")
         if h.nb_snapshots > QCOW_MAX_SNAPSHOTS or (h.nb_snapshots and h.snapshots_offset % cs):
             raise invalid_image(self.path, f"invalid snapshot table: {h.nb_snapshots} snapshots at "
                                            f"{h.snapshots_offset}")

@@ -5,9 +5,9 @@ The parts: qed_table.py (L1/L2 tables, the L2 cache, lookups, the file's cluster
 qed_alloc.py (cluster allocation: allocating writes, populate, new tables, free clusters,
 discard, and the write-back that makes them durable in QEMU's order), qed_sync.py (the
 fdatasync, what it must write again after a failed one, and the header as the disk is to hold
-it), qed_check.py (the consistency check). An image reads only what it holds: the chain (chain.py) reads what it
-leaves UNALLOCATED from the layers below, and hands a top image's writes what they need of
-those (`below`).
+it), qed_check.py (the consistency check). An image reads only what it holds: the chain
+(chain.py) reads what it leaves UNALLOCATED from the layers below, and hands a top image's
+writes what they need of those (`below`).
 
 The image is thread-safe so that bulk I/O can run off the trio event loop. Two locks:
 
@@ -91,7 +91,7 @@ def validate_header(path: str, h, file_size: int) -> None:
         raise invalid_image(path, f"invalid image_size {h.image_size} (not a multiple of 512)")
     if h.image_size > max_image_size(cs, ts):
         raise invalid_image(path, f"invalid image_size {h.image_size} (more than the tables can address: "
-                          f"{max_image_size(cs, ts)} bytes)")
+                                  f"{max_image_size(cs, ts)} bytes)")
     if h.image_size > BDRV_MAX_LENGTH:
         raise invalid_image(path, f"invalid image_size {h.image_size} (more than QEMU's limit, "
                                   f"{BDRV_MAX_LENGTH} bytes)")

@@ -2,7 +2,7 @@
 
 As QEMU does with werror=report, the request that met the error fails (the guest's write or
 fsync gets the errno) and a BLOCK_IO_ERROR event is emitted, with QEMU's fields. The background
-tasks (the write-back timer, copy-on-read) report here too; their errors never end the daemon.
+tasks (the write-back and need-check timers, copy-on-read) report here too; their errors never end the daemon.
 An error stays the current state until a write-back or a guest fsync succeeds; one event and one
 log line per error, not one per failing retry, so a full disk does not flood the events log.
 """
@@ -12,12 +12,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 
 import trio
 
-from .stream import EventSink
-
 log = logging.getLogger(__name__)
+
+EventSink = Callable[[str, dict], None]
+"""Emits one event: its name and its data (the control files' events log)."""
 
 
 def error_number(err: BaseException) -> int:
@@ -43,7 +45,7 @@ class WriteErrors:
 
     def report(self, origin: str, err: BaseException | int) -> None:
         """A write to the top image failed in `origin` (guest write, guest fsync, write-back,
-        copy-on-read, ...)."""
+        need-check, copy-on-read)."""
         code = err if isinstance(err, int) else error_number(err)
         self._on_loop(self._report, origin, code)
 

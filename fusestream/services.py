@@ -59,6 +59,7 @@ class _TopImageTimer(Service):
     """A service that acts on the top image every `interval` seconds, in a worker thread."""
 
     interval: float
+    origin: str  # what its write errors are reported as (faults.WriteErrors)
 
     def __init__(self, top: QedImage, write_errors: WriteErrors,
                  run_sync: Callable[..., Awaitable] = trio.to_thread.run_sync):
@@ -74,7 +75,7 @@ class _TopImageTimer(Service):
             try:
                 await self.tick()
             except (OSError, FusestreamError) as err:
-                self.write_errors.report("write-back", err)
+                self.write_errors.report(self.origin, err)
 
     async def tick(self) -> None:
         raise NotImplementedError
@@ -84,6 +85,7 @@ class WriteBackTimer(_TopImageTimer):
     """Writes the L2 entries that allocations changed (QedImage.write_back) every second."""
 
     interval = WRITE_BACK_INTERVAL
+    origin = "write-back"
 
     async def tick(self) -> None:
         if self.top.needs_write_back:
@@ -99,6 +101,7 @@ class NeedCheckTimer(_TopImageTimer):
     last allocation."""
 
     interval = NEED_CHECK_POLL
+    origin = "need-check"
 
     def __init__(self, top: QedImage, write_errors: WriteErrors,
                  run_sync: Callable[..., Awaitable] = trio.to_thread.run_sync):

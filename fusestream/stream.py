@@ -27,6 +27,7 @@ import trio
 from .chain import Chain, StatusWalk, resolve_backing
 from .copy import Copier
 from .errors import CommandError, FusestreamError, StreamError
+from .faults import EventSink
 from .formats.layer import Layer
 from .services import Service
 from .sources import display_name
@@ -120,7 +121,6 @@ class ProgressRate:
         self._samples.clear()
 
 
-EventSink = Callable[[str, dict], None]
 RunSync = Callable[..., Awaitable]
 
 

@@ -27,7 +27,7 @@ from conftest import (
 from fusestream.chain import open_layer
 from fusestream.errors import CorruptionError, InvalidImageError, UnsupportedImageError
 from fusestream.formats.layer import BlockStatus
-from fusestream.formats.qcow2 import open_image
+from fusestream.formats.qcow2 import Qcow2Image
 from fusestream.formats.qcow2_structs import (
     QCOW2_HEADER_V2,
     QCOW2_HEADER_V3,
@@ -37,6 +37,7 @@ from fusestream.formats.qcow2_structs import (
     QCOW_OFLAG_COMPRESSED,
     compressed_descriptor,
 )
+from fusestream.sources import open_source
 
 SIZE = 8 * 1024 * 1024
 READS = 300
@@ -144,7 +145,7 @@ def test_headers_parse_and_build_back_byte_for_byte(tmp_path):
 
 def test_reads_are_byte_identical_to_qemu(tmp_path, image):
     expected = qemu_convert(image, tmp_path / "expected.raw")
-    layer = open_image(str(image))
+    layer = Qcow2Image(open_source(str(image)))
     try:
         assert layer.size == len(expected)
         assert read_alone(layer, 0, layer.size) == expected
@@ -157,7 +158,7 @@ def test_reads_are_byte_identical_to_qemu(tmp_path, image):
 
 
 def test_block_status_matches_qemu_img_map(image):
-    layer = open_image(str(image))
+    layer = Qcow2Image(open_source(str(image)))
     try:
         assert our_runs(layer) == qemu_runs(image)
     finally:
@@ -173,9 +174,9 @@ def test_compressed_clusters_are_data_and_zero_clusters_zero(tmp_path):
 
 
 def test_facts_of_the_header(tmp_path):
-    v2 = open_image(str(IMAGES["compat-0.10-zlib-512"](tmp_path)))
-    zstd = open_image(str(IMAGES["zstd"](tmp_path)))
-    extl2 = open_image(str(extended_l2_image(tmp_path)))
+    v2 = Qcow2Image(open_source(str(IMAGES["compat-0.10-zlib-512"](tmp_path))))
+    zstd = Qcow2Image(open_source(str(IMAGES["zstd"](tmp_path))))
+    extl2 = Qcow2Image(open_source(str(extended_l2_image(tmp_path))))
     try:
         assert (v2.compat, v2.cluster_size, v2.compression_type, v2.extended_l2) == ("0.10", 512, "zlib", False)
         assert (zstd.compat, zstd.cluster_size, zstd.compression_type) == ("1.1", 65536, "zstd")
@@ -188,7 +189,7 @@ def test_facts_of_the_header(tmp_path):
 def test_sixteen_small_reads_of_a_compressed_cluster_inflate_it_once(tmp_path):
     source = tmp_path / "source.raw"
     source.write_bytes(b"fusestream" * (SIZE // 10) + bytes(SIZE % 10))
-    layer = open_image(str(convert(tmp_path, "zlib.qcow2", "-c", source=source)))
+    layer = Qcow2Image(open_source(str(convert(tmp_path, "zlib.qcow2", "-c", source=source))))
     try:
         for offset in range(1 << 20, (1 << 20) + 65536, 4096):
             assert read_alone(layer, offset, 4096) == source.read_bytes()[offset : offset + 4096]
@@ -198,7 +199,7 @@ def test_sixteen_small_reads_of_a_compressed_cluster_inflate_it_once(tmp_path):
 
 
 def test_the_inflated_cluster_cache_is_bounded(tmp_path):
-    layer = open_image(str(IMAGES["zlib"](tmp_path)), cluster_cache_bytes=4 * 65536)
+    layer = Qcow2Image(open_source(str(IMAGES["zlib"](tmp_path))), cluster_cache_bytes=4 * 65536)
     try:
         read_alone(layer, 0, layer.size)
         assert len(layer._clusters) == 4
@@ -511,7 +512,7 @@ def test_what_cannot_be_read_safely_is_refused_with_one_line(tmp_path, name):
 def test_the_dirty_bit_and_lazy_refcounts_are_read(tmp_path):
     image = convert(tmp_path, "lazy.qcow2", "-o", "lazy_refcounts=on")
     set_incompatible_bits(image, 1)  # QCOW2_INCOMPAT_DIRTY
-    layer = open_image(str(image))
+    layer = Qcow2Image(open_source(str(image)))
     try:
         assert layer.dirty and layer.lazy_refcounts
         assert read_alone(layer, 0, SIZE) == (tmp_path / "source.raw").read_bytes()
@@ -524,7 +525,7 @@ def test_internal_snapshots_are_ignored(tmp_path):
     qemu_img("snapshot", "-c", "before", str(image))
     qemu_io(image, "write -P 0x5a 0 64k", fmt="qcow2")
     expected = qemu_convert(image, tmp_path / "expected.raw")
-    layer = open_image(str(image))
+    layer = Qcow2Image(open_source(str(image)))
     try:
         assert read_alone(layer, 0, SIZE) == expected
     finally:
@@ -558,7 +559,7 @@ def test_an_l2_entry_into_metadata_fails_that_range_only(tmp_path):
     l1_table_offset = QCOW2_HEADER_V2.parse(image.read_bytes()).l1_table_offset
     for target in (512, l1_table_offset, l2_entry_offset(image, 0) // 65536 * 65536, 1 << 40):
         poke(image, l2_entry_offset(image, 0), target | (1 << 63))
-        layer = open_image(str(image))
+        layer = Qcow2Image(open_source(str(image)))
         try:
             with pytest.raises(CorruptionError, match="data cluster offset"):
                 read_alone(layer, 100, 10)
@@ -569,7 +570,7 @@ def test_an_l2_entry_into_metadata_fails_that_range_only(tmp_path):
 
 def first_compressed_cluster(image: Path) -> tuple[int, int]:
     """(guest offset, L2 entry's file offset) of the image's first compressed cluster."""
-    layer = open_image(str(image))
+    layer = Qcow2Image(open_source(str(image)))
     try:
         first = next(pos for pos, end, status in our_runs(layer) if status is BlockStatus.FOUND)
     finally:
@@ -598,7 +599,7 @@ def test_a_compressed_cluster_that_does_not_inflate_to_one_cluster_fails_that_ra
     with open(image, "r+b") as f:
         f.seek(coffset)
         f.write(content)
-    layer = open_image(str(image))
+    layer = Qcow2Image(open_source(str(image)))
     try:
         with pytest.raises(CorruptionError, match=f"compressed cluster at {coffset}.*{reason}"):
             read_alone(layer, first, 4096)
@@ -612,7 +613,7 @@ def test_a_compressed_descriptor_into_the_header_fails_that_range(tmp_path):
     image = convert(tmp_path, "zlib.qcow2", "-c")
     first, entry_at = first_compressed_cluster(image)
     poke(image, entry_at, QCOW_OFLAG_COMPRESSED | 100)
-    layer = open_image(str(image))
+    layer = Qcow2Image(open_source(str(image)))
     try:
         with pytest.raises(CorruptionError, match="compressed cluster at 100 lies in the header"):
             read_alone(layer, first, 1)
@@ -627,7 +628,7 @@ def test_an_l1_entry_into_the_l1_table_is_refused_at_open(tmp_path):
     header = QCOW2_HEADER_V2.parse(image.read_bytes())
     poke(image, header.l1_table_offset, header.l1_table_offset | (1 << 63))
     with pytest.raises(InvalidImageError, match="L1 entry 0: L2 table offset .* lies in the L1 table"):
-        open_image(str(image))
+        Qcow2Image(open_source(str(image)))
 
 
 def test_a_backing_name_at_a_proc_file_is_refused_with_one_line(tmp_path):

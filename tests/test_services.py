@@ -37,6 +37,19 @@ def run_on_mock_clock(body) -> EventLog:
     return events
 
 
+def fail_once(monkeypatch, obj, name: str, error: OSError) -> None:
+    """Make the method `name` of `obj` raise `error` at its first call, and work after."""
+    real = getattr(obj, name)
+    failures = [error]
+
+    def failing_once():
+        if failures:
+            raise failures.pop()
+        real()
+
+    monkeypatch.setattr(obj, name, failing_once)
+
+
 def need_check_on_disk(path) -> bool:
     return bool(QED_HEADER.parse(path.read_bytes()[:QED_HEADER_SIZE]).features & QED_F_NEED_CHECK)
 
@@ -76,19 +89,38 @@ def test_need_check_is_cleared_once_allocating_writes_pause(tmp_path):
         top.close()
 
 
+def test_a_failed_need_check_clear_is_reported_as_need_check_and_tried_again(tmp_path, monkeypatch):
+    image = tmp_path / "solo.qed"
+    qed.create(str(image), 16 << 20)
+    top = qed.open_image(str(image), writable=True)
+    fail_once(monkeypatch, top, "clear_need_check", OSError(errno.EIO, "Input/output error"))
+    seen: list[tuple[str | None, bool]] = []
+
+    async def body(nursery, write_errors):
+        timer = NeedCheckTimer(top, write_errors, run_sync=inline)
+        await nursery.start(timer.run)
+        start = trio.current_time()
+        top.write(0, b"data" * 1000, below=None)
+        cleared_at = start + NEED_CHECK_POLL + NEED_CHECK_IDLE  # the look that sees the write, then the wait
+        for at in (cleared_at + 0.01, cleared_at + NEED_CHECK_POLL + 0.01):  # it fails, then the next look clears
+            await trio.sleep_until(at)
+            seen.append((write_errors.error, need_check_on_disk(image)))
+        timer.stop()
+
+    try:
+        events = run_on_mock_clock(body)
+    finally:
+        top.close()
+    # The error stays the state until a write-back or a guest fsync succeeds (faults.WriteErrors).
+    assert seen == [("need-check: Input/output error", True), ("need-check: Input/output error", False)]
+    assert [(e["event"], e["data"]["origin"]) for e in events.events()] == [("BLOCK_IO_ERROR", "need-check")]
+
+
 def test_the_write_back_timer_writes_l2_entries_every_interval_and_reports_a_failure(tmp_path, chain, monkeypatch):
     c = open_chain(str(chain.top))
     top = c.top
     unallocated = next(e for e in top.extents(0, chain.size) if e.status.value == "unallocated")
-    write_back = top.write_back
-    failures = [OSError(errno.ENOSPC, "No space left on device")]
-
-    def failing_once():
-        if failures:
-            raise failures.pop()
-        write_back()
-
-    monkeypatch.setattr(top, "write_back", failing_once)
+    fail_once(monkeypatch, top, "write_back", OSError(errno.ENOSPC, "No space left on device"))
     pending: list[bool] = []
     errors: list[str | None] = []
 

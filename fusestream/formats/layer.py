@@ -8,10 +8,12 @@ them from the layers below. A new format is a new module with this interface.
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from ..errors import InvalidImageError, describe_os_error
 from ..sources import Source
 
 
@@ -52,24 +54,42 @@ class Layer(Protocol):
 
     def read_into(self, view: memoryview, offset: int, direct: bool = False) -> Ranges:
         """Fill `view` from `offset` (a range within `size`) where the layer decides: its data
-        (FOUND) and zeros (ZERO); returns the UNALLOCATED ranges it left for the layers below.
-        For bulk reads: no copies under the GIL. `direct`: read exactly this, bypassing the
-        page cache and its readahead where the alignment of `view` allows (the stream, while
-        it gives way to the guest). ShortRead where the file ended early."""
+        (FOUND), read by the source straight into `view` (Source.read_into), and zeros (ZERO);
+        returns the UNALLOCATED ranges it left for the layers below. `direct` is handed to the
+        source (read exactly this, bypassing its caches: the stream, while it gives way to the
+        guest). ShortRead where the source ended early."""
 
     def prefetch(self, offset: int, length: int) -> Ranges:
-        """Start reading the layer's data of a range within `size` into the page cache, without
-        waiting for it (posix_fadvise WILLNEED; the kernel may still block while it queues the
-        reads): the reads that follow find it there. For reads of many scattered clusters: the
-        device fetches them all at once, where the reads alone would wait for one cluster at a
-        time. A hint: it never fails (see sources.local.ReadAdvice). Returns the UNALLOCATED
-        ranges, for the chain to prefetch below."""
+        """Hint the source (Source.prefetch) at where the layer's data of a range within `size`
+        lies, so that it starts fetching it without waiting and the reads that follow find it
+        there: for reads of many scattered clusters, fetched all at once rather than one
+        cluster at a time. A hint: it never fails. Returns the UNALLOCATED ranges, for the
+        chain to prefetch below."""
 
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         """Status of the run starting at `offset` and how many bytes (<= length) share it."""
 
     def close(self) -> None:
         """Close the source too."""
+
+
+def invalid_image(path: str, problem: str) -> InvalidImageError:
+    """The error for an image that breaks its format's rules: one line, naming the file."""
+    return InvalidImageError(f"{path}: {problem}")
+
+
+@contextlib.contextmanager
+def closed_on_failure(source: Source) -> Iterator[None]:
+    """Around a layer's open of `source`, which the layer owns: a failure closes the source, and
+    an OSError becomes an InvalidImageError naming it."""
+    try:
+        yield
+    except OSError as err:
+        source.close()
+        raise InvalidImageError(describe_os_error(source.name, err)) from None
+    except BaseException:
+        source.close()
+        raise
 
 
 ZEROS = bytes(1 << 20)

@@ -28,9 +28,9 @@ from collections.abc import Iterator
 import zstandard
 from construct import ConstructError
 
-from ..errors import CorruptionError, InvalidImageError, UnsupportedImageError, describe_os_error
-from ..sources import Source, open_source
-from .layer import BlockStatus, Ranges, fill_zeros
+from ..errors import CorruptionError, UnsupportedImageError
+from ..sources import Source
+from .layer import BlockStatus, Ranges, closed_on_failure, fill_zeros, invalid_image
 from .qcow2_structs import (
     COMPRESSION_TYPE_NAMES,
     CRYPT_METHOD_NAMES,
@@ -102,10 +102,6 @@ class Compressed:
     csize: int
 
 
-def _fail(path: str, problem: str) -> InvalidImageError:
-    return InvalidImageError(f"{path}: {problem}")
-
-
 def _refuse(path: str, feature: str) -> UnsupportedImageError:
     return UnsupportedImageError(f"{path}: qcow2 {feature} is not supported")
 
@@ -125,14 +121,8 @@ class Qcow2Image:
     ):
         self.source = source
         self.path = source.name
-        try:
+        with closed_on_failure(source):
             self._load()
-        except OSError as err:
-            source.close()
-            raise InvalidImageError(describe_os_error(self.path, err)) from None
-        except BaseException:
-            source.close()
-            raise
         self._table_lock = threading.Lock()
         self._l2_cache: collections.OrderedDict[int, array.array] = collections.OrderedDict()
         self._l2_cache_max = max(1, l2_cache_bytes // self.cluster_size)
@@ -147,18 +137,18 @@ class Qcow2Image:
         self.file_size = self.source.size
         head = self.source.read(0, QCOW2_V3_HEADER_LENGTH + 8)
         if not head.startswith(QCOW_MAGIC):
-            raise _fail(self.path, "empty file" if not head else "not a qcow2 image")
+            raise invalid_image(self.path, "empty file" if not head else "not a qcow2 image")
         if len(head) < QCOW2_V2_HEADER_LENGTH:
-            raise _fail(self.path, "truncated qcow2 header")
+            raise invalid_image(self.path, "truncated qcow2 header")
         try:
             self.header = QCOW2_HEADER_V2.parse(head)
         except ConstructError as err:
-            raise _fail(self.path, f"unreadable qcow2 header ({err})") from None
+            raise invalid_image(self.path, f"unreadable qcow2 header ({err})") from None
         h = self.header
         if h.version not in QCOW2_VERSIONS:
             raise _refuse(self.path, f"version {h.version}")
         if not MIN_CLUSTER_BITS <= h.cluster_bits <= MAX_CLUSTER_BITS:
-            raise _fail(self.path, f"invalid cluster_bits {h.cluster_bits} (from 9 to 21: 512 B to 2 MiB)")
+            raise invalid_image(self.path, f"invalid cluster_bits {h.cluster_bits} (from 9 to 21: 512 B to 2 MiB)")
         self.cluster_bits = h.cluster_bits
         self.cluster_size = 1 << h.cluster_bits
         self._load_v3_fields(head)
@@ -187,14 +177,14 @@ class Qcow2Image:
                           header_length=QCOW2_V2_HEADER_LENGTH, compression_type=QCOW2_COMPRESSION_TYPE_ZLIB))
             return
         if len(head) < QCOW2_V3_HEADER_LENGTH:
-            raise _fail(self.path, "truncated qcow2 version 3 header")
+            raise invalid_image(self.path, "truncated qcow2 version 3 header")
         h.update(QCOW2_HEADER_V3.parse(head[QCOW2_V2_HEADER_LENGTH:]))
         if (h.header_length < QCOW2_V3_HEADER_LENGTH or h.header_length % 8
                 or h.header_length > min(self.cluster_size, self.file_size)):
-            raise _fail(self.path, f"invalid header_length {h.header_length} (a multiple of 8 from 104 to "
-                                   "the cluster size, inside the file)")
+            raise invalid_image(self.path, f"invalid header_length {h.header_length} (a multiple of 8 from 104 to "
+                                           "the cluster size, inside the file)")
         if h.refcount_order > 6:
-            raise _fail(self.path, f"invalid refcount_order {h.refcount_order} (at most 6)")
+            raise invalid_image(self.path, f"invalid refcount_order {h.refcount_order} (at most 6)")
         h.compression_type = QCOW2_COMPRESSION_TYPE_ZLIB
         if h.header_length > QCOW2_V3_HEADER_LENGTH:
             h.update(QCOW2_COMPRESSION_TYPE.parse(head[QCOW2_V3_HEADER_LENGTH:]))
@@ -213,11 +203,12 @@ class Qcow2Image:
             raise _refuse(self.path, f"compression type {h.compression_type}")
         if bool(h.incompatible_features & QCOW2_INCOMPAT_COMPRESSION) != (
                 h.compression_type != QCOW2_COMPRESSION_TYPE_ZLIB):
-            raise _fail(self.path, "the compression type feature bit disagrees with compression_type "
-                                   f"{h.compression_type}")
+            raise invalid_image(self.path, "the compression type feature bit disagrees with compression_type "
+                                           f"{h.compression_type}")
         self.extended_l2 = bool(h.incompatible_features & QCOW2_INCOMPAT_EXTL2)
         if self.extended_l2 and self.cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS:
-            raise _fail(self.path, f"extended L2 entries with {self.cluster_size}-byte clusters (16 KiB at least)")
+            raise invalid_image(self.path, f"extended L2 entries with {self.cluster_size}-byte clusters "
+                                           "(16 KiB at least)")
 
     def _read_extensions(self, header_cluster: bytes) -> tuple[str | None, str | None]:
         """(backing format, external data file name) from the header extensions; unknown ones
@@ -232,8 +223,8 @@ class Qcow2Image:
                 break
             data_start = at + QCOW2_EXTENSION_HEADER.sizeof()
             if data_start + ext.len > len(header_cluster):
-                raise _fail(self.path, f"header extension {ext.magic:#x} of {ext.len} bytes "
-                                       "runs past the header cluster")
+                raise invalid_image(self.path, f"header extension {ext.magic:#x} of {ext.len} bytes "
+                                               "runs past the header cluster")
             data = header_cluster[data_start : data_start + ext.len]
             if ext.magic == QCOW2_EXT_MAGIC_BACKING_FORMAT:
                 backing_format = self._decode(data, "backing format")
@@ -265,9 +256,9 @@ class Qcow2Image:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise _fail(self.path, f"{what} is not valid UTF-8") from None
+            raise invalid_image(self.path, f"{what} is not valid UTF-8") from None
         if not text.isprintable():  # a NUL, or a newline that would break the one-line messages naming it
-            raise _fail(self.path, f"{what} contains control characters")
+            raise invalid_image(self.path, f"{what} contains control characters")
         return text
 
     def _read_backing_filename(self, header_cluster: bytes) -> str | None:
@@ -276,8 +267,8 @@ class Qcow2Image:
             return None
         start, size = h.backing_file_offset, h.backing_file_size
         if size > MAX_BACKING_FILE_SIZE or start + size > len(header_cluster) or start + size > self.cluster_size:
-            raise _fail(self.path, f"invalid backing file name at offset {start}, size {size} "
-                                   "(not in the header cluster)")
+            raise invalid_image(self.path, f"invalid backing file name at offset {start}, size {size} "
+                                           "(not in the header cluster)")
         return self._decode(header_cluster[start : start + size], "backing file name")
 
     def _check_geometry(self) -> None:
@@ -289,19 +280,20 @@ class Qcow2Image:
         self.size = h.size
         span = cs * self.l2_entries  # guest bytes behind one L2 table
         if h.size >= 1 << 63:
-            raise _fail(self.path, f"invalid size {h.size}")
+            raise invalid_image(self.path, f"invalid size {h.size}")
         if h.l1_size * 8 > QCOW_MAX_L1_SIZE or h.l1_size < -(-h.size // span):
-            raise _fail(self.path, f"invalid l1_size {h.l1_size} for a virtual size of {h.size} bytes")
+            raise invalid_image(self.path, f"invalid l1_size {h.l1_size} for a virtual size of {h.size} bytes")
         if h.l1_table_offset % cs or (h.l1_size and h.l1_table_offset < cs) or (
                 h.l1_table_offset + h.l1_size * 8 > self.file_size):
-            raise _fail(self.path, f"invalid l1_table_offset {h.l1_table_offset} "
-                                   "(not cluster-aligned, in the header or past the end)")
+            raise invalid_image(self.path, f"invalid l1_table_offset {h.l1_table_offset} "
+                                           "(not cluster-aligned, in the header or past the end)")
         reftable_bytes = h.refcount_table_clusters * cs
         if h.refcount_table_offset % cs or reftable_bytes > QCOW_MAX_REFTABLE_SIZE:
-            raise _fail(self.path, f"invalid refcount table at {h.refcount_table_offset}, "
-                                   f"{h.refcount_table_clusters} clusters")
+            raise invalid_image(self.path, f"invalid refcount table at {h.refcount_table_offset}, "
+                                           f"{h.refcount_table_clusters} clusters")
         if h.nb_snapshots > QCOW_MAX_SNAPSHOTS or (h.nb_snapshots and h.snapshots_offset % cs):
-            raise _fail(self.path, f"invalid snapshot table: {h.nb_snapshots} snapshots at {h.snapshots_offset}")
+            raise invalid_image(self.path, f"invalid snapshot table: {h.nb_snapshots} snapshots at "
+                                           f"{h.snapshots_offset}")
 
     def _read_l1(self) -> array.array:
         l1 = array.array("Q")
@@ -325,7 +317,7 @@ class Qcow2Image:
             else:
                 problem = self._metadata_overlap(offset, self.cluster_size, l2_tables=False)
             if problem:
-                raise _fail(self.path, f"L1 entry {index}: L2 table offset {offset} {problem}")
+                raise invalid_image(self.path, f"L1 entry {index}: L2 table offset {offset} {problem}")
 
     def _metadata_overlap(self, start: int, length: int, l2_tables: bool = True) -> str | None:
         """Which metadata [start, start+length) of the file overlaps, if any. On every lookup's
@@ -588,11 +580,6 @@ class Qcow2Image:
 
     def close(self) -> None:
         self.source.close()
-
-
-def open_image(path: str, lock: bool = True, **options: int) -> Qcow2Image:
-    """Open the qcow2 image at `path` (a local path or a URL; see sources.open_source)."""
-    return Qcow2Image(open_source(path, lock=lock), **options)
 
 
 def _zstd_decompress(raw: bytes, limit: int) -> bytes:

@@ -1,16 +1,17 @@
 """QED images: the header and its rules, opening, and the image that composes the parts (QEMU's
 qed.c): reads, guest writes, populate, discard, flush, the backing file's name, close.
 
-The parts: qed_table.py (L1/L2 tables, the L2 cache and its write-back, lookups), qed_alloc.py
-(cluster allocation: allocating writes, populate, new tables, free clusters, discard),
-qed_sync.py (the fdatasync and what it must write again after a failed one), qed_check.py (the
-consistency check). An image reads only what it holds: the chain (chain.py) reads what it
-leaves UNALLOCATED from the layers below, and hands a top image's writes what they need of
-those (`below`).
+The parts: qed_table.py (L1/L2 tables, the L2 cache, lookups, the file's cluster space),
+qed_alloc.py (cluster allocation: allocating writes, populate, new tables, free clusters,
+discard, and the write-back that makes them durable in QEMU's order), qed_sync.py (the
+fdatasync, what it must write again after a failed one, and the header as the disk is to hold
+it), qed_check.py (the consistency check). An image reads only what it holds: the chain
+(chain.py) reads what it leaves UNALLOCATED from the layers below, and hands a top image's
+writes what they need of those (`below`).
 
 The image is thread-safe so that bulk I/O can run off the trio event loop. Two locks:
 
-* ``_table_lock`` (QedTables.lock) guards the in-memory L1 table and the L2 cache; it is held
+* ``tables.lock`` (QedTables.lock) guards the in-memory L1 table and the L2 cache; it is held
   for lookups, including the read of an L2 table that is not cached.
 * ``_alloc_lock`` serialises allocating writes (QEMU does the same) and is held across their I/O,
   so a cluster is never allocated twice and the crash-safe order (see qed_alloc.py) is kept.
@@ -26,20 +27,17 @@ import threading
 import types
 from collections.abc import Iterator
 
-from construct import ConstructError
+from construct import ConstructError, Container
 
 from ..errors import (
     CorruptionError,
     FusestreamError,
-    InvalidImageError,
     ReadOnlyImageError,
     UnsupportedImageError,
-    describe_os_error,
 )
-from ..sources import Source, open_source
-from ..sources.local import LocalFile
-from .layer import BlockStatus, Ranges, ReadBelow, fill_zeros
-from .qed_alloc import DISCARD_BATCH, Allocator, ClusterSpace
+from ..sources import Source, WritableSource, create_file, open_source
+from .layer import BlockStatus, Ranges, ReadBelow, closed_on_failure, fill_zeros, invalid_image
+from .qed_alloc import DISCARD_BATCH, Allocator
 from .qed_structs import (
     QED_AUTOCLEAR_FEATURE_MASK,
     QED_DEFAULT_CLUSTER_SIZE,
@@ -61,7 +59,7 @@ from .qed_structs import (
     max_image_size,
 )
 from .qed_sync import SyncLog
-from .qed_table import Extent, Geometry, QedTables
+from .qed_table import ClusterSpace, Extent, Geometry, QedTables
 
 log = logging.getLogger(__name__)
 
@@ -76,43 +74,41 @@ DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
 BLOCK_STATUS_MAX_LOOKUPS = 1024
 
 
-def _fail(path: str, problem: str) -> InvalidImageError:
-    return InvalidImageError(f"{path}: {problem}")
-
-
 def validate_header(path: str, h, file_size: int) -> None:
     """Refuse a header that breaks any rule of QEMU's QED spec; every message names the field."""
     cs, ts = h.cluster_size, h.table_size
     if not (is_power_of_two(cs) and QED_MIN_CLUSTER_SIZE <= cs <= QED_MAX_CLUSTER_SIZE):
-        raise _fail(path, f"invalid cluster_size {cs} (a power of two from 4 KiB to 64 MiB)")
+        raise invalid_image(path, f"invalid cluster_size {cs} (a power of two from 4 KiB to 64 MiB)")
     if not (is_power_of_two(ts) and QED_MIN_TABLE_SIZE <= ts <= QED_MAX_TABLE_SIZE):
-        raise _fail(path, f"invalid table_size {ts} (a power of two from 1 to 16)")
+        raise invalid_image(path, f"invalid table_size {ts} (a power of two from 1 to 16)")
     unknown = h.features & ~QED_FEATURE_MASK
     if unknown:
         raise UnsupportedImageError(f"{path}: unknown QED feature bits {unknown:#x}")
     header_bytes = h.header_size * cs
     if h.header_size < 1 or header_bytes > file_size:
-        raise _fail(path, f"invalid header_size {h.header_size} clusters for a {file_size}-byte file")
+        raise invalid_image(path, f"invalid header_size {h.header_size} clusters for a {file_size}-byte file")
     if h.image_size % 512:
-        raise _fail(path, f"invalid image_size {h.image_size} (not a multiple of 512)")
+        raise invalid_image(path, f"invalid image_size {h.image_size} (not a multiple of 512)")
     if h.image_size > max_image_size(cs, ts):
-        raise _fail(path, f"invalid image_size {h.image_size} (more than the tables can address: "
-                          f"{max_image_size(cs, ts)} bytes)")
+        raise invalid_image(path, f"invalid image_size {h.image_size} (more than the tables can address: "
+                                  f"{max_image_size(cs, ts)} bytes)")
     if h.image_size > BDRV_MAX_LENGTH:
-        raise _fail(path, f"invalid image_size {h.image_size} (more than QEMU's limit, {BDRV_MAX_LENGTH} bytes)")
+        raise invalid_image(path, f"invalid image_size {h.image_size} (more than QEMU's limit, "
+                                  f"{BDRV_MAX_LENGTH} bytes)")
     table_bytes = cs * ts
     l1 = h.l1_table_offset
     if l1 % cs or l1 < header_bytes or l1 + table_bytes > file_size:
-        raise _fail(path, f"invalid l1_table_offset {l1} (not cluster-aligned, in the header or past the end)")
+        raise invalid_image(path, f"invalid l1_table_offset {l1} (not cluster-aligned, in the header or past the end)")
     if h.features & QED_F_BACKING_FILE:
         start, size = h.backing_filename_offset, h.backing_filename_size
         if size == 0 or size > MAX_BACKING_NAME or start < QED_HEADER_SIZE or start + size > header_bytes:
-            raise _fail(path, f"invalid backing file name at offset {start}, size {size} (not in the header clusters)")
+            raise invalid_image(path, f"invalid backing file name at offset {start}, size {size} "
+                                      "(not in the header clusters)")
 
 
 class QedImage:
     """One open QED image, read through its source (which it owns, and closes on a failed open
-    too). Writable when the source is a local file opened writable: the top image."""
+    too). Writable when the source is a WritableSource opened writable: the top image."""
 
     format_name = FORMAT_NAME
 
@@ -121,19 +117,13 @@ class QedImage:
         for the consistency check, which examines them itself."""
         self.source = source
         self.path = source.name
-        self.writable = isinstance(source, LocalFile) and source.writable
+        self.writable = isinstance(source, WritableSource) and source.writable
         self._alloc_lock = threading.Lock()
         self._closed = False
         self._we_set_need_check = False
         self.need_check_allocations = 0  # allocations that set or kept NEED_CHECK (services.NeedCheckTimer)
-        try:
+        with closed_on_failure(source):
             self._load(l2_cache_bytes, check_tables)
-        except OSError as err:
-            source.close()
-            raise InvalidImageError(describe_os_error(self.path, err)) from None
-        except BaseException:
-            source.close()
-            raise
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -142,24 +132,23 @@ class QedImage:
         raw = self.source.read(0, QED_HEADER_SIZE)
         if len(raw) < QED_HEADER_SIZE or not raw.startswith(QED_MAGIC):
             if file_size == 0:
-                raise _fail(self.path, "empty file")
-            raise _fail(self.path, "truncated QED header" if raw.startswith(QED_MAGIC) else "not a QED image")
+                raise invalid_image(self.path, "empty file")
+            raise invalid_image(self.path, "truncated QED header" if raw.startswith(QED_MAGIC) else "not a QED image")
         try:
-            self.header = QED_HEADER.parse(raw)
+            header = QED_HEADER.parse(raw)
         except ConstructError as err:
-            raise _fail(self.path, f"unreadable QED header ({err})") from None
-        validate_header(self.path, self.header, file_size)
-        self.geometry = g = Geometry.of(self.header)
+            raise invalid_image(self.path, f"unreadable QED header ({err})") from None
+        validate_header(self.path, header, file_size)
+        self.geometry = g = Geometry.of(header)
         self.cluster_size, self.size = g.cluster_size, g.size
+        self.log = SyncLog(self.source, g.cluster_size, g.size, header)
         self.backing_filename = self._read_backing_filename()
         self.space = ClusterSpace(file_size, g.cluster_size)
-        self.log = SyncLog(self.source, g.cluster_size, g.size)
         self.tables = QedTables(self.source, g, self.space, self.log, self._alloc_lock, l2_cache_bytes)
-        self._table_lock = self.tables.lock
         if check_tables:
             self.tables.check_l1()
         self.alloc = Allocator(self.source, g, self.tables, self.space, self.log, self._alloc_lock,
-                               self._set_need_check, self._write_back)
+                               self._set_need_check)
         if self.writable:
             self._clear_unknown_autoclear_bits()
         if self.header.features & QED_F_NEED_CHECK and self.writable and check_tables:
@@ -173,9 +162,9 @@ class QedImage:
         try:
             name = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise _fail(self.path, "backing file name is not valid UTF-8") from None
+            raise invalid_image(self.path, "backing file name is not valid UTF-8") from None
         if "\0" in name:
-            raise _fail(self.path, "backing file name contains a NUL byte")
+            raise invalid_image(self.path, "backing file name contains a NUL byte")
         return name
 
     def _clear_unknown_autoclear_bits(self) -> None:
@@ -183,6 +172,12 @@ class QedImage:
             self.header.autoclear_features &= QED_AUTOCLEAR_FEATURE_MASK
             self._write_header()
             self.log.sync()
+
+    @property
+    def header(self) -> Container:
+        """The QED header as the disk holds it, or is to hold it once written again (held by
+        the SyncLog, which writes it)."""
+        return self.log.header
 
     @property
     def backing_format_is_raw(self) -> bool:
@@ -226,11 +221,11 @@ class QedImage:
     # -- reads -----------------------------------------------------------------------------------
 
     def read_into(self, view: memoryview, offset: int, direct: bool = False) -> Ranges:
-        """Fill `view` where the image decides, with preadv straight into it; returns the
-        UNALLOCATED ranges."""
+        """Fill `view` where the image decides (Layer.read_into): data clusters read by the
+        source straight into it, zero clusters as zeros; returns the UNALLOCATED ranges."""
         cluster, within = divmod(offset, self.cluster_size)
         if within + len(view) <= self.cluster_size:  # the common small read: one lookup, no extents
-            with self._table_lock:
+            with self.tables.lock:
                 entry = self.tables.cluster_entry(cluster)
             if entry == QED_UNALLOCATED:
                 return [(offset, len(view))]
@@ -350,9 +345,8 @@ class QedImage:
     # -- the header --------------------------------------------------------------------------------
 
     def _write_header(self) -> None:
-        """Rewrite the known header fields in place; the backing name after them is untouched."""
-        self.log.unsynced.header = True
-        self.source.write(0, QED_HEADER.build(self.header))
+        """The header fields as they are in memory, rewritten in place (SyncLog.write_header)."""
+        self.log.write_header()
 
     def _set_need_check(self) -> None:
         self.need_check_allocations += 1
@@ -372,7 +366,7 @@ class QedImage:
         with self._alloc_lock:
             if not self._we_set_need_check:
                 return
-            self._write_back()
+            self.alloc.write_back()
             self.log.sync()
             self.header.features &= ~QED_F_NEED_CHECK
             try:
@@ -386,7 +380,7 @@ class QedImage:
     def mark_clean(self) -> None:
         """Clear QED_F_NEED_CHECK after a check found the image consistent."""
         with self._alloc_lock:
-            self._write_back()
+            self.alloc.write_back()
             if self.header.features & QED_F_NEED_CHECK:
                 self.source.sync()
                 self.header.features &= ~QED_F_NEED_CHECK
@@ -407,7 +401,7 @@ class QedImage:
             try:
                 self._change_backing_file(name, raw)
             except BaseException:
-                self.header = saved  # what the disk holds, or will once written again
+                self.log.header = saved  # what the disk holds, or will once written again
                 raise
             self.backing_filename = name
 
@@ -415,7 +409,7 @@ class QedImage:
         """change_backing_file's steps. They change the header in memory as they go; on a
         failure the caller puts back the header the disk holds."""
         h = self.header
-        self._write_back()
+        self.alloc.write_back()
         self.log.sync()
         if name is None:
             h.features &= ~(QED_F_BACKING_FILE | QED_F_BACKING_FORMAT_NO_PROBE)
@@ -442,14 +436,14 @@ class QedImage:
         for start in (QED_HEADER_SIZE, max(QED_HEADER_SIZE, used_end)):
             if (start + size <= used_start or start >= used_end) and start + size <= self.geometry.first_cluster:
                 return start
-        raise InvalidImageError(f"{self.path}: backing file name of {size} bytes does not fit in the header")
+        raise invalid_image(self.path, f"backing file name of {size} bytes does not fit in the header")
 
     # -- write-back, durability and closing ----------------------------------------------------------
 
     def write_back(self) -> None:
         """Write the L2 entries that allocations changed since the last write-back."""
         with self._alloc_lock:
-            self._write_back()
+            self.alloc.write_back()
 
     @property
     def has_unwritten_tables(self) -> bool:
@@ -461,40 +455,13 @@ class QedImage:
         that discards freed to release."""
         return bool(self.tables.unwritten or self.space.freed) or self.log.flush_failed is not None
 
-    def _write_back(self) -> None:
-        """QEMU's order, batched: one fdatasync makes every cluster appended so far durable, and
-        only then are the L2 entries that point to them written (they become durable at the
-        next fdatasync). So an entry on disk never points at data that may not be there, and an
-        allocating write costs no flush of its own. Needs _alloc_lock.
-
-        On a failure the entries not yet written stay unwritten and the next write-back writes
-        them; the tables stay cached until then."""
-        if self._write_again() or self.tables.unwritten:
-            self.log.sync()
-            self.tables.write_unwritten()
-        self.alloc.release_freed()
-
-    def _write_again(self) -> bool:
-        """After a failed fdatasync: write again every cluster, L2 entry, L1 entry and header
-        written since the last good one, so that the next fdatasync covers them. Until this has
-        succeeded, no L2 entry is written: it could point at a cluster that is not on disk.
-        Returns whether there was anything to do."""
-        if self.log.flush_failed is None:
-            return False
-        unsynced = self.log.write_data_again()
-        self.tables.write_again(unsynced.spans, unsynced.l1)
-        if unsynced.header:
-            self._write_header()
-        self.log.flush_failed = None
-        return True
-
     def flush(self) -> None:
         """Make everything written so far durable (what fsync on the raw file asks for). Once a
         failed fdatasync has lost data that was not kept (see qed_sync), every flush fails with
         EIO: a later success would claim what is not on disk."""
         if self.writable:
             with self._alloc_lock:
-                self._write_back()
+                self.alloc.write_back()
                 self.log.sync()
                 if self.log.lost is not None:
                     raise OSError(errno.EIO, f"an earlier flush failed ({self.log.lost.strerror}): "
@@ -543,7 +510,7 @@ def create(
     if table_size == 1:
         # Valid by the spec, but QEMU (7.2 at least) cannot open such images: its overflow check
         # on the table's last cluster rejects them. Images we create must open in QEMU.
-        raise InvalidImageError(f"{path}: table_size 1 makes images that QEMU cannot open; use 2 or more")
+        raise invalid_image(path, "table_size 1 makes images that QEMU cannot open; use 2 or more")
     header = dict(
         cluster_size=cluster_size,
         table_size=table_size,
@@ -566,7 +533,7 @@ def create(
     file_size = cluster_size * (1 + table_size)
     validate_header(path, types.SimpleNamespace(**header), file_size)  # before build: any int
     first_cluster = QED_HEADER.build(header) + name
-    file = LocalFile.create(path, overwrite)  # locked: never truncate an image that is in use
+    file = create_file(path, overwrite)  # locked: never truncate an image that is in use
     try:
         file.truncate(0)
         file.write(0, first_cluster)

@@ -1,5 +1,6 @@
 """Cluster allocation in the QED top image: allocating writes, `populate` (the stream's copy),
-new L2 tables, free clusters, discard (QEMU's allocating write path of qed.c).
+new L2 tables, free clusters, discard (QEMU's allocating write path of qed.c), and the
+write-back that makes what they changed durable.
 
 Everything here needs the image's ``_alloc_lock`` (the methods that take it themselves say so):
 allocations are serialised and held across their I/O, so that a cluster is never allocated
@@ -18,51 +19,23 @@ import mmap
 import threading
 from collections.abc import Callable, Iterator
 
-from ..sources.local import LocalFile
+from ..sources import WritableSource
 from .layer import ZEROS, BlockStatus, ReadBelow
 from .qed_structs import QED_UNALLOCATED, QED_ZERO_CLUSTER
 from .qed_sync import SyncLog, read_below
-from .qed_table import Extent, Geometry, QedTables, read_exact
+from .qed_table import ClusterSpace, Extent, Geometry, QedTables, read_exact
 
 DISCARD_BATCH = 65536  # clusters a discard changes under one hold of the allocation lock
-
-
-class ClusterSpace:
-    """Where new clusters go: the end of the file, tracked in memory from the file size rounded
-    down to a cluster, or a free cluster. Data clusters nothing references (`free`, lowest
-    first) are found by one scan of the tables at the first allocation (the leaks a crash or an
-    earlier mount's discards left), then fed by discards. A cluster a discard frees waits in
-    `freed` until the entries that dropped it are durable (see Allocator.release_freed)."""
-
-    def __init__(self, file_size: int, cluster_size: int):
-        self.file_size = file_size - file_size % cluster_size
-        self.free: list[int] = []
-        self.freed: list[int] = []
-        self.scanned = False
-        self.tail_unused = False  # a failed append left bytes past file_size
-
-    def append(self, length: int) -> int:
-        """Take `length` bytes at the end of the file; returns where they start."""
-        start = self.file_size
-        self.file_size += length
-        return start
-
-    def give_back(self, start: int) -> None:
-        """An append from `start` failed: nothing points there, so the next one takes it again,
-        and what it left past the end is cut at close (Allocator.cut_unused_tail)."""
-        self.file_size = start
-        self.tail_unused = True
 
 
 class Allocator:
     """The allocations of one writable QED image."""
 
-    def __init__(self, file: LocalFile, geometry: Geometry, tables: QedTables, space: ClusterSpace, log: SyncLog,
-                 alloc_lock: threading.Lock, mark_need_check: Callable[[], None], write_back: Callable[[], None]):
-        self.file, self.geometry, self.tables, self.space, self.log = file, geometry, tables, space, log
+    def __init__(self, source: WritableSource, geometry: Geometry, tables: QedTables, space: ClusterSpace, log: SyncLog,
+                 alloc_lock: threading.Lock, mark_need_check: Callable[[], None]):
+        self.source, self.geometry, self.tables, self.space, self.log = source, geometry, tables, space, log
         self._alloc_lock = alloc_lock
         self._mark_need_check = mark_need_check  # set QED_F_NEED_CHECK: an allocation with no backing file
-        self._write_back = write_back  # QedImage._write_back: when the cache fills with unwritten tables
 
     # -- allocating writes ---------------------------------------------------------------------
 
@@ -107,7 +80,7 @@ class Allocator:
         for offset, data in copies:
             end = offset + len(data)
             if offset % cs or (end % cs and end != self.geometry.size) or end > self.geometry.size:
-                raise ValueError(f"{self.file.name}: populate of [{offset}, {end}) does not cover whole clusters")
+                raise ValueError(f"{self.source.name}: populate of [{offset}, {end}) does not cover whole clusters")
         with self._alloc_lock:
             contents: dict[int, bytes | memoryview | None] = {}
             for offset, data in copies:
@@ -196,11 +169,11 @@ class Allocator:
     def _append_clusters(self, clusters: list[bytes | memoryview], below: ReadBelow | None) -> int:
         """Write whole clusters at the end of the file. No table on disk points there before
         they are durable: the entries are written by the write-back, after an fdatasync. The
-        stream's page-aligned buffers go through O_DIRECT (LocalFile.write); guest data, which
-        may be read again soon, through the page cache."""
+        stream's page-aligned buffers bypass the page cache (the source's direct write); guest
+        data, which may be read again soon, goes through it."""
         start = self.space.append(len(clusters) * self.geometry.cluster_size)
         try:
-            self.file.write(start, clusters, direct=True)
+            self.source.write(start, clusters, direct=True)
             if below is None:
                 self._mark_need_check()
         except BaseException:
@@ -223,7 +196,7 @@ class Allocator:
             else:
                 self.tables.update_table(self.tables.l1[l1_index], updates)
         if self.tables.write_back_due:
-            self._write_back()  # keeps the tables that must stay cached well within the cache
+            self.write_back()  # keeps the tables that must stay cached well within the cache
 
     def _new_l2_table(self, l1_index: int, updates: dict[int, int]) -> None:
         """Append a new L2 table, whole on disk: its l2_entries are written, the rest of it is
@@ -231,9 +204,9 @@ class Allocator:
         table = self.tables.new_table(updates)
         l2_offset = self.space.append(self.geometry.table_bytes)
         try:
-            self.file.truncate(l2_offset)  # what lay past the last cluster (nothing points there)
-            self.file.write(l2_offset, table.tobytes())
-            self.file.truncate(self.space.file_size)
+            self.source.truncate(l2_offset)  # what lay past the last cluster (nothing points there)
+            self.source.write(l2_offset, table.tobytes())
+            self.source.truncate(self.space.file_size)
             self.log.sync()  # the table, and the data its entries point to, before the L1 entry
             with self.tables.lock:
                 self.tables.write_l1_entry(l1_index, l2_offset)
@@ -241,6 +214,36 @@ class Allocator:
             self.space.give_back(l2_offset)  # nothing points at the table: the space is used again
             raise
         self.tables.add_table(l1_index, l2_offset, table)
+
+    # -- write-back --------------------------------------------------------------------------------
+
+    def write_back(self) -> None:
+        """QEMU's order, batched: one fdatasync makes every cluster appended so far durable, and
+        only then are the L2 entries that point to them written (they become durable at the
+        next fdatasync). So an entry on disk never points at data that may not be there, and an
+        allocating write costs no flush of its own. Then the clusters that discards freed are
+        released. Needs _alloc_lock.
+
+        On a failure the entries not yet written stay unwritten and the next write-back writes
+        them; the tables stay cached until then."""
+        if self._write_again() or self.tables.unwritten:
+            self.log.sync()
+            self.tables.write_unwritten()
+        self.release_freed()
+
+    def _write_again(self) -> bool:
+        """After a failed fdatasync: write again every cluster, L2 entry, L1 entry and header
+        written since the last good one, so that the next fdatasync covers them. Until this has
+        succeeded, no L2 entry is written: it could point at a cluster that is not on disk.
+        Returns whether there was anything to do."""
+        if self.log.flush_failed is None:
+            return False
+        unsynced = self.log.write_data_again()
+        self.tables.write_again(unsynced.spans, unsynced.l1)
+        if unsynced.header:
+            self.log.write_header()
+        self.log.flush_failed = None
+        return True
 
     # -- discard ---------------------------------------------------------------------------------
 
@@ -265,7 +268,7 @@ class Allocator:
             if entries:
                 self._set_entries(entries)
             for run_start, run_length in _runs(freed, cs):
-                self.file.punch_hole(run_start, run_length)
+                self.source.punch_hole(run_start, run_length)
             self.space.freed += freed
 
     def release_freed(self) -> None:
@@ -282,9 +285,9 @@ class Allocator:
 
     def cut_unused_tail(self) -> None:
         """Give back what failed appends left past the end that nothing points to."""
-        if self.space.tail_unused and self.file.current_size() > self.space.file_size:
-            self.file.truncate(self.space.file_size)
-            self.file.sync()
+        if self.space.tail_unused and self.source.current_size() > self.space.file_size:
+            self.source.truncate(self.space.file_size)
+            self.source.sync()
 
     def trim_free_tail(self) -> None:
         """Cut the free clusters at the end of the file off, so that discards there leave no
@@ -297,8 +300,8 @@ class Allocator:
             while end - cs in free:
                 end -= cs
             if end < self.space.file_size:
-                self.file.truncate(end)
-                self.file.sync()
+                self.source.truncate(end)
+                self.source.sync()
                 self.space.file_size = end
                 self.space.free = [offset for offset in self.space.free if offset < end]
                 heapq.heapify(self.space.free)
@@ -310,18 +313,18 @@ class Allocator:
         it; returns where the copy is (for a cluster referenced twice)."""
         with self._alloc_lock:
             cs = self.geometry.cluster_size
-            data = read_exact(self.file, file_offset, cs)
+            data = read_exact(self.source, file_offset, cs)
             copy = self.space.file_size
-            self.file.write(copy, data)
-            self.file.sync()
+            self.source.write(copy, data)
+            self.source.sync()
             self.space.file_size += cs
             return copy
 
     def truncate_file(self, size: int) -> None:
         """Cut clusters nothing references off the end of the file."""
         with self._alloc_lock:
-            self.file.truncate(size)
-            self.file.sync()
+            self.source.truncate(size)
+            self.source.sync()
             self.space.file_size = size
 
 

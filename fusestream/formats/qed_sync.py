@@ -5,7 +5,7 @@ Linux may drop the dirty pages an fdatasync could not write, mark them clean and
 at the next fdatasync ("fsyncgate"): a cluster or a table entry written before a failed flush is
 on disk only once written again. Guest data is kept (by reference, up to UNSYNCED_DATA_MAX); a
 cluster copied from the backing chain is read again from there; tables and the header are
-written again from memory (see QedImage._write_again).
+written again from memory (see Allocator.write_back in qed_alloc.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from __future__ import annotations
 import dataclasses
 import threading
 
-from ..sources.local import Buffers, LocalFile
+from construct import Container
+
+from ..sources import Buffers, WritableSource
 from .layer import ReadBelow
+from .qed_structs import QED_HEADER
 
 # Guest data kept in memory until an fdatasync has made it durable, at most; past this, a failed
 # fdatasync can no longer be repaired by writing again.
@@ -48,11 +51,13 @@ def read_below(below: ReadBelow | None, offset: int, length: int, size: int) -> 
 
 
 class SyncLog:
-    """The top image's file with the account of its writes since the last good fdatasync. A
+    """The top image's file with the account of its writes since the last good fdatasync, and
+    its header as the disk is to hold it (written again from here after a failed one). A
     read-only image has one too, never written through."""
 
-    def __init__(self, file: LocalFile, cluster_size: int, size: int):
-        self.file = file
+    def __init__(self, source: WritableSource, cluster_size: int, size: int, header: Container):
+        self.source = source
+        self.header = header  # QED_HEADER's fields, changed in memory first, then written
         self._cluster_size, self._size = cluster_size, size
         self.unsynced = Unsynced()
         # Set after a write past UNSYNCED_DATA_MAX: data written that is not kept, so a failed
@@ -69,7 +74,7 @@ class SyncLog:
         """Write a data cluster, or part of one, and keep it until durable: `kept` is `data`,
         or None for a copy of what lies below (read again through `below`)."""
         with self._lock:
-            self.file.write(file_offset, data, direct)
+            self.source.write(file_offset, data, direct)
             self._keep(file_offset, kept, guest_offset, below)
 
     def keep(self, file_offset: int, kept: bytes | memoryview | None, guest_offset: int,
@@ -91,14 +96,14 @@ class SyncLog:
 
     def sync(self) -> None:
         """fdatasync of the top image. After a failure everything written since the last good one
-        is to be written again before the next write-back (QedImage._write_again); if some of it
+        is to be written again before the next write-back (Allocator.write_back); if some of it
         was not kept, every later flush fails (see QedImage.flush). Needs the image's
         _alloc_lock; writes in place may run meanwhile: only those recorded before the fdatasync
         began are known to be covered."""
         covered = len(self.unsynced.writes)
         unkept, self._unkept = self._unkept, False  # cleared first: a write racing us sets it again
         try:
-            self.file.sync()
+            self.source.sync()
         except OSError as err:
             self.flush_failed = err
             if unkept or self._unkept:
@@ -110,6 +115,11 @@ class SyncLog:
             size = sum(len(data) for _, data, _, _ in later if data is not None)
             self.unsynced = Unsynced(writes=later, data_bytes=size)
 
+    def write_header(self) -> None:
+        """Rewrite the known header fields in place; the backing name after them is untouched."""
+        self.unsynced.header = True
+        self.source.write(0, QED_HEADER.build(self.header))
+
     def write_data_again(self) -> Unsynced:
         """After a failed fdatasync: write every data write since the last good one again, from
         memory or from below; returns the account, whose tables and header the caller writes
@@ -119,5 +129,5 @@ class SyncLog:
             for file_offset, data, guest_offset, below in unsynced.writes:
                 if data is None:
                     data = read_below(below, guest_offset, self._cluster_size, self._size)
-                self.file.write(file_offset, data)
+                self.source.write(file_offset, data)
         return unsynced

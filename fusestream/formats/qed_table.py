@@ -1,10 +1,11 @@
 """QED's L1 and L2 tables: reading and checking them, the L2 cache, cluster lookups, and the
 write-back of the entries that allocations change (QEMU's qed-table.c, qed-l2-cache.c and the
-lookup of qed-cluster.c).
+lookup of qed-cluster.c); and the file's cluster space (ClusterSpace), which the table checks
+measure against and the allocator (qed_alloc.py) takes clusters from.
 
-``lock`` (the image's ``_table_lock``) guards the in-memory L1 table and the L2 cache; it is
-held for a lookup, including the read of an L2 table that is not cached, and while an update
-changes a cached table, so that no reader sees one half-updated.
+``QedTables.lock`` guards the in-memory L1 table and the L2 cache; it is held for a lookup,
+including the read of an L2 table that is not cached, and while an update changes a cached
+table, so that no reader sees one half-updated.
 """
 
 from __future__ import annotations
@@ -14,16 +15,12 @@ import collections
 import dataclasses
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from ..errors import CorruptionError, InvalidImageError
-from ..sources import Source
+from ..sources import Source, WritableSource
 from .layer import BlockStatus
 from .qed_structs import QED_UNALLOCATED, QED_ZERO_CLUSTER, TABLE_ENTRY_SIZE, table_nelems
 from .qed_sync import SyncLog
-
-if TYPE_CHECKING:
-    from .qed_alloc import ClusterSpace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +57,40 @@ class Extent:
     file_offset: int | None = None
 
 
-class QedTables:
-    """The tables of one open QED image, read through its source. For a writable image, updates
-    go to the cached tables first (lookups see them at once) and reach the disk at the next
-    write-back, after an fdatasync has made the data they point to durable."""
+class ClusterSpace:
+    """Where new clusters go: the end of the file, tracked in memory from the file size rounded
+    down to a cluster, or a free cluster. Data clusters nothing references (`free`, lowest
+    first) are found by one scan of the tables at the first allocation (the leaks a crash or an
+    earlier mount's discards left), then fed by discards. A cluster a discard frees waits in
+    `freed` until the entries that dropped it are durable (see Allocator.release_freed)."""
 
-    def __init__(self, source: Source, geometry: Geometry, space: ClusterSpace, log: SyncLog,
+    def __init__(self, file_size: int, cluster_size: int):
+        self.file_size = file_size - file_size % cluster_size
+        self.free: list[int] = []
+        self.freed: list[int] = []
+        self.scanned = False
+        self.tail_unused = False  # a failed append left bytes past file_size
+
+    def append(self, length: int) -> int:
+        """Take `length` bytes at the end of the file; returns where they start."""
+        start = self.file_size
+        self.file_size += length
+        return start
+
+    def give_back(self, start: int) -> None:
+        """An append from `start` failed: nothing points there, so the next one takes it again,
+        and what it left past the end is cut at close (Allocator.cut_unused_tail)."""
+        self.file_size = start
+        self.tail_unused = True
+
+
+class QedTables:
+    """The tables of one open QED image, read through its source (and written through it when
+    the image is writable). For a writable image, updates go to the cached tables first (lookups
+    see them at once) and reach the disk at the next write-back, after an fdatasync has made the
+    data they point to durable."""
+
+    def __init__(self, source: WritableSource, geometry: Geometry, space: ClusterSpace, log: SyncLog,
                  alloc_lock: threading.Lock, l2_cache_bytes: int):
         self.source, self.geometry, self.space, self.log = source, geometry, space, log
         self._alloc_lock = alloc_lock  # the image's: held by the repairs
@@ -262,7 +287,7 @@ class QedTables:
 
     def write_unwritten(self) -> None:
         """Write the entries of every cached table that updates changed. Only after an fdatasync
-        has made the data they point to durable (QedImage._write_back). On a failure the entries
+        has made the data they point to durable (Allocator.write_back). On a failure the entries
         not yet written stay in `unwritten`; the tables stay cached until written."""
         with self.lock:
             for l2_offset, (lo, hi) in sorted(self.unwritten.items()):

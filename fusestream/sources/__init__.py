@@ -8,16 +8,16 @@ read that may wait on a network (`remote`) never runs on the event loop.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from .http import HttpOptions, HttpSource, redact_url, url_identity
-from .local import LocalFile, file_identity
+from .local import Buffers, LocalFile, file_identity
 
 
 class Source(Protocol):
-    """The bytes of one image file, read-only from the formats' side (the top image's local
-    file adds writes: see sources.local)."""
+    """The bytes of one image file, read-only from the formats' side (the top image's source
+    adds writes: WritableSource)."""
 
     name: str
     """The path or URL, credentials removed: what messages, status and events name."""
@@ -58,6 +58,33 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class WritableSource(Source, Protocol):
+    """A source that takes the top image's writes: a local file (sources.local.LocalFile)."""
+
+    writable: bool
+    """Opened for writing: the write methods below are for such a source only."""
+
+    def write(self, offset: int, data: Buffers, direct: bool = False) -> None:
+        """Write all of `data` (one buffer, or a list of buffers back to back) at `offset`.
+        `direct`: bypass the page cache where every buffer's alignment allows it."""
+
+    def sync(self) -> None:
+        """Make everything written so far, and the size, durable (fdatasync)."""
+
+    def truncate(self, size: int) -> None: ...
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Give the space of a range back; it reads zeros. Where the storage cannot, the range
+        keeps its space (a warning says so once)."""
+
+    def current_size(self) -> int:
+        """The length now (`size` is the length at open)."""
+
+    def allocated_bytes(self) -> int:
+        """The space it really uses on disk."""
+
+
 def open_source(location: str, *, writable: bool = False, lock: bool = True, allow_device: bool = False,
                 http: HttpOptions | None = None) -> Source:
     """The source at `location`: an http:// or https:// URL (read-only, with the `http` options),
@@ -81,3 +108,9 @@ def location_identity(location: str) -> Hashable | None:
     """Source.identity of the source at `location` without opening it: None for a local path
     where there is no file."""
     return url_identity(location) if is_url(location) else file_identity(location)
+
+
+
+def create_file(path: str, overwrite: bool = False) -> WritableSource:
+    """A new local image file, open for writing and locked as a writer (sources.local.LocalFile.create)."""
+    return LocalFile.create(path, overwrite)

@@ -120,8 +120,6 @@ class QedImage:
         self.writable = isinstance(source, WritableSource) and source.writable
         self._alloc_lock = threading.Lock()
         self._closed = False
-        self._we_set_need_check = False
-        self.need_check_allocations = 0  # allocations that set or kept NEED_CHECK (services.NeedCheckTimer)
         with closed_on_failure(source):
             self._load(l2_cache_bytes, check_tables)
 
@@ -147,8 +145,7 @@ class QedImage:
         self.tables = QedTables(self.source, g, self.space, self.log, self._alloc_lock, l2_cache_bytes)
         if check_tables:
             self.tables.check_l1()
-        self.alloc = Allocator(self.source, g, self.tables, self.space, self.log, self._alloc_lock,
-                               self._set_need_check)
+        self.alloc = Allocator(self.source, g, self.tables, self.space, self.log, self._alloc_lock)
         if self.writable:
             self._clear_unknown_autoclear_bits()
         if self.header.features & QED_F_NEED_CHECK and self.writable and check_tables:
@@ -190,7 +187,12 @@ class QedImage:
 
     @property
     def need_check_set_by_us(self) -> bool:
-        return self._we_set_need_check
+        return self.log.need_check_set_by_us
+
+    @property
+    def need_check_allocations(self) -> int:
+        """Allocations that set or kept QED_F_NEED_CHECK so far (services.NeedCheckTimer)."""
+        return self.log.need_check_allocations
 
     # -- lookups ---------------------------------------------------------------------------------
 
@@ -348,23 +350,11 @@ class QedImage:
         """The header fields as they are in memory, rewritten in place (SyncLog.write_header)."""
         self.log.write_header()
 
-    def _set_need_check(self) -> None:
-        self.need_check_allocations += 1
-        if not self.header.features & QED_F_NEED_CHECK:
-            self.header.features |= QED_F_NEED_CHECK
-            try:
-                self._write_header()
-                self.log.sync()
-            except BaseException:
-                self.header.features &= ~QED_F_NEED_CHECK  # as on disk, or as it will be again
-                raise
-            self._we_set_need_check = True
-
     def clear_need_check(self) -> None:
         """Make everything durable, then clear the QED_F_NEED_CHECK flag we set (QEMU does this
         a few seconds after the last allocating write, and on close)."""
         with self._alloc_lock:
-            if not self._we_set_need_check:
+            if not self.log.need_check_set_by_us:
                 return
             self.alloc.write_back()
             self.log.sync()
@@ -375,7 +365,7 @@ class QedImage:
             except BaseException:
                 self.header.features |= QED_F_NEED_CHECK
                 raise
-            self._we_set_need_check = False
+            self.log.need_check_set_by_us = False
 
     def mark_clean(self) -> None:
         """Clear QED_F_NEED_CHECK after a check found the image consistent."""
@@ -386,7 +376,7 @@ class QedImage:
                 self.header.features &= ~QED_F_NEED_CHECK
                 self._write_header()
                 self.source.sync()
-            self._we_set_need_check = False
+            self.log.need_check_set_by_us = False
 
     def change_backing_file(self, name: str | None, raw: bool = False) -> None:
         """Point the header at a new backing file (None: no backing file), crash-safely.

@@ -8,7 +8,7 @@ twice and the crash-safe order is kept. QEMU's order: the data cluster is writte
 rest filled from what lies below, or zeros) and, when there is a backing file, made durable
 before the L2 entry that points to it; a new L2 table is written whole and made durable before
 the L1 entry that points to it. Without a backing file, QEMU skips the data flush and marks the
-image QED_F_NEED_CHECK instead; so do we (`mark_need_check`).
+image QED_F_NEED_CHECK instead; so do we (`SyncLog.set_need_check`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import collections
 import heapq
 import mmap
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from ..sources import WritableSource
 from .layer import ZEROS, BlockStatus, ReadBelow
@@ -32,10 +32,9 @@ class Allocator:
     """The allocations of one writable QED image."""
 
     def __init__(self, source: WritableSource, geometry: Geometry, tables: QedTables, space: ClusterSpace, log: SyncLog,
-                 alloc_lock: threading.Lock, mark_need_check: Callable[[], None]):
+                 alloc_lock: threading.Lock):
         self.source, self.geometry, self.tables, self.space, self.log = source, geometry, tables, space, log
         self._alloc_lock = alloc_lock
-        self._mark_need_check = mark_need_check  # set QED_F_NEED_CHECK: an allocation with no backing file
 
     # -- allocating writes ---------------------------------------------------------------------
 
@@ -142,7 +141,7 @@ class Allocator:
                 raise
             placed[cluster] = offset
         if placed and below is None:
-            self._mark_need_check()
+            self.log.set_need_check()
         return placed
 
     def _scan_free_clusters(self) -> None:
@@ -175,7 +174,7 @@ class Allocator:
         try:
             self.source.write(start, clusters, direct=True)
             if below is None:
-                self._mark_need_check()
+                self.log.set_need_check()
         except BaseException:
             self.space.give_back(start)
             raise

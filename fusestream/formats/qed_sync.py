@@ -17,7 +17,7 @@ from construct import Container
 
 from ..sources import Buffers, WritableSource
 from .layer import ReadBelow
-from .qed_structs import QED_HEADER
+from .qed_structs import QED_F_NEED_CHECK, QED_HEADER
 
 # Guest data kept in memory until an fdatasync has made it durable, at most; past this, a failed
 # fdatasync can no longer be repaired by writing again.
@@ -68,6 +68,8 @@ class SyncLog:
         self._lock = threading.Lock()
         self.flush_failed: OSError | None = None  # the last fdatasync failed: write `unsynced` again
         self.lost: OSError | None = None  # a failed fdatasync lost data that was not kept
+        self.need_check_allocations = 0  # allocations that set or kept NEED_CHECK (services.NeedCheckTimer)
+        self.need_check_set_by_us = False
 
     def write(self, file_offset: int, data: Buffers, kept: bytes | memoryview | None, guest_offset: int,
               below: ReadBelow | None = None, direct: bool = False) -> None:
@@ -119,6 +121,20 @@ class SyncLog:
         """Rewrite the known header fields in place; the backing name after them is untouched."""
         self.unsynced.header = True
         self.source.write(0, QED_HEADER.build(self.header))
+
+    def set_need_check(self) -> None:
+        """An allocation in an image without a backing file: QED_F_NEED_CHECK durable on disk
+        before the allocation's entries are (QEMU's alternative to flushing the data first)."""
+        self.need_check_allocations += 1
+        if not self.header.features & QED_F_NEED_CHECK:
+            self.header.features |= QED_F_NEED_CHECK
+            try:
+                self.write_header()
+                self.sync()
+            except BaseException:
+                self.header.features &= ~QED_F_NEED_CHECK  # as on disk, or as it will be again
+                raise
+            self.need_check_set_by_us = True
 
     def write_data_again(self) -> Unsynced:
         """After a failed fdatasync: write every data write since the last good one again, from

@@ -32,7 +32,6 @@ from .chain import Chain
 from .control import MAX_ECHOED_BYTES, Control
 from .errors import CommandError, CorruptionError, FusestreamError, ReadOnlyImageError
 from .faults import WriteErrors
-from .sources.local import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from .stream import CopyOnRead, GuestActivity
 
 log = logging.getLogger(__name__)
@@ -46,6 +45,7 @@ CONTROL_FILES = {  # name -> (inode, mode)
     b"events": (EVENTS_INODE, 0o444),
 }
 CONTROL_MODES = {inode: mode for inode, mode in CONTROL_FILES.values()}
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10  # fallocate(2)'s modes
 DISCARD_MODES = {FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE,
                  FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE}
 FIRST_SNAPSHOT_FH = 1000  # file handles of open status files; inode numbers serve as the others

@@ -17,7 +17,7 @@ import time
 import pytest
 from conftest import FUSESTREAM, build_chain, fallocate, qemu_check, qemu_convert, qemu_img, run
 
-from fusestream.sources.local import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+from fusestream.fs import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 
 DISCARD = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 

@@ -13,7 +13,7 @@ from conftest import build_chain, fallocate, qemu_check, qemu_convert, qemu_img,
 
 from fusestream.copy import Copier
 from fusestream.formats import qed
-from fusestream.sources.local import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+from fusestream.fs import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 
 CS = 65536
 

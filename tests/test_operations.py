@@ -15,9 +15,8 @@ from conftest import FaultyLayer
 
 from fusestream.chain import open_chain
 from fusestream.errors import CorruptionError, ReadOnlyImageError
-from fusestream.fs import INLINE_READ_MAX, INLINE_WRITE_MAX, RAW_INODE
+from fusestream.fs import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, INLINE_READ_MAX, INLINE_WRITE_MAX, RAW_INODE
 from fusestream.mount import MountOptions, build_mount
-from fusestream.sources.local import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 
 
 @pytest.mark.parametrize("size", [4096, INLINE_READ_MAX * 4], ids=["inline", "threaded"])

@@ -25,7 +25,6 @@ IOV_MAX = 1024  # buffers per pwritev call (Linux's UIO_MAXIOV)
 DIRECT_ALIGNMENT = 4096  # O_DIRECT offsets, lengths and buffer addresses that any common device takes
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _punch_refused: set[int] = set()  # st_dev of filesystems that refused a punch (warned once)

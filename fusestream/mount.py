@@ -375,7 +375,8 @@ def run(args: argparse.Namespace) -> int:
     mounted = build_mount(chain, opts)
     ops = mounted.ops
     # From the mount on, SIGTERM and SIGINT must never kill the process half-way: the loop's own
-    # receiver takes them while it runs; before and after it (mounting, closing) they are ignored.
+    # receiver takes them while it runs; before and after it (mounting, daemonizing, closing) they
+    # are ignored, in the daemon too (a fork keeps what is ignored).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Resolved now: once mounted, lstat() of the mount point would ask ourselves.
@@ -388,10 +389,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.foreground:
         daemonize()
         setup_logging(False, opts.debug)
-    # Until the loop's own receiver is in place, and again after it (while the image is closed),
-    # SIGTERM and SIGINT must not kill the process half-way: the receiver takes them in between.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     log.info("mounted %s on %s (%s)", image, args.mountpoint, "read-only" if ops.read_only else "read-write")
     try:
         trio.run(serve, mounted, opts)

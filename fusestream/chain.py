@@ -10,23 +10,35 @@ names the image and the file or URL (without credentials) that caused it.
 
 A layer reads only what it holds and hands back what it leaves UNALLOCATED; the chain asks each
 layer, top down, once about the ranges the layers above left, and what no layer holds reads as
-zeros. The top image's writes get what lies below from the chain (`below`).
+zeros. The top image's writes get a reader of the layers below it (`below`:
+formats.layer.read_layers_into bound to them), which never comes back to the chain.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
-import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from .errors import BackingFileError, FusestreamError, describe_os_error
 from .formats import qcow2, qed, raw
-from .formats.layer import BlockStatus, Layer, Ranges, ReadBelow, ShortRead, fill_zeros
-from .formats.qed_structs import QED_MAGIC
-from .sources import HttpOptions, Source, display_name, is_url, location_identity, open_source
+from .formats.layer import BlockStatus, Layer, ReadBelow, read_layers_into
+from .formats.qcow2_structs import QCOW_MAGIC
+from .sources import (
+    HttpOptions,
+    Source,
+    absolute_location,
+    backing_name,
+    display_name,
+    is_url,
+    location_exists,
+    location_identity,
+    open_source,
+    resolve_backing,
+)
 from .sources.http import url_origin
 from .sources.local import LocalFile
 
@@ -38,9 +50,17 @@ MAX_CHAIN_DEPTH = 64
 PREFETCH_READ_MIN = 128 * 1024
 
 
-# Magic numbers of the image formats QEMU probes. A backing file that carries one of these must
-# never be read as raw: that would serve the format's own metadata as disk data.
+# The formats a layer may have. Each module (formats/) names its FORMAT_NAME, recognises its
+# images by their first PROBE_BYTES (`probe`), makes a layer of a source that the layer then owns
+# (`from_source`) and says what `fusestream info` shows of one (`info`). Raw claims nothing: a
+# file is raw when no format claims it and it carries none of IMAGE_MAGICS. A new format is a new
+# module and its name here (and in cli's -F choices, which a test holds equal to FORMATS).
+FORMAT_MODULES = (raw, qed, qcow2)
+FORMATS = {module.FORMAT_NAME: module for module in FORMAT_MODULES}
+# Magic numbers of the image formats QEMU probes that we do not read. A backing file that carries
+# one of these must never be read as raw: that would serve the format's own metadata as disk data.
 IMAGE_MAGICS = {
+    QCOW_MAGIC: "qcow",  # the qcow2 module claims every version but 1
     b"KDMV": "vmdk",
     b"# Disk Descriptor": "vmdk",
     b"conectix": "vpc",
@@ -51,20 +71,13 @@ IMAGE_MAGICS = {
     b"#!/bin/sh\n#V2.0 Format\n": "cloop",
     b"Bochs Virtual HD Image": "bochs",
 }
-QCOW_MAGIC = b"QFI\xfb"
 VDI_SIGNATURE = (64, b"\x7f\x10\xda\xbe")  # VDI keeps its magic after a 64-byte text banner
 PROBE_BYTES = 512
-# The formats a layer may have, by name: each takes the source it reads (and owns).
-FORMATS: dict[str, Callable[[Source], Layer]] = {
-    raw.FORMAT_NAME: raw.RawLayer,
-    qed.FORMAT_NAME: qed.QedImage,
-    qcow2.FORMAT_NAME: qcow2.Qcow2Image,
-}
 
 
 def probe_format(path: str, allow_device: bool = False, http: HttpOptions | None = None) -> str:
-    """The format of the image at `path` (or URL) by its magic: 'qed', another image format's
-    name, or 'raw'."""
+    """The format of the image at `path` (or URL) by its magic: the name of a format in FORMATS
+    (raw where none claims it), or of another image format, which open_layer refuses."""
     source = open_source(path, lock=False, allow_device=allow_device, http=http)
     try:
         return _probe(source)
@@ -78,24 +91,13 @@ def _probe(source: Source) -> str:
         head = source.read(0, PROBE_BYTES)
     except OSError as err:
         raise BackingFileError(describe_os_error(source.name, err)) from None
-    if head.startswith(QED_MAGIC):
-        return qed.FORMAT_NAME
-    if head.startswith(QCOW_MAGIC):  # qcow and qcow2 share it; the version follows
-        return "qcow" if int.from_bytes(head[4:8], "big") == 1 else "qcow2"
+    claimed = next((module.FORMAT_NAME for module in FORMAT_MODULES if module.probe(head)), None)
+    if claimed is not None:
+        return claimed
     at, signature = VDI_SIGNATURE
     if head[at : at + len(signature)] == signature:
         return "vdi"
-    return next((fmt for magic, fmt in IMAGE_MAGICS.items() if head.startswith(magic)), "raw")
-
-
-def resolve_backing(image_path: str, backing_name: str) -> str:
-    """A backing name as QEMU reads it: a URL or an absolute path as it is, else relative to the
-    image's directory, or to the image's URL for a remote image."""
-    if is_url(backing_name) or os.path.isabs(backing_name):
-        return backing_name
-    if is_url(image_path):
-        return urllib.parse.urljoin(image_path, backing_name)
-    return os.path.join(os.path.dirname(os.path.abspath(image_path)), backing_name)
+    return next((fmt for magic, fmt in IMAGE_MAGICS.items() if head.startswith(magic)), raw.FORMAT_NAME)
 
 
 def open_layer(path: str, fmt: str | None = None, lock: bool = True, allow_device: bool = False,
@@ -109,14 +111,20 @@ def open_layer(path: str, fmt: str | None = None, lock: bool = True, allow_devic
         fmt = fmt or _probe(source)
         if fmt not in FORMATS:
             raise BackingFileError(f"{source.name}: unsupported image format '{fmt}' "
-                                   "(raw, qed and qcow2 layers are supported)")
+                                   f"({supported_formats()} layers are supported)")
         if fmt != raw.FORMAT_NAME and isinstance(source, LocalFile) and source.block_device:
             raise BackingFileError(f"{path}: is a block device holding a {fmt} image "
                                    "(a block device may only be a raw layer)")
     except BaseException:
         source.close()
         raise
-    return FORMATS[fmt](source)
+    return FORMATS[fmt].from_source(source)
+
+
+def supported_formats() -> str:
+    """The formats of FORMATS, as messages list them: 'raw, qed and qcow2'."""
+    *others, last = FORMATS
+    return f"{', '.join(others)} and {last}"
 
 
 class LayersInUse:
@@ -201,8 +209,32 @@ class Chain:
         return self.top.size
 
     @property
+    def path(self) -> str:
+        """The top image's path."""
+        return self.top.path
+
+    @property
+    def writable(self) -> bool:
+        return self.top.writable
+
+    @property
+    def cluster_size(self) -> int:
+        """The top image's: what a copy into it is counted in."""
+        return self.top.cluster_size
+
+    @property
+    def backing_filename(self) -> str | None:
+        """The top image's backing file, as stored."""
+        return self.top.backing_filename
+
+    @property
     def backing_layers(self) -> list[Layer]:
         return self.layers[1:]
+
+    def base_index(self, base: Layer | None) -> int:
+        """Where `base` is in `layers`; len(layers) without a base, or for one no longer in the
+        chain. The layers above base are layers[1:base_index]."""
+        return self.layers.index(base) if base in self.layers else len(self.layers)
 
     def read(self, offset: int, length: int) -> bytes | bytearray:
         """Read the guest view of [offset, offset+length), clamped to the virtual size. Returned
@@ -215,7 +247,7 @@ class Chain:
         with self.in_use:
             if length >= PREFETCH_READ_MIN:
                 self._prefetch(offset, length, 0)
-            self._read_into(memoryview(data), offset, 0, False)  # a short read leaves zeros, as QEMU reads
+            read_layers_into(self.layers, memoryview(data), offset)  # a short read leaves zeros, as QEMU reads
         return data
 
     def read_backing_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
@@ -223,7 +255,7 @@ class Chain:
         many bytes are right (len(view) unless a layer's read was short). `direct`: see
         Layer.read_into."""
         with self.in_use:
-            return self._read_into(view, offset, 1, direct)
+            return read_layers_into(self.layers[1:], view, offset, direct)
 
     def prefetch_backing(self, offset: int, length: int) -> None:
         """Layer.prefetch of what the chain below the top image holds for the range."""
@@ -248,51 +280,21 @@ class Chain:
                 self.top.discard(offset, length, below=self._below())
 
     def populate(self, copies: list[tuple[int, bytes | memoryview]], zero_clusters: bool) -> int:
-        """QedImage.populate of copies read with read_backing_into: the stream's and
-        copy-on-read's install."""
+        """QedImage.populate of copies read with read_backing_into (the stream's and
+        copy-on-read's); returns the bytes allocated."""
         with self.in_use:
             return self.top.populate(copies, zero_clusters, below=self._below())
 
     def _below(self) -> ReadBelow | None:
-        """What the top image's writes read below it: the backing layers, or nothing."""
-        return self._read_below if len(self.layers) > 1 else None
-
-    def _read_below(self, view: memoryview, offset: int) -> int:
-        return self._read_into(view, offset, 1, False)
-
-    def _read_into(self, view: memoryview, offset: int, first: int, direct: bool) -> int:
-        """Fill `view` with the chain's data at `offset`, going down from layers[first] once:
-        each layer is asked about the ranges that every layer above it left UNALLOCATED. What no
-        layer holds reads as zeros, and so does what lies past the end of a layer that is
-        shorter than the image above it (as QEMU reads it). Returns how many bytes are right
-        (len(view) unless a layer's read was short: zeros from there). On every guest read's
-        path, so a plain loop: a small read costs under a microsecond more than its layers' own
-        lookups and reads."""
-        right = size = len(view)
-        pending = [(offset, size)]
-        for layer in self.layers[first:]:
-            left: Ranges = []
-            for start, length in pending:
-                if start + length > layer.size:  # past the end of a shorter layer: zeros
-                    inside = max(0, layer.size - start)
-                    fill_zeros(view[start - offset + inside : start - offset + length])
-                    if not inside:
-                        continue
-                    length = inside
-                part = view if length == size else view[start - offset : start - offset + length]
-                try:
-                    left += layer.read_into(part, start, direct)
-                except ShortRead as short:
-                    right = min(right, short.offset - offset)
-            if not left:
-                return right
-            pending = left
-        for start, length in pending:
-            fill_zeros(view[start - offset : start - offset + length])
-        return right
+        """What the top image's writes read below it: the backing layers as they are now, read
+        down without coming back here, or nothing. Called under in_use: the layers it binds stay
+        open while the write that uses it runs."""
+        if len(self.layers) == 1:
+            return None
+        return functools.partial(read_layers_into, self.layers[1:])
 
     def _prefetch(self, offset: int, length: int, first: int) -> None:
-        """Layer.prefetch down the layers from layers[first], as _read_into reads them."""
+        """Layer.prefetch down the layers from layers[first], as read_layers_into reads them."""
         pending = [(offset, length)]
         for layer in self.layers[first:]:
             pending = [left for start, run in pending if start < layer.size
@@ -303,26 +305,25 @@ class Chain:
     def flush(self) -> None:
         self.top.flush()
 
-    def find_layer(self, path: str) -> Layer | None:
-        """The backing layer at `path` (compared after resolving links) or URL (compared as
-        url_identity), if it is in the chain."""
-        if is_url(path):
-            identity = location_identity(path)
-            return next((layer for layer in self.layers[1:] if layer.source.identity() == identity), None)
-        real = os.path.realpath(path)
-        return next((layer for layer in self.layers[1:] if os.path.realpath(layer.path) == real), None)
+    def find_layer(self, location: str) -> Layer | None:
+        """The backing layer at `location` (a path or URL, compared by identity: links followed,
+        hard links and equivalent URLs counted), if it is in the chain."""
+        identity = location_identity(location)
+        if identity is None:
+            return None
+        return next((layer for layer in self.layers[1:] if layer.source.identity() == identity), None)
 
     def location(self, layer: Layer) -> str:
         """Where `layer` was opened from (see `locations`)."""
         return self.locations.get(layer, layer.path)
 
-    def status_above(self, offset: int, length: int, base: int,
+    def status_above(self, offset: int, length: int, base_index: int,
                      walk: StatusWalk | None = None) -> tuple[BlockStatus, int]:
-        """What layers[1:base] (the layers above the base, which a stream merges) say about the
-        run at `offset`: the first layer that is not UNALLOCATED decides; past a layer's end it
-        reads ZERO. A caller that walks forward passes its StatusWalk, so that each layer is
+        """What layers[1:base_index] (the layers above the base, which a stream merges) say about
+        the run at `offset`: the first layer that is not UNALLOCATED decides; past a layer's end
+        it reads ZERO. A caller that walks forward passes its StatusWalk, so that each layer is
         asked once per run of its own rather than once per call."""
-        for layer in self.layers[1:base]:
+        for layer in self.layers[1:base_index]:
             if offset >= layer.size:
                 return BlockStatus.ZERO, length
             inside = min(length, layer.size - offset)
@@ -330,6 +331,11 @@ class Chain:
             if status is not BlockStatus.UNALLOCATED:
                 return status, length
         return BlockStatus.UNALLOCATED, length
+
+    def top_status(self, offset: int, length: int, max_lookups: int) -> tuple[BlockStatus, int]:
+        """The top image's own block status of the run at `offset`, from at most `max_lookups`
+        lookups (QedImage.block_status): what a copy into it must leave alone."""
+        return self.top.block_status(offset, length, max_lookups)
 
     def block_status(self, offset: int, length: int, walk: StatusWalk | None = None) -> tuple[BlockStatus, int]:
         """What the guest view holds for the run at `offset`: the first layer, top down, that is
@@ -353,17 +359,18 @@ class Chain:
             pos += run
         return None if data else self.size
 
-    def rebase(self, base: int) -> Layer | None:
-        """After a stream has copied layers[1:base] into the top image: make layers[base] (or
-        nothing, when base is len(layers)) the top's backing file, on disk, then in the chain
-        once no read is in flight, and close the merged layers. Returns the new backing layer."""
-        backing = self.layers[base] if base < len(self.layers) else None
+    def rebase(self, base_index: int) -> Layer | None:
+        """After a stream has copied layers[1:base_index] into the top image: make
+        layers[base_index] (or nothing, when base_index is len(layers)) the top's backing file,
+        on disk, then in the chain once no read is in flight, and close the merged layers.
+        Returns the new backing layer."""
+        backing = self.layers[base_index] if base_index < len(self.layers) else None
         self.top.change_backing_file(
             None if backing is None else backing_name(self.top.path, self.location(backing)),
             raw=backing is not None and backing.format_name == raw.FORMAT_NAME,
         )
         with self.in_use.exclusive():
-            retired, self.layers = self.layers[1:base], [self.top, *self.layers[base:]]
+            retired, self.layers = self.layers[1:base_index], [self.top, *self.layers[base_index:]]
             self.remote = has_remote_layer(self.layers[1:])
         for layer in retired:
             self.locations.pop(layer, None)
@@ -385,16 +392,6 @@ class Chain:
 
 def has_remote_layer(layers: list[Layer]) -> bool:
     return any(layer.source.remote for layer in layers)
-
-
-def backing_name(image_path: str, backing_path: str) -> str:
-    """The name to store for a backing file: a URL as it is; a path relative when it lies beside
-    the image."""
-    if is_url(backing_path):
-        return backing_path
-    if os.path.dirname(os.path.abspath(backing_path)) == os.path.dirname(os.path.abspath(image_path)):
-        return os.path.basename(backing_path)
-    return os.path.abspath(backing_path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,11 +431,12 @@ class Confinement:
 
 
 def open_chain(path: str, writable: bool = True, lock: bool = True, confinement: Confinement = Confinement()) -> Chain:
-    """Open a QED image and its whole backing chain; on any error nothing stays open."""
-    path = os.path.abspath(path)
+    """Open a QED image (a local path, or read-only a URL) and its whole backing chain; on any
+    error nothing stays open."""
+    path = absolute_location(path)
     chain = Chain([qed.open_image(path, writable=writable, lock=lock)])
     try:
-        _open_backing(chain, confinement, lock)
+        _open_backing(chain, path, confinement, lock)
     except BaseException:
         for layer in chain.layers:
             layer.close()
@@ -447,11 +445,11 @@ def open_chain(path: str, writable: bool = True, lock: bool = True, confinement:
     return chain
 
 
-def _open_backing(chain: Chain, confinement: Confinement, lock: bool) -> None:
-    """Follow backing names down from the chain's last layer, appending each opened layer."""
+def _open_backing(chain: Chain, location: str, confinement: Confinement, lock: bool) -> None:
+    """Follow backing names down from the top image, opened from `location`, appending each
+    opened layer."""
     current = chain.layers[0]
     seen = {current.source.identity()}
-    location = current.path
     while current.backing_filename is not None:
         location = resolve_backing(location, current.backing_filename)
         shown = display_name(location)
@@ -461,7 +459,7 @@ def _open_backing(chain: Chain, confinement: Confinement, lock: bool) -> None:
         if len(chain.layers) > confinement.max_depth:
             raise BackingFileError(f"{current.path}: backing chain deeper than {confinement.max_depth} layers")
         confinement.check(current.path, location)
-        if not is_url(location) and not os.path.exists(location):
+        if not location_exists(location):
             raise BackingFileError(f"{current.path}: backing file {location} does not exist")
         try:
             layer = open_layer(location, current.backing_format, lock, confinement.allow_devices, confinement.http)

@@ -43,9 +43,9 @@ CREATE_FLAGS = {"backing": "-b", "backing_format": "-F", "cluster_size": "--clus
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from .chain import open_layer, probe_format, resolve_backing
+    from .chain import open_layer, probe_format
     from .formats import qed
-    from .sources import display_name, is_url
+    from .sources import display_name, resolve_backing, same_location
 
     if args.format not in (None, "qed"):
         raise FusestreamError(f"create makes QED images only (-f qed), not '{args.format}'")
@@ -54,7 +54,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     backing_raw = False
     if args.backing:
         backing_path = resolve_backing(args.image, args.backing)
-        if not is_url(backing_path) and _same_file(backing_path, args.image):
+        if same_location(backing_path, args.image):
             raise FusestreamError(f"{args.image}: an image cannot be its own backing file")
         fmt = args.backing_format or probe_format(backing_path)
         backing = open_layer(backing_path, fmt)  # refuses formats we cannot read
@@ -119,17 +119,6 @@ def _create_option_items(texts: list[str]) -> list[tuple[str, str]]:
     return items
 
 
-def _same_file(a: str, b: str) -> bool:
-    """Whether two names are one file: by path once links are resolved, or (both existing) by
-    inode, so that a hard link counts too."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _parse_size_arg(text: str) -> int:
     try:
         return parse_size(text)
@@ -140,44 +129,26 @@ def _parse_size_arg(text: str) -> int:
 def describe_layer(layer: Layer) -> dict:
     """The facts `info` shows for one layer; keys follow qemu-img info's JSON where it has one.
     A remote layer has no actual-size (None: qemu-img says "unavailable") and a "remote" object:
-    what its source says (Source.describe). Backing URLs are shown without credentials."""
-    from .chain import resolve_backing
-    from .formats import qcow2, qed
-    from .formats.qed_structs import QED_F_NEED_CHECK
-    from .sources import display_name
+    what its source says (Source.describe). What a format adds is its module's `info` (see
+    chain.FORMAT_MODULES). Backing URLs are shown without credentials."""
+    from .chain import FORMATS
+    from .sources import disk_usage, display_name, resolve_backing
 
     info = {
         "filename": layer.path,
         "format": layer.format_name,
         "virtual-size": layer.size,
-        "actual-size": None if layer.source.remote else os.stat(layer.path).st_blocks * 512,
+        "actual-size": disk_usage(layer.source),
+        **FORMATS[layer.format_name].info(layer),
     }
-    if isinstance(layer, qed.QedImage):
-        info["cluster-size"] = layer.cluster_size
-        info["table-size"] = layer.header.table_size
-        info["need-check"] = bool(layer.header.features & QED_F_NEED_CHECK)
-    if isinstance(layer, qcow2.Qcow2Image):
-        info["cluster-size"] = layer.cluster_size
-        info["format-specific"] = {"type": "qcow2", "data": qcow2_specific(layer)}
-        info["dirty-flag"] = layer.dirty
-    if isinstance(layer, qed.QedImage | qcow2.Qcow2Image) and layer.backing_filename is not None:
+    if layer.backing_filename is not None:
         info["backing-filename"] = display_name(layer.backing_filename)
         info["full-backing-filename"] = display_name(resolve_backing(layer.path, layer.backing_filename))
-        backing_format = "raw" if layer.backing_format_is_raw else getattr(layer, "backing_format", None)
-        if backing_format:
-            info["backing-filename-format"] = backing_format
+        if layer.backing_format:
+            info["backing-filename-format"] = layer.backing_format
     if layer.source.remote:
         info["remote"] = layer.source.describe()
     return info
-
-
-def qcow2_specific(layer) -> dict:
-    """qemu-img info's "format-specific" data of a qcow2 image, with its keys and order."""
-    data = {"compat": layer.compat, "compression-type": layer.compression_type}
-    if layer.header.version == 2:
-        return {**data, "refcount-bits": 16}
-    return {**data, "lazy-refcounts": layer.lazy_refcounts, "refcount-bits": 1 << layer.header.refcount_order,
-            "corrupt": False, "extended-l2": layer.extended_l2}  # a corrupt image is refused at open
 
 
 def render_info(info: dict) -> str:
@@ -218,6 +189,7 @@ def render_remote_info(remote: dict) -> list[str]:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .chain import open_chain, open_layer
+    from .sources import absolute_location
 
     if args.chain:
         chain = open_chain(args.image, writable=False, lock=False)
@@ -226,7 +198,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         finally:
             chain.close()
     else:
-        layer = open_layer(os.path.abspath(args.image), lock=False)
+        layer = open_layer(absolute_location(args.image), lock=False)
         try:
             infos = [describe_layer(layer)]
         finally:
@@ -243,12 +215,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     (a FusestreamError, which run_main turns into one line and exit status 1)."""
     from .chain import probe_format
     from .formats import qed_check
+    from .sources import absolute_location, display_name
 
-    fmt = probe_format(os.path.abspath(args.image))
-    if fmt == "qcow2":
-        raise FusestreamError(f"{os.path.abspath(args.image)}: a qcow2 image: check works on QED images "
+    image = absolute_location(args.image)
+    if probe_format(image) == "qcow2":
+        raise FusestreamError(f"{display_name(image)}: a qcow2 image: check works on QED images "
                               "(use qemu-img check for qcow2)")
-    result = qed_check.check_file(os.path.abspath(args.image), repair=args.repair)
+    result = qed_check.check_file(image, repair=args.repair)
     if _wants_json(args):
         print(json.dumps(check_report(result, args.image), indent=4))
     else:
@@ -409,9 +382,9 @@ def cmd_rebase(args: argparse.Namespace) -> int:
 
 def base_argument(base: str) -> str:
     """A base as ctl takes it: a path made absolute from the current directory, a URL as it is."""
-    from .sources import is_url
+    from .sources import absolute_location
 
-    return base if is_url(base) else os.path.abspath(base)
+    return absolute_location(base)
 
 
 def ctl_command(words: list[str]) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
-import os
 import re
 import shlex
 import time
@@ -16,7 +15,7 @@ from collections.abc import Callable
 from .chain import Chain
 from .errors import CommandError
 from .faults import WriteErrors
-from .sources import is_url
+from .sources import absolute_location
 from .stream import (
     CANCELLED,
     COMPLETED,
@@ -186,10 +185,9 @@ def render_remote(layer: dict[str, object]) -> str:
 def render_status_json(name: str, chain: Chain, stats: StreamStatistics, write_error: str | None = None) -> str:
     image = {
         "name": name,
-        "image": chain.top.path,
+        "image": chain.path,
         "size": chain.size,
-        "backing_chain": [layer.path if is_url(layer.path) else os.path.abspath(layer.path)
-                          for layer in chain.backing_layers],
+        "backing_chain": [absolute_location(layer.path) for layer in chain.backing_layers],
         "stream": {
             "state": stats.state,
             "offset": stats.offset,

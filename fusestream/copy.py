@@ -24,7 +24,7 @@ from .formats.layer import BlockStatus, Layer
 MAX_COPY = 8 * 1024 * 1024  # bytes copied per step at most (one read, one write), unless a cluster is larger
 MAX_SCAN_CLUSTERS = 16384  # clusters of the top image looked up per step (1 GiB at 64 KiB clusters)
 
-Pieces = list[tuple[int, memoryview]]  # (offset, data) as populate takes them
+Copies = list[tuple[int, memoryview]]  # (offset, data) read from the backing chain, as populate takes them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Copier:
         # larger (up to 64 MiB), since a cluster is copied whole or not at all, or what keeps a
         # remote layer's connections busy (Source.bulk_size: 8 MiB steps over 4 MiB requests
         # got 0.86x of curl on loopback, 64 MiB reads 1.13x), the next step prefetched meanwhile.
-        self.max_step = max(MAX_COPY, chain.top.cluster_size,
+        self.max_step = max(MAX_COPY, chain.cluster_size,
                             *(layer.source.bulk_size for layer in chain.backing_layers))
         # One read buffer per step in flight, reused: fresh memory would cost a page fault per
         # page on every step. Anonymous mmaps are page-aligned, as O_DIRECT wants.
@@ -71,10 +71,8 @@ class Copier:
 
     @property
     def base_index(self) -> int:
-        """Index of base in chain.layers (len(layers) without a base): the layers above base
-        are layers[1:base_index]."""
-        layers = self.chain.layers
-        return layers.index(self.base) if self.base in layers else len(layers)
+        """Chain.base_index of base: the layers above base are chain.layers[1:base_index]."""
+        return self.chain.base_index(self.base)
 
     def copy_range(self, offset: int, length: int) -> int:
         """Copy all of [offset, offset+length), cluster-aligned; returns the bytes read."""
@@ -110,16 +108,16 @@ class Copier:
         self.taken = (step.end, self.taken[1] + self._read_size(step.ranges))  # before any populate of it
         if not gentle and step.end < range_end:
             self._next_step = self._plan(step.end, range_end, step.max_read, prefetch=True)
-        pieces = self._read(step.ranges, direct=gentle)
-        self._start_populate(pieces)
+        copies = self._read(step.ranges, direct=gentle)
+        self._start_populate(copies)
         if gentle:
             self.drain()
-        return step.end, sum(len(data) for _, data in pieces)
+        return step.end, sum(len(data) for _, data in copies)
 
     def _whole_clusters(self, max_read: int) -> int:
         """`max_read` as a step may read it: whole clusters, at least one, at most max_step
         (a cluster is always populated whole, never in parts)."""
-        cs = self.chain.top.cluster_size
+        cs = self.chain.cluster_size
         limit = max(cs, min(max_read, self.max_step))
         return limit - limit % cs
 
@@ -132,7 +130,7 @@ class Copier:
         return self._plan(offset, range_end, max_read, prefetch)
 
     def _plan(self, offset: int, range_end: int, max_read: int, prefetch: bool) -> Step:
-        cs = self.chain.top.cluster_size
+        cs = self.chain.cluster_size
         scan_end = min(range_end, offset + MAX_SCAN_CLUSTERS * cs)
         ranges: list[tuple[int, int]] = []
         planned = 0
@@ -140,14 +138,14 @@ class Copier:
         if self._walk.horizon != range_end:
             self._walk = StatusWalk(range_end)
         for lo, hi in self._unallocated_ranges_to_copy(offset, scan_end, max(1, max_read // cs), self._walk):
-            piece_end = min(hi, lo + max_read - planned)
+            copy_end = min(hi, lo + max_read - planned)
             if ranges and ranges[-1][1] == lo:  # a range that went on into the next top run
-                ranges[-1] = (ranges[-1][0], piece_end)
+                ranges[-1] = (ranges[-1][0], copy_end)
             else:
-                ranges.append((lo, piece_end))
-            planned += piece_end - lo
+                ranges.append((lo, copy_end))
+            planned += copy_end - lo
             if planned >= max_read:
-                end = piece_end
+                end = copy_end
                 break
         if prefetch:
             for lo, hi in ranges:
@@ -164,7 +162,7 @@ class Copier:
         above base, which do not change, along the caller's `walk`."""
         pos = offset
         while pos < end:
-            status, run = self.chain.top.block_status(pos, end - pos, top_lookups)
+            status, run = self.chain.top_status(pos, end - pos, top_lookups)
             if status is BlockStatus.UNALLOCATED:
                 yield from self._ranges_to_copy(pos, run, walk)
             pos += run
@@ -179,15 +177,15 @@ class Copier:
         """The bytes _read reads for these ranges (nothing past the virtual size)."""
         return sum(min(hi, self.chain.size) - lo for lo, hi in ranges)
 
-    def _start_populate(self, pieces: Pieces) -> None:
-        """Populate the pieces: here, or in the populate thread when pipelined."""
+    def _start_populate(self, copies: Copies) -> None:
+        """Populate the copies: here, or in the populate thread when pipelined."""
         self.drain()  # the previous step first: errors surface in order, memory stays bounded
-        if not pieces:
+        if not copies:
             return
         if self._populate_thread is None:
-            self._populate(pieces)
+            self._populate(copies)
         else:
-            self._pending = self._populate_thread.submit(self._populate, pieces)
+            self._pending = self._populate_thread.submit(self._populate, copies)
 
     def drain(self) -> None:
         """Wait for the populate in flight, if any; its error, if any, is raised here."""
@@ -206,7 +204,7 @@ class Copier:
     def _ranges_to_copy(self, offset: int, length: int, walk: StatusWalk) -> Iterator[tuple[int, int]]:
         """Cluster-aligned ranges of [offset, offset+length) that the layers above base say
         something about, adjacent ones merged; a cluster partly covered is copied whole."""
-        cs = self.chain.top.cluster_size
+        cs = self.chain.cluster_size
         base_index, keep_zeros = self.base_index, self.base is not None
         end = offset + length
         current: tuple[int, int] | None = None
@@ -225,12 +223,12 @@ class Copier:
         if current is not None:
             yield current
 
-    def _read(self, plan: tuple[tuple[int, int], ...], direct: bool) -> Pieces:
+    def _read(self, plan: tuple[tuple[int, int], ...], direct: bool) -> Copies:
         """The planned ranges (max_step bytes at most), read from the backing chain straight into
         the next page-aligned buffer: preadv copies without holding the GIL, so guest requests on
         the event loop are not held up, and the alignment lets populate bypass the page cache."""
         self._buffers.append(buffer := self._buffers.pop(0))  # not the one a populate may be using
-        pieces = []
+        copies = []
         used = 0
         for start, hi in plan:
             data = memoryview(buffer)[used : used + min(hi, self.chain.size) - start]
@@ -241,14 +239,14 @@ class Copier:
                 raise StreamError(f"read error in the backing chain at offset {start}: {err.strerror or err}") from None
             if filled != len(data):  # never let a short read become zeros on disk
                 raise StreamError(f"short read from the backing chain at offset {start}: {filled} of {len(data)} bytes")
-            pieces.append((start, data))
-        return pieces
+            copies.append((start, data))
+        return copies
 
-    def _populate(self, pieces: Pieces) -> None:
+    def _populate(self, copies: Copies) -> None:
         try:
-            self.chain.populate(pieces, zero_clusters=self.base is not None)
+            self.chain.populate(copies, zero_clusters=self.base is not None)
         except OSError as err:
-            top = self.chain.top.path
-            raise StreamError(f"write error in {top} at offset {pieces[0][0]}: {err.strerror or err}") from None
-        except ValueError as err:  # a piece short of its cluster: refused, never padded with zeros
+            raise StreamError(f"write error in {self.chain.path} at offset {copies[0][0]}: "
+                              f"{err.strerror or err}") from None
+        except ValueError as err:  # a copy short of its cluster: refused, never padded with zeros
             raise StreamError(str(err)) from None

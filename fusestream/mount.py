@@ -33,7 +33,7 @@ from .faults import WriteErrors
 from .formats import qed_check
 from .fs import Operations, raw_name
 from .services import NeedCheckTimer, Service, WriteBackTimer
-from .sources import HttpOptions, display_name, is_url
+from .sources import HttpOptions, absolute_location, display_name
 from .sources.http import url_origin
 from .stream import CopyOnRead, Streamer
 from .units import parse_size
@@ -169,7 +169,7 @@ def _set_valued(opts: MountOptions, name: str, value: str) -> None:
     if not value:
         raise UsageError(f"mount option '{name}=' needs a value")
     if name == "base":  # a URL names a remote layer as it is
-        opts.base = value if is_url(value) else os.path.abspath(value)
+        opts.base = absolute_location(value)
     elif name == "backing_dir":
         opts.backing_dir = os.path.abspath(value)
     else:
@@ -223,7 +223,9 @@ def setup_logging(foreground: bool, debug: bool) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
-def open_image(image: str, opts: MountOptions) -> Chain:
+def open_mount_chain(image: str, opts: MountOptions) -> Chain:
+    """The chain a mount serves: the image checked and repaired first when it is written, opened
+    read-only where it cannot be written, its backing layers confined by the -o options."""
     if not os.path.exists(image):
         raise FusestreamError(f"{image}: no such file")
     writable = not opts.ro and os.access(image, os.W_OK)
@@ -330,7 +332,7 @@ class MountedImage:
 def build_mount(chain: Chain, opts: MountOptions) -> MountedImage:
     """Everything a mount of `chain` serves with, before the event loop runs (pyfuse3.init needs
     the Operations before the daemon forks)."""
-    name = raw_name(chain.top.path)
+    name = raw_name(chain.path)
     events = EventLog(name)
     write_errors = WriteErrors(name, events.emit)
     streamer = Streamer(chain, events.emit, default_base=opts.base, default_speed=opts.speed)
@@ -368,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.foreground, opts.debug)
     image = os.path.abspath(args.image)
     check_mountpoint(args.mountpoint)
-    chain = open_image(image, opts)
+    chain = open_mount_chain(image, opts)
     if opts.base is not None and chain.find_layer(opts.base) is None:
         chain.close()
         raise FusestreamError(f"base {display_name(opts.base)} is not in the backing chain of {image}")

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING
 import outcome
 import trio
 
-from .chain import Chain, StatusWalk, resolve_backing
+from .chain import Chain, StatusWalk
 from .copy import Copier
 from .errors import CommandError, FusestreamError, StreamError
 from .faults import EventSink
 from .formats.layer import Layer
 from .services import Service
-from .sources import display_name
+from .sources import display_name, resolve_backing
 
 if TYPE_CHECKING:
     from .faults import WriteErrors
@@ -142,7 +142,7 @@ class GuestActivity:
 def shown_backing_file(chain: Chain) -> str | None:
     """The top image's backing file name as status and events show it: a URL without
     credentials."""
-    name = chain.top.backing_filename
+    name = chain.backing_filename
     return None if name is None else display_name(name)
 
 
@@ -227,7 +227,7 @@ class StreamJob:
         try:
             await self.run_sync(self.copier.close)
         except (OSError, FusestreamError) as err:  # a populate that failed after the job ended
-            log.error("stream of %s: %s", self.chain.top.path, err)
+            log.error("stream of %s: %s", self.chain.path, err)
 
     async def _run(self) -> None:
         try:
@@ -246,7 +246,7 @@ class StreamJob:
         except (OSError, FusestreamError) as err:
             self.state = FAILED
             self.error = str(err) if isinstance(err, StreamError) else f"offset {self.offset}: {err}"
-            log.error("stream of %s failed: %s", self.chain.top.path, self.error)
+            log.error("stream of %s failed: %s", self.chain.path, self.error)
             self.emit("STREAM_FAILED", {"offset": self.offset, "len": self.len, "error": self.error})
 
     async def _copy_all(self) -> None:
@@ -284,13 +284,13 @@ class StreamJob:
         set before a step populates anything). Otherwise the copy got there first: the count
         goes on from where the steps taken end, plus the bytes those read."""
         walk = StatusWalk(self.len)
-        window = COUNT_WINDOW_CLUSTERS * self.chain.top.cluster_size
+        window = COUNT_WINDOW_CLUSTERS * self.chain.cluster_size
         pos, counted = 0, 0
         while pos < self.len:
             try:
                 ahead = await self.run_sync(self.copier.bytes_to_copy, pos, min(self.len, pos + window), walk)
             except (OSError, FusestreamError) as err:  # the copy meets it too, and fails with it
-                log.warning("stream of %s: cannot count what is left to copy: %s", self.chain.top.path, err)
+                log.warning("stream of %s: cannot count what is left to copy: %s", self.chain.path, err)
                 return
             taken_to, taken_bytes = self.copier.taken
             if taken_to > pos:
@@ -303,7 +303,7 @@ class StreamJob:
         """Read at most a tenth of a second's worth per step at the speed limit, in whole
         clusters, so that pause, cancel and speed changes take effect quickly; less while the
         guest is busy. Unlimited: the copier's largest step (bigger for remote layers)."""
-        cs = self.chain.top.cluster_size
+        cs = self.chain.cluster_size
         limit = GENTLE_COPY if gentle else self.copier.max_step
         if self.speed:
             limit = min(limit, self.speed // 10)
@@ -365,7 +365,7 @@ class Streamer(Service):
         """Start a job (the service must be running)."""
         if self.active:
             raise CommandError("a stream is already running (cancel it first)")
-        if not self.chain.top.writable:
+        if not self.chain.writable:
             raise CommandError("the image is mounted read-only")
         base_layer = self._base_layer(base or self.default_base)
         speed = self.default_speed if speed is None else speed
@@ -377,10 +377,10 @@ class Streamer(Service):
     def _base_layer(self, base: str | None) -> Layer | None:
         if base is None:
             return None
-        base = resolve_backing(self.chain.top.path, base)  # a relative name: beside the image
+        base = resolve_backing(self.chain.path, base)  # a relative name: beside the image
         layer = self.chain.find_layer(base)
         if layer is None:
-            raise CommandError(f"base {display_name(base)} is not in the backing chain of {self.chain.top.path}")
+            raise CommandError(f"base {display_name(base)} is not in the backing chain of {self.chain.path}")
         return layer
 
     def copy_on_read_base(self) -> Layer | None:
@@ -444,9 +444,9 @@ class CopyOnRead:
 
     def copy(self, offset: int, length: int) -> int:
         """Copy the clusters a guest read touches into the top image; returns the bytes read."""
-        if not self.chain.backing_layers or not self.chain.top.writable:
+        if not self.chain.backing_layers or not self.chain.writable:
             return 0
-        cs = self.chain.top.cluster_size
+        cs = self.chain.cluster_size
         start = offset - offset % cs
         end = min(-(-(offset + length) // cs) * cs, self.chain.size)
         copier = self._idle.get()

@@ -17,6 +17,7 @@ from fusestream.chain import PREFETCH_READ_MIN, Confinement, open_chain
 from fusestream.copy import Copier
 from fusestream.errors import BackingFileError, ImageBusyError
 from fusestream.formats import qed
+from fusestream.formats.layer import read_layers_into
 from fusestream.formats.qed_structs import QED_MAGIC
 
 
@@ -227,7 +228,7 @@ def test_a_prefetch_asks_for_exactly_the_file_ranges_that_the_read_reads(chain, 
     c._prefetch(0, chain.size, 0)
     advised = by_fd(call[1:] for call in calls)
     calls.clear()
-    c._read_into(memoryview(bytearray(chain.size)), 0, 0, False)
+    read_layers_into(c.layers, memoryview(bytearray(chain.size)), 0)
     read = by_fd(call[1:] for call in calls)
     c.close()
     assert len(read) == 3  # all three layers hold data somewhere

@@ -7,7 +7,8 @@ import json
 import pytest
 from conftest import FUSESTREAM, qemu_check, qemu_img, qemu_io, run
 
-from fusestream.cli import POLL_SECONDS, WAIT_POLL_MAX, WAIT_POLL_MIN, wait_poll_seconds
+from fusestream.chain import FORMATS
+from fusestream.cli import POLL_SECONDS, SUPPORTED_BACKING_FORMATS, WAIT_POLL_MAX, WAIT_POLL_MIN, wait_poll_seconds
 
 
 def fusestream(*args: str, check: bool = True):
@@ -90,6 +91,12 @@ def test_info_shows_the_chain(tmp_path):
     assert layers[1]["backing-filename-format"] == "raw"
     text = fusestream("info", str(tmp_path / "top.qed")).stdout
     assert "file format: qed" in text and "backing file: mid.qed" in text
+
+
+def test_create_takes_every_backing_format_the_chain_reads():
+    """-F's choices are spelled out for argparse, which runs before any format module is
+    imported: they must stay the chain's formats."""
+    assert tuple(FORMATS) == SUPPORTED_BACKING_FORMATS
 
 
 def test_create_never_destroys_an_image_in_use(tmp_path, open_chains):

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from conftest import FUSESTREAM, ctl, qemu_check, qemu_convert, qemu_img, qemu_io, run
 
-from fusestream.chain import Confinement, resolve_backing
+from fusestream.chain import Confinement
 from fusestream.errors import BackingFileError, UsageError
 from fusestream.mount import http_options, parse_options
-from fusestream.sources import HttpOptions
+from fusestream.sources import HttpOptions, resolve_backing
 
 KiB, MiB = 1 << 10, 1 << 20
 BASE_SIZE = 4 * MiB
@@ -181,6 +181,35 @@ def test_qemu_reads_the_chain_we_created_over_a_url(tmp_path, nginx):
     assert [image["filename"] for image in info] == [image["filename"] for image in chain]
     assert info[1]["remote"]["server"].startswith("nginx") and info[1]["remote"]["etag"]
     assert info[1]["actual-size"] is None
+
+
+def test_info_of_a_url_and_of_a_chain_over_one_shows_the_remote_layer_and_a_missing_one_is_one_line(
+        tmp_path, nginx):
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "base.raw").write_bytes(base_data())
+    qemu_img("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(www / "mid.qcow2"))
+    server = nginx(www)
+    create_top(tmp_path / "top.qed", server.url("mid.qcow2"), "qcow2")
+
+    alone = json.loads(run(FUSESTREAM, "info", "--json", server.url("mid.qcow2")).stdout)
+    assert alone["filename"] == server.url("mid.qcow2") and alone["format"] == "qcow2"
+    assert alone["actual-size"] is None and alone["remote"]["server"].startswith("nginx")
+    assert alone["full-backing-filename"] == server.url("base.raw")
+    shown = run(FUSESTREAM, "info", "--chain", str(tmp_path / "top.qed")).stdout
+    assert [line for line in shown.splitlines() if line.startswith("image: ")] == [
+        f"image: {tmp_path / 'top.qed'}", f"image: {server.url('mid.qcow2')}", f"image: {server.url('base.raw')}"]
+    assert f"backing file (resolved): {server.url('base.raw')}" in shown and "disk size: unavailable" in shown
+
+    qemu_img("create", "-f", "qed", "-b", "mid.qcow2", "-F", "qcow2", str(www / "over.qed"))
+    remote_top = json.loads(run(FUSESTREAM, "info", "--chain", "--json", server.url("over.qed")).stdout)
+    assert [image["filename"] for image in remote_top] == [server.url(name) for name in
+                                                          ("over.qed", "mid.qcow2", "base.raw")]
+    assert "No errors were found" in run(FUSESTREAM, "check", server.url("over.qed")).stdout
+
+    missing = run(FUSESTREAM, "info", server.url("gone.raw"), check=False)
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert missing.stderr.startswith(f"fusestream: {server.url('gone.raw')}: ") and missing.stderr.count("\n") == 1
 
 
 def test_the_remote_mount_options():

@@ -582,6 +582,32 @@ class Qcow2Image:
         self.source.close()
 
 
+# -- what the chain and `fusestream info` use of a format module (see chain.FORMAT_MODULES) -------
+
+
+def probe(head: bytes) -> bool:
+    """Whether an image's first bytes are a qcow2 image's: qcow's magic, not version 1 (qcow)."""
+    return head.startswith(QCOW_MAGIC) and int.from_bytes(head[4:8], "big") != 1
+
+
+def from_source(source: Source) -> Qcow2Image:
+    """A qcow2 layer read through `source`, which it then owns."""
+    return Qcow2Image(source)
+
+
+def info(image: Qcow2Image) -> dict[str, object]:
+    """What `fusestream info` shows of a qcow2 image beyond what every layer shows, with qemu-img
+    info's JSON keys and order."""
+    data = {"compat": image.compat, "compression-type": image.compression_type}
+    if image.header.version == 2:
+        data["refcount-bits"] = 16
+    else:
+        data.update({"lazy-refcounts": image.lazy_refcounts, "refcount-bits": 1 << image.header.refcount_order,
+                     "corrupt": False, "extended-l2": image.extended_l2})  # a corrupt image is refused at open
+    return {"cluster-size": image.cluster_size, "format-specific": {"type": "qcow2", "data": data},
+            "dirty-flag": image.dirty}
+
+
 def _zstd_decompress(raw: bytes, limit: int) -> bytes:
     """At most `limit` bytes of the zstd frame at the start of `raw` (what follows the frame in
     its last sector is ignored, as QEMU ignores it)."""

@@ -485,6 +485,26 @@ def open_image(path: str, writable: bool = False, lock: bool = True, **options) 
     return QedImage(open_source(path, writable=writable, lock=lock), **options)
 
 
+# -- what the chain and `fusestream info` use of a format module (see chain.FORMAT_MODULES) -------
+
+
+def probe(head: bytes) -> bool:
+    """Whether an image's first bytes are a QED image's."""
+    return head.startswith(QED_MAGIC)
+
+
+def from_source(source: Source) -> QedImage:
+    """A QED layer read through `source`, which it then owns."""
+    return QedImage(source)
+
+
+def info(image: QedImage) -> dict[str, object]:
+    """What `fusestream info` shows of a QED image beyond what every layer shows (qemu-img info's
+    JSON keys where it has them)."""
+    return {"cluster-size": image.cluster_size, "table-size": image.header.table_size,
+            "need-check": bool(image.header.features & QED_F_NEED_CHECK)}
+
+
 def create(
     path: str,
     size: int,

@@ -40,3 +40,21 @@ class RawLayer:
 
     def close(self) -> None:
         self.source.close()
+
+
+# -- what the chain and `fusestream info` use of a format module (see chain.FORMAT_MODULES) -------
+
+
+def probe(head: bytes) -> bool:
+    """Raw has no magic: a file is raw when no other format claims it (chain.probe_format)."""
+    return False
+
+
+def from_source(source: Source) -> RawLayer:
+    """A raw layer over `source`, which it then owns."""
+    return RawLayer(source)
+
+
+def info(layer: RawLayer) -> dict[str, object]:
+    """Raw shows nothing beyond what every layer shows."""
+    return {}

@@ -7,9 +7,10 @@ read that may wait on a network (`remote`) never runs on the event loop.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable
 from typing import Protocol, runtime_checkable
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from .http import HttpOptions, HttpSource, redact_url, url_identity
 from .local import Buffers, LocalFile, file_identity
@@ -94,9 +95,44 @@ def open_source(location: str, *, writable: bool = False, lock: bool = True, all
     return LocalFile(location, writable=writable, lock=lock, allow_device=allow_device)
 
 
+# -- locations: a path or a URL. What the chain, the commands and the control files know of
+# where a source is lives here, dispatched on is_url: a new kind of source adds its branch.
+
+
 def is_url(location: str) -> bool:
     """Whether a location (a backing name) names a remote source rather than a path."""
     return urlsplit(location).scheme.lower() in ("http", "https")
+
+
+def resolve_backing(image: str, name: str) -> str:
+    """A backing name as QEMU reads it: a URL or an absolute path as it is, else relative to the
+    image's directory, or to the image's URL for a remote image."""
+    if is_url(name) or os.path.isabs(name):
+        return name
+    if is_url(image):
+        return urljoin(image, name)
+    return os.path.join(os.path.dirname(os.path.abspath(image)), name)
+
+
+def backing_name(image: str, backing: str) -> str:
+    """The name to store in `image` for its backing file at `backing`: a URL as it is; a path
+    relative when it lies beside the image, else absolute."""
+    if is_url(backing):
+        return backing
+    if os.path.dirname(os.path.abspath(backing)) == os.path.dirname(os.path.abspath(image)):
+        return os.path.basename(backing)
+    return os.path.abspath(backing)
+
+
+def absolute_location(location: str) -> str:
+    """A location that no longer depends on the current directory: a URL as it is, a path made
+    absolute."""
+    return location if is_url(location) else os.path.abspath(location)
+
+
+def location_exists(location: str) -> bool:
+    """Whether there is something at `location` to open; a URL is only known once contacted."""
+    return is_url(location) or os.path.exists(location)
 
 
 def display_name(location: str) -> str:
@@ -109,6 +145,23 @@ def location_identity(location: str) -> Hashable | None:
     where there is no file."""
     return url_identity(location) if is_url(location) else file_identity(location)
 
+
+def same_location(a: str, b: str) -> bool:
+    """Whether two locations name one object: the same identity (links followed, hard links
+    and equivalent URLs counted), or two paths that are one once links are resolved, where no
+    file is there yet."""
+    if is_url(a) != is_url(b):
+        return False
+    identity = location_identity(a)
+    if identity is not None and identity == location_identity(b):
+        return True
+    return not is_url(a) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def disk_usage(source: Source) -> int | None:
+    """The disk space a source's file takes (qemu-img info's "disk size"); None where it has
+    none to tell (a remote object)."""
+    return source.allocated_bytes() if isinstance(source, LocalFile) else None
 
 
 def create_file(path: str, overwrite: bool = False) -> WritableSource:

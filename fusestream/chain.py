@@ -372,6 +372,10 @@ class Chain:
         with self.in_use.exclusive():
             retired, self.layers = self.layers[1:base_index], [self.top, *self.layers[base_index:]]
             self.remote = has_remote_layer(self.layers[1:])
+        # A copy-on-read may have copied from the merged layers since the backing file changed;
+        # until that is durable, writing it again after a failed fdatasync reads them again. If
+        # this flush fails, they stay open (the copy's record still reads them) and we raise.
+        self.top.flush()
         for layer in retired:
             self.locations.pop(layer, None)
             layer.close()

@@ -5,6 +5,8 @@
 * `fault_server`: one object served by a small threaded server of our own, with switchable
   faults (dropped connections, stalls, 5xx/429, Range ignored, a changed object, a truncated
   body) and a record of the requests it got;
+* `raw_server`: answers written byte for byte by the test (malformed or mismatched ones), one
+  connection at a time, each answer sent in pieces of a chosen size;
 * `tls_files`: a private CA and a server certificate for 127.0.0.1 and localhost;
 * `s3_server`: moto's S3 on loopback, with presigned GET URLs.
 
@@ -13,6 +15,7 @@ Every server is stopped at teardown. Only 127.0.0.1 is ever listened on or conta
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import email.utils
@@ -398,6 +401,72 @@ def fault_server() -> Iterator:
 
     def start(data: bytes, validators: bool = True) -> FaultServer:
         server = FaultServer(data, validators)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+# -- answers written by the test ------------------------------------------------------------------
+
+
+RANGE_ASKED = re.compile(rb"\r\nRange: bytes=(\d+)-(\d+)\r\n")
+
+
+class RawServer:
+    """A server whose every answer is `answer(first, last)` (the Range asked), bytes sent as they
+    are, in pieces of `piece` bytes; it closes a connection after `per_connection` answers.
+    Records how many connections it accepted."""
+
+    def __init__(self, answer, piece: int = 1 << 16, per_connection: int = 100):
+        self.answer, self.piece, self.per_connection = answer, piece, per_connection
+        self.connections = 0
+        self._listener = socket.create_server((LOOPBACK, 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._serve, name=f"raw-server-{self.port}", daemon=True).start()
+
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}/image.raw"
+
+    def stop(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() under way
+        self._listener.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # stopped
+                return
+            self.connections += 1
+            with conn, contextlib.suppress(ConnectionError):  # a client hanging up is part of the tests
+                self._answer_requests(conn)
+
+    def _answer_requests(self, conn: socket.socket) -> None:
+        received = b""
+        for _ in range(self.per_connection):
+            while b"\r\n\r\n" not in received:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                received += chunk
+            request, _, received = received.partition(b"\r\n\r\n")
+            asked = RANGE_ASKED.search(request + b"\r\n")
+            reply = self.answer(int(asked[1]), int(asked[2]))
+            for start in range(0, len(reply), self.piece):
+                conn.sendall(reply[start : start + self.piece])
+
+
+@pytest.fixture
+def raw_server() -> Iterator:
+    """raw_server(answer, piece=64 KiB, per_connection=100) -> a running RawServer, stopped at
+    teardown."""
+    servers: list[RawServer] = []
+
+    def start(answer, piece: int = 1 << 16, per_connection: int = 100) -> RawServer:
+        server = RawServer(answer, piece, per_connection)
         servers.append(server)
         return server
 

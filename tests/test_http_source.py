@@ -14,6 +14,7 @@ import pytest
 
 from fusestream.errors import SourceError, UsageError
 from fusestream.sources.http import HttpOptions, HttpSource, redact_url, url_origin
+from fusestream.sources.http_wire import WireError, content_length, parse_head
 
 KiB, MiB = 1 << 10, 1 << 20
 # Fault tests: short timeouts and retry bounds, so that lasting failures end quickly.
@@ -522,3 +523,121 @@ def test_an_expired_presigned_url_is_a_clear_error(s3_server):
         source.close()
     with pytest.raises(SourceError, match="presigned URL may have expired"):
         open_source(url)
+
+
+# -- the wire: answers read by http_wire -----------------------------------------------------------
+
+OBJECT = data_of(200 * KiB, seed=7)
+VALIDATORS = b'ETag: "v1"\r\nLast-Modified: Tue, 14 Nov 2023 22:13:20 GMT\r\n'
+
+
+def partial(first: int, last: int, extra: bytes = b"", length: int | None = None,
+            content_range: bytes | None = None) -> bytes:
+    """A 206 of OBJECT's bytes first-last as a web server writes it, with changes."""
+    body = OBJECT[first : last + 1]
+    content_range = content_range or b"bytes %d-%d/%d" % (first, last, len(OBJECT))
+    return (b"HTTP/1.1 206 Partial Content\r\nServer: raw\r\n" + VALIDATORS
+            + b"Content-Range: %s\r\nContent-Length: %d\r\n%s\r\n" % (content_range, len(body) if length is None
+                                                                       else length, extra) + body)
+
+
+def test_parse_head_reads_status_headers_and_keep_alive():
+    head = parse_head(b"HTTP/1.1 206 Partial Content\r\nETag: \"x\"\r\nVia: a\r\nvia:  b \r\nContent-Length: 5")
+    assert (head.status, head.reason, head.keep_alive) == (206, "Partial Content", True)
+    assert head.header("etag") == '"x"' and head.header("Via") == "a, b" and head.header("X") is None
+    assert content_length(head) == 5
+    assert not parse_head(b"HTTP/1.1 200 OK\r\nConnection: close").keep_alive
+    assert not parse_head(b"HTTP/1.0 200 OK").keep_alive
+    assert parse_head(b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive").keep_alive
+    assert parse_head(b"HTTP/1.1 204").reason == ""
+
+
+@pytest.mark.parametrize("head", [b"HTTP/2 206 Partial", b"ICY 200 OK", b"HTTP/1.1 20 OK", b"",
+                                  b"HTTP/1.1 206 OK\r\nno colon", b"HTTP/1.1 206 OK\r\n folded: x",
+                                  b"HTTP/1.1 206 OK\r\nbad name: x", b"HTTP/1.1 206 OK\r\n: x"])
+def test_parse_head_refuses_malformed_answers(head):
+    with pytest.raises(WireError):
+        parse_head(head)
+
+
+@pytest.mark.parametrize("fields", [b"", b"Content-Length: 12a", b"Content-Length: -1",
+                                    b"Transfer-Encoding: chunked\r\nContent-Length: 5"])
+def test_a_body_not_framed_by_content_length_is_refused(fields):
+    with pytest.raises(WireError):
+        content_length(parse_head(b"HTTP/1.1 206 Partial Content\r\n" + fields))
+
+
+@pytest.mark.parametrize("piece", [1, 7, 1 << 16])
+def test_answers_in_any_pieces_read_exactly_on_one_connection(raw_server, piece):
+    server = raw_server(partial, piece=piece)
+    source = open_source(server.url(), HttpOptions(block_size=4 * KiB, readahead=0))
+    try:
+        for offset in (0, 5 * KiB, 199 * KiB, 100 * KiB + 3):
+            assert read_exact(source, offset, 4 * KiB) == OBJECT[offset : offset + 4 * KiB]
+        assert source.server == "raw" and source.etag == '"v1"'
+        assert server.connections == 1  # kept alive
+    finally:
+        source.close()
+
+
+def test_a_connection_the_server_closes_is_not_reused(raw_server):
+    server = raw_server(lambda first, last: partial(first, last, b"Connection: close\r\n"))
+    source = open_source(server.url(), HttpOptions(block_size=4 * KiB, readahead=0))
+    try:
+        for offset in (8 * KiB, 64 * KiB):
+            assert read_exact(source, offset, 100) == OBJECT[offset : offset + 100]
+        assert server.connections == 3 and source.describe()["retries"] == 0
+    finally:
+        source.close()
+
+
+def test_a_keep_alive_connection_closed_after_its_answer_is_retried_at_once(raw_server):
+    server = raw_server(partial, per_connection=1)
+    source = open_source(server.url(), HttpOptions(block_size=4 * KiB, readahead=0))
+    try:
+        assert read_exact(source, 64 * KiB, 100) == OBJECT[64 * KiB : 64 * KiB + 100]
+        assert server.connections == 2 and source.describe()["retries"] == 0
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize(("answer", "message"), [
+    (lambda first, last: partial(first, last, length=last - first), "Content-Length of"),
+    (lambda first, last: partial(first, last, content_range=b"bytes %d-%d/%d" % (first + 1, last + 1, len(OBJECT))),
+     "the server answered"),
+    (lambda first, last: partial(first, last, b"Content-Range: bytes 0-1/2\r\n"), "usable Content-Range"),
+])
+def test_a_mismatched_answer_is_refused_at_once(raw_server, answer, message):
+    good = [True]  # the probe is answered well, then every answer is mismatched
+
+    def answers(first: int, last: int) -> bytes:
+        reply = partial(first, last) if good[0] else answer(first, last)
+        good[0] = False
+        return reply
+
+    source = open_source(raw_server(answers).url(), HttpOptions(block_size=4 * KiB, readahead=0, retry_time=30))
+    try:
+        started = time.monotonic()
+        with pytest.raises(SourceError, match=message):
+            read_exact(source, 64 * KiB, 100)
+        assert time.monotonic() - started < 1  # not retried
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize("reply", [b"HTTP/1.1 206 Partial\r\nbroken header\r\n\r\n", b"garbage\r\n\r\n",
+                                   b"HTTP/1.1 206 Partial\r\nContent-Le", b"HTTP/1.1 206 OK\r\n" + b"X: y\r\n" * 9000])
+def test_a_malformed_answer_is_retried_then_a_source_error(raw_server, reply):
+    first_answer = [True]
+
+    def answers(first: int, last: int) -> bytes:
+        good, first_answer[0] = first_answer[0], False
+        return partial(first, last) if good else reply
+
+    source = open_source(raw_server(answers, per_connection=1).url(), QUICK)
+    try:
+        with pytest.raises(SourceError, match="gave up after"):
+            read_exact(source, 64 * KiB, 100)
+        assert source.describe()["retries"] > 0
+    finally:
+        source.close()

@@ -1,9 +1,12 @@
 """An image file on a web server or an object store, read by HTTP(S) byte ranges.
 
-The client is the standard library's http.client, each connection driven by one thread at a
-time: its readinto() receives a response body straight into the caller's buffer (urllib3 2.x
-copies every body twice, and used a quarter more CPU per GiB on loopback), and the pooling,
-retries and checks that matter here are this module's own either way.
+The client is http_wire's lean HTTP/1.1 connection, each driven by one thread at a time: a
+request is prebuilt bytes and one sendall, the answer's head is parsed into a dict, and the
+body is received straight into the caller's buffer. The standard library's http.client did the
+same body receive, but its request building and email-based header parsing made a 4 KiB miss
+take about twice as long (docs/performance.md, "Remote base"); urllib3 2.x copies every body
+twice and used a quarter more CPU per GiB on loopback. The pooling, retries and checks that
+matter here are this module's own either way.
 
 Three lanes keep a guest read from queueing behind the stream:
 
@@ -32,7 +35,6 @@ import base64
 import concurrent.futures
 import dataclasses
 import email.utils
-import http.client
 import logging
 import random
 import re
@@ -46,6 +48,7 @@ from collections.abc import Callable, Hashable
 from typing import TypeVar
 
 from ..errors import SourceError, UsageError
+from .http_wire import Connection, ResponseHead, WireError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ REDACTED = "***"
 USER_AGENT = "fusestream"
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _T = TypeVar("_T")
+Block = bytes | memoryview  # see _BlockCache
 AHEAD_QUEUE_MAX = 4  # prefetch lane jobs queued per connection; further hints are dropped
 
 
@@ -138,13 +142,13 @@ class _Stats:
 class _ConnectionPool:
     """Idle keep-alive connections of one lane, handed out one per request."""
 
-    def __init__(self, connect: Callable[[], http.client.HTTPConnection], keep: int):
+    def __init__(self, connect: Callable[[], Connection], keep: int):
         self._connect, self._keep = connect, keep
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[Connection] = []
         self._lock = threading.Lock()
         self._closed = False
 
-    def get(self) -> tuple[http.client.HTTPConnection, bool]:
+    def get(self) -> tuple[Connection, bool]:
         """A connection, and whether it has served a request before (it may have timed out
         idle on the server's side since)."""
         with self._lock:
@@ -152,9 +156,10 @@ class _ConnectionPool:
                 return self._idle.pop(), True
         return self._connect(), False
 
-    def put(self, conn: http.client.HTTPConnection) -> None:
+    def put(self, conn: Connection) -> None:
+        """Keep `conn` for the next request if it may serve one (see Connection.reusable)."""
         with self._lock:
-            if not self._closed and len(self._idle) < self._keep:
+            if conn.reusable and not self._closed and len(self._idle) < self._keep:
                 self._idle.append(conn)
                 return
         conn.close()
@@ -168,19 +173,20 @@ class _ConnectionPool:
 
 
 class _BlockCache:
-    """An LRU of whole blocks, bounded to `capacity` blocks. Not locked: the source's lock is."""
+    """An LRU of whole blocks, bounded to `capacity` blocks. Not locked: the source's lock is.
+    A block is bytes, or a read-only slice of the buffer a run of blocks was received into."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        self._blocks: OrderedDict[int, Block] = OrderedDict()
 
-    def get(self, index: int) -> bytes | None:
+    def get(self, index: int) -> Block | None:
         data = self._blocks.get(index)
         if data is not None:
             self._blocks.move_to_end(index)
         return data
 
-    def put(self, index: int, data: bytes) -> None:
+    def put(self, index: int, data: Block) -> None:
         if not self.capacity:
             return
         self._blocks[index] = data
@@ -215,16 +221,18 @@ class HttpSource:
         self._host = parts.hostname
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._identity = url_identity(url)
-        self._headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        self._headers = {"Host": _host_header(self._host, self._port, self._scheme),
+                         "User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
         if parts.username is not None:
             userinfo = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
             self._headers["Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode("ascii")
+        self._request_head = self._build_request_head()
         self._tls = self._tls_context() if self._scheme == "https" else None
 
         self._lock = threading.Lock()
         self._stats = _Stats()
         self._cache = _BlockCache(opts.cache_size // opts.block_size)
-        self._inflight: dict[int, concurrent.futures.Future[bytes]] = {}
+        self._inflight: dict[int, concurrent.futures.Future[Block]] = {}
         self._sequential_end = -1  # where the last cached read ended
         self._readahead_end = 0  # how far readahead has been asked for
         self._ahead_queued = 0  # prefetch lane jobs not yet started
@@ -317,13 +325,15 @@ class HttpSource:
         except (OSError, ssl.SSLError) as err:
             raise SourceError(f"{self.name}: cannot load ca_file {self.options.ca_file}: {err}") from None
 
-    def _connect(self) -> http.client.HTTPConnection:
+    def _connect(self) -> Connection:
         with self._lock:
             self._stats.connections += 1
-        if self._tls is not None:
-            return http.client.HTTPSConnection(self._host, self._port, timeout=self.options.timeout,
-                                               context=self._tls)
-        return http.client.HTTPConnection(self._host, self._port, timeout=self.options.timeout)
+        return Connection(self._host, self._port, self.options.timeout, self._tls)
+
+    def _build_request_head(self) -> bytes:
+        """The GET's request line and headers but Range, as sent on every request."""
+        lines = [f"GET {self._target} HTTP/1.1", *(f"{name}: {value}" for name, value in self._headers.items())]
+        return "".join(f"{line}\r\n" for line in lines).encode("latin-1")
 
     def _probe(self) -> None:
         """Learn the size and pin the object's identity from a ranged GET of the first block
@@ -333,10 +343,10 @@ class HttpSource:
         if first:
             self._cache.put(0, first)
 
-    def _probe_once(self, conn: http.client.HTTPConnection) -> bytes:
+    def _probe_once(self, conn: Connection) -> bytes:
         resp = self._send(conn, 0, self.options.block_size - 1)
-        self.server = resp.getheader("Server")
-        if resp.status == 416 and resp.getheader("Content-Range") == "bytes */0":
+        self.server = resp.header("Server")
+        if resp.status == 416 and resp.header("Content-Range") == "bytes */0":
             self._pin(resp)
             return b""
         if resp.status == 200:
@@ -347,21 +357,23 @@ class HttpSource:
         start, stop, total = self._content_range(resp)
         if total is None or start != 0 or stop > total:
             raise SourceError(f"{self.name}: the server answered the range 0- with "
-                              f"{resp.getheader('Content-Range')!r}: byte ranges unusable")
+                              f"{resp.header('Content-Range')!r}: byte ranges unusable")
+        self._check_body_length(conn, resp, stop)
         self._pin(resp)
         self.size = total
         buf = bytearray(stop)
-        self._receive(resp, memoryview(buf))
+        self._receive(conn, memoryview(buf))
         return bytes(buf)
 
-    def _pin(self, resp: http.client.HTTPResponse) -> None:
-        etag, last_modified = resp.getheader("ETag"), resp.getheader("Last-Modified")
+    def _pin(self, resp: ResponseHead) -> None:
+        etag, last_modified = resp.header("ETag"), resp.header("Last-Modified")
         self.etag = etag if etag and not etag.startswith("W/") else None  # If-Range takes strong ones only
         self.last_modified = last_modified
         if self.etag is None and last_modified is None:
             raise SourceError(f"{self.name}: the server gives neither a strong ETag nor Last-Modified, "
                               "so a change of the object could not be noticed")
         self._headers["If-Range"] = self.etag or last_modified
+        self._request_head = self._build_request_head()
 
     # -- reads -------------------------------------------------------------------------------------
 
@@ -429,15 +441,15 @@ class HttpSource:
         blocks, missing = self._claim(offset // bs, (end - 1) // bs + 1)
         self._fetch_blocks(missing, self._guest)
         for index, block in blocks.items():
-            data = block if isinstance(block, bytes) else block.result()
+            data = block.result() if isinstance(block, concurrent.futures.Future) else block
             lo, hi = max(offset, index * bs), min(end, index * bs + len(data))
             view[lo - offset : hi - offset] = data[lo - index * bs : hi - index * bs]
         self._maybe_read_ahead(offset, end)
 
-    def _claim(self, first: int, stop: int) -> tuple[dict[int, bytes | concurrent.futures.Future[bytes]], list[int]]:
+    def _claim(self, first: int, stop: int) -> tuple[dict[int, Block | concurrent.futures.Future[Block]], list[int]]:
         """Each block of [first, stop): its data from the cache, the future of a fetch already
         on its way, or a new future that the caller must fulfil (the blocks listed as missing)."""
-        blocks: dict[int, bytes | concurrent.futures.Future[bytes]] = {}
+        blocks: dict[int, Block | concurrent.futures.Future[Block]] = {}
         missing = []
         with self._lock:
             for index in range(first, stop):
@@ -464,11 +476,12 @@ class HttpSource:
         try:
             for run in runs:
                 start = run[0] * bs
-                buf = bytearray(min((run[-1] + 1) * bs, self.size) - start)
-                self._fetch_exact(pool, memoryview(buf), start)
+                buf = memoryview(bytearray(min((run[-1] + 1) * bs, self.size) - start))
+                self._fetch_exact(pool, buf, start)
+                received = buf.toreadonly()  # the blocks are slices of it, not copies
                 with self._lock:
                     for index in run:
-                        data = bytes(buf[(index - run[0]) * bs : (index - run[0] + 1) * bs])
+                        data = received[(index - run[0]) * bs : (index - run[0] + 1) * bs]
                         self._cache.put(index, data)
                         self._inflight.pop(index).set_result(data)
         except BaseException as err:
@@ -524,7 +537,7 @@ class HttpSource:
         data stopped."""
         done = 0
 
-        def attempt(conn: http.client.HTTPConnection) -> None:
+        def attempt(conn: Connection) -> None:
             nonlocal done
             try:
                 self._get_range(conn, view[done:], offset + done)
@@ -534,7 +547,7 @@ class HttpSource:
 
         self._with_retries(pool, attempt)
 
-    def _with_retries(self, pool: _ConnectionPool, attempt: Callable[[http.client.HTTPConnection], _T]) -> _T:
+    def _with_retries(self, pool: _ConnectionPool, attempt: Callable[[Connection], _T]) -> _T:
         """attempt(conn) until it succeeds, a lasting failure, or retry_time is spent. A
         connection that failed is closed, never reused."""
         opts = self.options
@@ -582,7 +595,7 @@ class HttpSource:
         with self._lock:
             self._stats.last_error = cause
 
-    def _get_range(self, conn: http.client.HTTPConnection, view: memoryview, offset: int) -> None:
+    def _get_range(self, conn: Connection, view: memoryview, offset: int) -> None:
         """One GET of [offset, offset + len(view)) into `view`; raises _Transient for what a
         retry may cure, SourceError for what it cannot."""
         last = offset + len(view) - 1
@@ -594,8 +607,9 @@ class HttpSource:
                 raise self._changed(f"its size is now {total}, not {self.size}")
             if (start, stop) != (offset, last + 1):
                 raise SourceError(f"{self.name}: asked for bytes {offset}-{last}, the server answered "
-                                  f"{resp.getheader('Content-Range')!r}")
-            self._receive(resp, view)
+                                  f"{resp.header('Content-Range')!r}")
+            self._check_body_length(conn, resp, len(view))
+            self._receive(conn, view)
             return
         if resp.status == 200:  # If-Range failed (the object changed), or Range was ignored
             self._check_same_object(resp)
@@ -606,37 +620,36 @@ class HttpSource:
             raise self._changed("the server says the precondition failed")
         raise self._status_error(resp)
 
-    def _send(self, conn: http.client.HTTPConnection, first: int, last: int) -> http.client.HTTPResponse:
+    def _send(self, conn: Connection, first: int, last: int) -> ResponseHead:
         """GET bytes first-last: the answer's status line and headers. What a retry may cure
         (connection errors, timeouts, 5xx, 429) is _Transient; a certificate that does not
         verify is not."""
         try:
-            conn.request("GET", self._target, headers={**self._headers, "Range": f"bytes={first}-{last}"})
-            resp = conn.getresponse()
+            resp = conn.get_range(self._request_head, first, last)
         except ssl.SSLCertVerificationError as err:
             raise SourceError(f"{self.name}: {_describe_exception(err)}") from None
-        except (OSError, http.client.HTTPException) as err:
+        except (OSError, WireError) as err:
             raise _Transient(_describe_exception(err), unanswered=True) from None
         with self._lock:
             self._stats.requests += 1
         if resp.status == 429 or 500 <= resp.status < 600:
             raise _Transient(f"HTTP {resp.status} {resp.reason}", retry_after=_retry_after(resp))
-        encoding = resp.getheader("Content-Encoding", "identity")
+        encoding = resp.header("Content-Encoding", "identity")
         if resp.status in (200, 206) and encoding.lower() != "identity":
             raise SourceError(f"{self.name}: the server sent a {encoding}-encoded body, not the object's bytes")
         return resp
 
-    def _receive(self, resp: http.client.HTTPResponse, view: memoryview) -> None:
+    def _receive(self, conn: Connection, view: memoryview) -> None:
         """The body into `view`, all of it; a body that ends early or stalls is _Transient with
         what arrived counted."""
         filled = 0
         try:
             while filled < len(view):
-                n = resp.readinto(view[filled:])
+                n = conn.readinto(view[filled:])
                 if not n:
                     break
                 filled += n
-        except (OSError, http.client.HTTPException) as err:
+        except OSError as err:
             self._count_fetched(filled)
             raise _Transient(_describe_exception(err), filled=filled) from None
         self._count_fetched(filled)
@@ -649,17 +662,22 @@ class HttpSource:
 
     # -- answers that cannot be used ---------------------------------------------------------------
 
-    def _content_range(self, resp: http.client.HTTPResponse) -> tuple[int, int, int | None]:
+    def _content_range(self, resp: ResponseHead) -> tuple[int, int, int | None]:
         """(start, stop, total) of a 206 answer's Content-Range; total None for '*'."""
-        header = resp.getheader("Content-Range") or ""
+        header = resp.header("Content-Range") or ""
         match = _CONTENT_RANGE.fullmatch(header.strip())
         if match is None:
             raise SourceError(f"{self.name}: a 206 answer without a usable Content-Range ({header!r})")
         total = None if match[3] == "*" else int(match[3])
         return int(match[1]), int(match[2]) + 1, total
 
-    def _check_same_object(self, resp: http.client.HTTPResponse) -> None:
-        etag, last_modified = resp.getheader("ETag"), resp.getheader("Last-Modified")
+    def _check_body_length(self, conn: Connection, resp: ResponseHead, expected: int) -> None:
+        if conn.body_length != expected:
+            raise SourceError(f"{self.name}: a 206 answer of Content-Range {resp.header('Content-Range')!r} "
+                              f"with a Content-Length of {conn.body_length}")
+
+    def _check_same_object(self, resp: ResponseHead) -> None:
+        etag, last_modified = resp.header("ETag"), resp.header("Last-Modified")
         if self.etag is not None and etag is not None and etag != self.etag:
             raise self._changed(f"ETag {self.etag} is now {etag}")
         if self.last_modified is not None and last_modified is not None and last_modified != self.last_modified:
@@ -669,7 +687,7 @@ class HttpSource:
         return SourceError(f"{self.name}: the object changed since it was opened ({how}); "
                            "none of its new data is used")
 
-    def _status_error(self, resp: http.client.HTTPResponse) -> SourceError:
+    def _status_error(self, resp: ResponseHead) -> SourceError:
         hint = ""
         if resp.status == 403 and REDACTED in self.name:
             hint = " (a presigned URL may have expired)"
@@ -690,9 +708,9 @@ def _wait_all(futures: list[concurrent.futures.Future]) -> None:
             raise future.exception()
 
 
-def _retry_after(resp: http.client.HTTPResponse) -> float | None:
+def _retry_after(resp: ResponseHead) -> float | None:
     """Retry-After in seconds (a number or an HTTP date), None when absent or unreadable."""
-    value = resp.getheader("Retry-After")
+    value = resp.header("Retry-After")
     if value is None:
         return None
     value = value.strip()
@@ -709,10 +727,12 @@ def _describe_exception(err: BaseException) -> str:
         return "timed out"
     if isinstance(err, ssl.SSLCertVerificationError):
         return f"certificate verification failed: {err.verify_message}"
-    if isinstance(err, http.client.RemoteDisconnected):
-        return "the server closed the connection without answering"
-    if isinstance(err, http.client.IncompleteRead):
-        return "the body ended early"
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
     return str(err) or type(err).__name__
+
+
+def _host_header(host: str, port: int, scheme: str) -> str:
+    """Host as a request names it: an IPv6 address in brackets, the port unless the default."""
+    shown = f"[{host}]" if ":" in host else host
+    return shown if port == DEFAULT_PORTS[scheme] else f"{shown}:{port}"

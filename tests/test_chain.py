@@ -367,3 +367,21 @@ def test_a_layer_holds_no_reference_to_the_layers_below_it_nor_to_the_chain(tmp_
         assert c.read(0, chain.size) == expected
     finally:
         c.close()
+
+
+def test_rebase_makes_the_top_durable_before_it_closes_the_merged_layers(chain, open_chains, monkeypatch):
+    """A copy-on-read may have copied from a merged layer after the backing file changed; until
+    that copy is durable, writing it again after a failed fdatasync reads that layer again. So
+    the top is flushed after the swap and before the merged layers close."""
+    c = open_chains(chain.top)
+    order: list[str] = []
+    flush = c.top.flush
+    monkeypatch.setattr(c.top, "flush", lambda: order.append("flush") or flush())
+    merged = c.layers[1]
+    close = merged.close
+    monkeypatch.setattr(merged, "close", lambda: order.append("close merged") or close())
+    Copier(c, c.layers[2]).copy_range(0, chain.size)
+    order.clear()
+    c.rebase(2)
+    assert "close merged" in order and order.index("flush") < order.index("close merged")
+    assert [layer.path for layer in c.layers] == [str(chain.top), str(chain.base)]

@@ -10,10 +10,9 @@ other requests and the stream job. The image is thread-safe for this reason (for
 
 While a backing layer is remote (Chain.remote), nothing of the raw file runs inline: any read,
 and any write that allocates (it reads what lies below for the rest of its clusters), may wait
-on the network, for up to the retries' bounded time. Reads then go to REMOTE_READS' threads,
-whose hand-off costs less than trio.to_thread's (io_threads.py): a 4 KiB read of remote data is
-mostly hand-off and network. Once a stream has retired the remote layers, small requests run
-inline again.
+on the network, for up to the retries' bounded time, so every read goes to a worker thread: a
+4 KiB read of remote data is mostly hand-off and network. Once a stream has retired the remote
+layers, small requests run inline again.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from .chain import Chain
 from .control import MAX_ECHOED_BYTES, Control
 from .errors import CommandError, CorruptionError, FusestreamError, ReadOnlyImageError
 from .faults import WriteErrors
-from .io_threads import IoThreads
 from .stream import CopyOnRead, GuestActivity
 
 log = logging.getLogger(__name__)
@@ -70,7 +68,6 @@ INLINE_READ_MAX = 64 * 1024
 # allocation or a write-back's flush: then a worker thread waits. An allocating 4 KiB write
 # went from 5.2k to 9.9k IOPS (bench/write_bench.py).
 INLINE_WRITE_MAX = 64 * 1024
-REMOTE_READS = IoThreads("remote-read")
 
 
 @contextlib.contextmanager
@@ -97,12 +94,6 @@ async def run_io(fn: Callable[..., T], *args) -> T:
     """Run image I/O in a worker thread."""
     with fuse_errors():
         return await trio.to_thread.run_sync(fn, *args)
-
-
-async def run_remote_read(fn: Callable[..., T], *args) -> T:
-    """Run a read that may wait on the network in one of REMOTE_READS' threads."""
-    with fuse_errors():
-        return await REMOTE_READS.run(fn, *args)
 
 
 def run_inline(fn: Callable[..., T], *args) -> T:
@@ -265,9 +256,7 @@ class Operations(pyfuse3.Operations):
         if fh == EVENTS_INODE:
             return self.control.events.read(off, size)
         self.guest.note()
-        if self.chain.remote:
-            return await run_remote_read(self.read_raw, off, size)
-        if size <= INLINE_READ_MAX and self.inline_small_reads:
+        if size <= INLINE_READ_MAX and self.inline_small_reads and not self.chain.remote:
             return run_inline(self.chain.read, off, size)
         return await run_io(self.read_raw, off, size)
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 from .errors import BackingFileError, FusestreamError, describe_os_error
 from .formats import qcow2, qed, raw
-from .formats.layer import BlockStatus, Layer, ReadBelow, read_layers_into
+from .formats.layer import BlockStatus, Layer, ReadBelow, prefetch_layers, read_layers_into
 from .formats.qcow2_structs import QCOW_MAGIC
 from .sources import (
     HttpOptions,
@@ -246,7 +246,7 @@ class Chain:
         data = bytearray(length)
         with self.in_use:
             if length >= PREFETCH_READ_MIN:
-                self._prefetch(offset, length, 0)
+                prefetch_layers(self.layers, offset, length)
             read_layers_into(self.layers, memoryview(data), offset)  # a short read leaves zeros, as QEMU reads
         return data
 
@@ -260,7 +260,7 @@ class Chain:
     def prefetch_backing(self, offset: int, length: int) -> None:
         """Layer.prefetch of what the chain below the top image holds for the range."""
         with self.in_use:
-            self._prefetch(offset, length, 1)
+            prefetch_layers(self.layers[1:], offset, length)
 
     def write(self, offset: int, data: bytes, wait: bool = True) -> int:
         """Write guest data into the top image; returns how many bytes fit in the virtual size.
@@ -292,15 +292,6 @@ class Chain:
         if len(self.layers) == 1:
             return None
         return functools.partial(read_layers_into, self.layers[1:])
-
-    def _prefetch(self, offset: int, length: int, first: int) -> None:
-        """Layer.prefetch down the layers from layers[first], as read_layers_into reads them."""
-        pending = [(offset, length)]
-        for layer in self.layers[first:]:
-            pending = [left for start, run in pending if start < layer.size
-                       for left in layer.prefetch(start, min(run, layer.size - start))]
-            if not pending:
-                return
 
     def flush(self) -> None:
         self.top.flush()

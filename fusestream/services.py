@@ -18,6 +18,7 @@ guest's fsync fails meanwhile.
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import TYPE_CHECKING
 
@@ -36,7 +37,7 @@ NEED_CHECK_IDLE = 5.0  # seconds without allocating writes before QED_F_NEED_CHE
 NEED_CHECK_POLL = 1.0  # seconds between two looks at the image's count of allocations
 
 
-class Service:
+class Service(abc.ABC):
     """A background task with run() and stop(): `await nursery.start(service.run)`."""
 
     def __init__(self) -> None:
@@ -50,9 +51,9 @@ class Service:
         """End the service (at once if it has not started yet)."""
         self._scope.cancel()
 
+    @abc.abstractmethod
     async def serve(self, task_status: trio.TaskStatus[None]) -> None:
         """The service's work: calls task_status.started() once ready, then runs until cancelled."""
-        raise NotImplementedError
 
 
 class _TopImageTimer(Service):
@@ -77,8 +78,9 @@ class _TopImageTimer(Service):
             except (OSError, FusestreamError) as err:
                 self.write_errors.report(self.origin, err)
 
+    @abc.abstractmethod
     async def tick(self) -> None:
-        raise NotImplementedError
+        """One look at the top image."""
 
 
 class WriteBackTimer(_TopImageTimer):

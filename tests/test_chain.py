@@ -17,7 +17,7 @@ from fusestream.chain import PREFETCH_READ_MIN, Confinement, open_chain
 from fusestream.copy import Copier
 from fusestream.errors import BackingFileError, ImageBusyError
 from fusestream.formats import qed
-from fusestream.formats.layer import read_layers_into
+from fusestream.formats.layer import prefetch_layers, read_layers_into
 from fusestream.formats.qed_structs import QED_MAGIC
 
 
@@ -225,7 +225,7 @@ def test_a_prefetch_asks_for_exactly_the_file_ranges_that_the_read_reads(chain, 
     clusters or past a backing file's end."""
     c = open_chains(chain.top)
     calls = record_file_io(monkeypatch)
-    c._prefetch(0, chain.size, 0)
+    prefetch_layers(c.layers, 0, chain.size)
     advised = by_fd(call[1:] for call in calls)
     calls.clear()
     read_layers_into(c.layers, memoryview(bytearray(chain.size)), 0)

@@ -104,6 +104,17 @@ def fill_zeros(view: memoryview) -> None:
         chunk[:] = _ZEROS_VIEW[: len(chunk)]
 
 
+def prefetch_layers(layers: Sequence[Layer], offset: int, length: int) -> None:
+    """Layer.prefetch down `layers` (top first), as read_layers_into reads them: each layer
+    hints at the ranges that every layer above it left UNALLOCATED."""
+    pending = [(offset, length)]
+    for layer in layers:
+        pending = [left for start, run in pending if start < layer.size
+                   for left in layer.prefetch(start, min(run, layer.size - start))]
+        if not pending:
+            return
+
+
 def read_layers_into(layers: Sequence[Layer], view: memoryview, offset: int, direct: bool = False) -> int:
     """Fill `view` with what `layers` (top first) hold at `offset`, going down them once: each
     layer is asked about the ranges that every layer above it left UNALLOCATED. What no layer

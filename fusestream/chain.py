@@ -22,10 +22,11 @@ import functools
 import os
 import threading
 from collections.abc import Iterator
+from typing import Protocol
 
 from .errors import BackingFileError, FusestreamError, describe_os_error
 from .formats import qcow2, qed, raw
-from .formats.layer import BlockStatus, Layer, ReadBelow, prefetch_layers, read_layers_into
+from .formats.layer import BlockStatus, Layer, Placed, ReadBelow, locate_layers, prefetch_layers, read_layers_into
 from .formats.qcow2_structs import QCOW_MAGIC
 from .sources import (
     HttpOptions,
@@ -156,6 +157,19 @@ class LayersInUse:
             yield
 
 
+class MapListener(Protocol):
+    """Told whenever where the guest view lies may change (Chain.locate's answers), for a
+    reader that keeps its own map of them: the mount's native reads (native_reads.py)."""
+
+    def remapped(self, offset: int, length: int) -> None:
+        """The range was written, discarded or populated: what was located there may be stale.
+        Called once the change is made, before the request that made it returns."""
+
+    def retiring(self) -> None:
+        """Backing layers are about to close: forget their descriptors, and return only once
+        nothing still reads them."""
+
+
 _NO_RUN = (BlockStatus.UNALLOCATED, 0, 0)
 
 
@@ -199,6 +213,7 @@ class Chain:
     # Whether a backing layer's reads may wait on a network (Source.remote): then no guest I/O
     # may run on the event loop (fs.py). Set at open, and again when a stream retires layers.
     remote: bool = False
+    map_listener: MapListener | None = None
 
     @property
     def top(self) -> qed.QedImage:
@@ -250,6 +265,13 @@ class Chain:
             read_layers_into(self.layers, memoryview(data), offset)  # a short read leaves zeros, as QEMU reads
         return data
 
+    def locate(self, offset: int, length: int) -> list[Placed]:
+        """Where the guest view of [offset, offset+length) lies (formats.layer.locate_layers),
+        clamped to the virtual size. Stays true until map_listener hears otherwise."""
+        length = max(0, min(length, self.size - offset))
+        with self.in_use:
+            return locate_layers(self.layers, offset, length) if length else []
+
     def read_backing_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
         """Fill `view` with what the chain below the top image holds at `offset`; returns how
         many bytes are right (len(view) unless a layer's read was short). `direct`: see
@@ -269,6 +291,7 @@ class Chain:
         if length:
             with self.in_use:
                 self.top.write(offset, data[:length], wait, below=self._below())
+            self._remapped(offset, length)
         return length
 
     def discard(self, offset: int, length: int) -> None:
@@ -278,12 +301,21 @@ class Chain:
         if length:
             with self.in_use:
                 self.top.discard(offset, length, below=self._below())
+            self._remapped(offset, length)
 
     def populate(self, copies: list[tuple[int, bytes | memoryview]], zero_clusters: bool) -> int:
         """QedImage.populate of copies read with read_backing_into (the stream's and
         copy-on-read's); returns the bytes allocated."""
         with self.in_use:
-            return self.top.populate(copies, zero_clusters, below=self._below())
+            allocated = self.top.populate(copies, zero_clusters, below=self._below())
+        if copies:
+            start = min(offset for offset, _ in copies)
+            self._remapped(start, max(offset + len(data) for offset, data in copies) - start)
+        return allocated
+
+    def _remapped(self, offset: int, length: int) -> None:
+        if self.map_listener is not None:
+            self.map_listener.remapped(offset, length)
 
     def _below(self) -> ReadBelow | None:
         """What the top image's writes read below it: the backing layers as they are now, read
@@ -363,6 +395,8 @@ class Chain:
         with self.in_use.exclusive():
             retired, self.layers = self.layers[1:base_index], [self.top, *self.layers[base_index:]]
             self.remote = has_remote_layer(self.layers[1:])
+        if self.map_listener is not None:
+            self.map_listener.retiring()
         # A copy-on-read may have copied from the merged layers since the backing file changed;
         # until that is durable, writing it again after a failed fdatasync reads them again. If
         # this flush fails, they stay open (the copy's record still reads them) and we raise.
@@ -375,6 +409,8 @@ class Chain:
     def close(self) -> None:
         """Close every layer, the top last so that its clean-close header update happens after
         nothing else can fail."""
+        if self.map_listener is not None:
+            self.map_listener.retiring()
         errors = []
         for layer in reversed(self.layers):
             try:

@@ -11,6 +11,7 @@ import re
 import shlex
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .chain import Chain
 from .errors import CommandError
@@ -26,6 +27,9 @@ from .stream import (
     StreamStatistics,
 )
 from .units import format_size, parse_size
+
+if TYPE_CHECKING:  # the FUSE layer's: the control files only ask it for its figures
+    from .native_reads import NativeReads
 
 EVENT_NAMES = (
     "STREAM_STARTED", "STREAM_PAUSED", "STREAM_RESUMED", "STREAM_COMPLETED", "STREAM_CANCELLED",
@@ -182,7 +186,8 @@ def render_remote(layer: dict[str, object]) -> str:
             f"{layer['connections']} connections, {layer['retries']} retries{error}\n")
 
 
-def render_status_json(name: str, chain: Chain, stats: StreamStatistics, write_error: str | None = None) -> str:
+def render_status_json(name: str, chain: Chain, stats: StreamStatistics, write_error: str | None = None,
+                       native_reads: dict[str, int] | None = None) -> str:
     image = {
         "name": name,
         "image": chain.path,
@@ -205,6 +210,8 @@ def render_status_json(name: str, chain: Chain, stats: StreamStatistics, write_e
     }
     if chain.remote:
         image["remote"] = remote_layers(chain)
+    if native_reads is not None:
+        image["native_reads"] = native_reads
     return json.dumps({"images": [image]}, indent=2) + "\n"
 
 
@@ -283,8 +290,10 @@ def _stream_args(args: list[str]) -> dict:
 class Control:
     """The control files of one mounted image."""
 
-    def __init__(self, name: str, chain: Chain, streamer: Streamer, events: EventLog, write_errors: WriteErrors):
+    def __init__(self, name: str, chain: Chain, streamer: Streamer, events: EventLog, write_errors: WriteErrors,
+                 native_reads: NativeReads | None = None):
         self.name = name
+        self.native_reads = native_reads
         self.chain = chain
         self.streamer = streamer
         self.events = events
@@ -299,7 +308,9 @@ class Control:
         return line.encode()
 
     def status_json(self) -> bytes:
-        return render_status_json(self.name, self.chain, self.streamer.statistics(), self.write_errors.error).encode()
+        native = self.native_reads.describe() if self.native_reads is not None else None
+        return render_status_json(self.name, self.chain, self.streamer.statistics(), self.write_errors.error,
+                                  native).encode()
 
     def command(self, raw: bytes) -> None:
         """Apply one ctl command; an invalid one changes nothing, raises CommandError and is

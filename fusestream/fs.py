@@ -33,6 +33,7 @@ from .chain import Chain
 from .control import MAX_ECHOED_BYTES, Control
 from .errors import CommandError, CorruptionError, FusestreamError, ReadOnlyImageError
 from .faults import WriteErrors
+from .native_reads import NativeReads
 from .stream import CopyOnRead, GuestActivity
 
 log = logging.getLogger(__name__)
@@ -107,9 +108,15 @@ class Operations(pyfuse3.Operations):
 
     supports_dot_lookup = False
     enable_writeback_cache = False
+    # Asynchronous requests (readahead, O_DIRECT reads and writes from aio) the kernel keeps in
+    # flight at once; its default of 12 would hold back a guest's queue of 16 and more, now
+    # that the native threads serve reads side by side (native_reads.py).
+    max_background = 64
+    congestion_threshold = 48
 
     def __init__(self, chain: Chain, control: Control, write_errors: WriteErrors, guest: GuestActivity,
-                 copy_on_read: CopyOnRead | None = None, read_only: bool = False):
+                 copy_on_read: CopyOnRead | None = None, read_only: bool = False,
+                 native_reads: NativeReads | None = None):
         super().__init__()
         self.chain = chain
         self.control = control
@@ -124,6 +131,7 @@ class Operations(pyfuse3.Operations):
         self.mtime_ns = self.ctime_ns = self.atime_ns = now
         self.read_raw: Callable[[int, int], bytes | bytearray] = copy_on_read.read if copy_on_read else chain.read
         self.inline_small_reads = copy_on_read is None  # a read with copy-on-read may write
+        self.native_reads = native_reads  # answers the reads it can place, before they get here
         self._snapshots: dict[int, bytes] = {}  # open status files: what that open() saw
         self._next_fh = FIRST_SNAPSHOT_FH
         self.after_init: Callable[[], None] | None = None  # see init()
@@ -257,8 +265,16 @@ class Operations(pyfuse3.Operations):
             return self.control.events.read(off, size)
         self.guest.note()
         if size <= INLINE_READ_MAX and self.inline_small_reads and not self.chain.remote:
-            return run_inline(self.chain.read, off, size)
-        return await run_io(self.read_raw, off, size)
+            return run_inline(self._read_raw, off, size)
+        return await run_io(self._read_raw, off, size)
+
+    def _read_raw(self, off: int, size: int) -> bytes | bytearray:
+        """A read of the raw file that the native threads could not answer; then what lies
+        around it is mapped for them (in the same thread: locating may read tables)."""
+        data = self.read_raw(off, size)
+        if self.native_reads is not None:
+            self.native_reads.fill_around(off)
+        return data
 
     async def write(self, fh, off, buf):
         if fh == CTL_INODE:

@@ -31,7 +31,8 @@ from .control import Control, EventLog
 from .errors import FusestreamError, PrintableFormatter, UsageError
 from .faults import WriteErrors
 from .formats import qed_check
-from .fs import Operations, raw_name
+from .fs import RAW_INODE, Operations, raw_name
+from .native_reads import DEFAULT_THREADS, MAX_THREADS, NativeReads
 from .services import NeedCheckTimer, Service, WriteBackTimer
 from .sources import HttpOptions, absolute_location, display_name
 from .sources.http import url_origin
@@ -56,6 +57,7 @@ class MountOptions:
     base: str | None = None
     speed: int = 0
     copy_on_read: bool = False
+    read_threads: int = DEFAULT_THREADS
     allow_other: bool = False
     debug: bool = False
     backing_dir: str | None = None
@@ -65,7 +67,7 @@ class MountOptions:
     fuse_flags: list[str] = dataclasses.field(default_factory=list)
 
 
-VALUED_OPTIONS = ("base", "speed", "backing_dir")
+VALUED_OPTIONS = ("base", "speed", "backing_dir", "read_threads")
 # The remote layers' options (sources.http.HttpOptions): -o name -> (HttpOptions field, parser).
 # QEMU curl's sslverify keeps its name; the tuning ones say http_, as a mount has local readahead,
 # block sizes and timeouts too. allowed_origins may be given more than once (commas split -o).
@@ -172,6 +174,10 @@ def _set_valued(opts: MountOptions, name: str, value: str) -> None:
         opts.base = absolute_location(value)
     elif name == "backing_dir":
         opts.backing_dir = os.path.abspath(value)
+    elif name == "read_threads":
+        opts.read_threads = _number(name, int, value)
+        if not 0 <= opts.read_threads <= MAX_THREADS:
+            raise UsageError(f"mount option read_threads: {value} is not between 0 and {MAX_THREADS}")
     else:
         try:
             opts.speed = parse_size(value)
@@ -336,9 +342,14 @@ def build_mount(chain: Chain, opts: MountOptions) -> MountedImage:
     events = EventLog(name)
     write_errors = WriteErrors(name, events.emit)
     streamer = Streamer(chain, events.emit, default_base=opts.base, default_speed=opts.speed)
-    control = Control(name, chain, streamer, events, write_errors)
     copy_on_read = CopyOnRead(streamer, write_errors) if opts.copy_on_read else None
-    ops = Operations(chain, control, write_errors, streamer.guest, copy_on_read, read_only=opts.ro)
+    native_reads = None
+    if opts.read_threads and copy_on_read is None:  # copy-on-read must see every read
+        native_reads = NativeReads(chain, RAW_INODE, opts.read_threads)
+        streamer.guest.served_elsewhere = native_reads.served
+    control = Control(name, chain, streamer, events, write_errors, native_reads)
+    ops = Operations(chain, control, write_errors, streamer.guest, copy_on_read, read_only=opts.ro,
+                     native_reads=native_reads)
     services: list[Service] = [streamer]
     if not ops.read_only:
         services += [WriteBackTimer(chain.top, write_errors), NeedCheckTimer(chain.top, write_errors)]
@@ -354,7 +365,8 @@ async def serve(mounted: MountedImage, opts: MountOptions) -> None:
         if not opts.nostream and not mounted.ops.read_only and mounted.ops.chain.backing_layers:
             mounted.streamer.start()
         nursery.start_soon(_unmount_on_signal)
-        await pyfuse3.main()
+        native_reads = mounted.ops.native_reads
+        await pyfuse3.main(native_threads=native_reads.threads if native_reads else 0)
         nursery.cancel_scope.cancel()
 
 

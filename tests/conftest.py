@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings
 
 from fusestream.chain import Chain, open_chain
 from fusestream.control import EventLog
-from fusestream.formats.layer import ShortRead, fill_zeros
+from fusestream.formats.layer import BlockStatus, Location, ShortRead, fill_zeros
 from fusestream.stream import COMPLETED, Streamer, StreamStatistics
 
 # Fuzzing (test_fuzz.py): a quick set on every run; `--hypothesis-profile long` for the long tier.
@@ -201,6 +201,9 @@ class FaultyLayer:
 
     def block_status(self, offset, length):
         return self.layer.block_status(offset, length)
+
+    def locate(self, offset, length):  # only its read_into gives its bytes (and its faults)
+        return [Location(offset, length, BlockStatus.FOUND, None)]
 
     def close(self):
         self.layer.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import enum
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..errors import InvalidImageError, describe_os_error
 from ..sources import Source
@@ -33,6 +33,22 @@ ReadBelow = Callable[[memoryview, int], int]
 right (len(view) unless a layer's read was short). The chain passes the top image's writes,
 which need what lies below, read_layers_into bound to the layers below the top (None: nothing
 lies below, zeros), so that they read down those layers without coming back to the chain."""
+
+
+class Location(NamedTuple):
+    """Where a run of one layer lies (Layer.locate)."""
+
+    offset: int
+    length: int
+    status: BlockStatus
+    fd: int | None = None  # FOUND: the descriptor holding the bytes as they are read; None:
+    file_offset: int = 0  # only the layer's read_into can produce them (compressed, remote)
+
+
+PLACED_ZEROS = -1
+Placed = tuple[int, int, int | None, int]
+"""(offset, length, fd, file_offset) of a run of the guest view: its bytes are fd's from
+file_offset on, or zeros (fd PLACED_ZEROS), or only a read through the layers gives them (None)."""
 
 
 class ShortRead(Exception):
@@ -69,6 +85,11 @@ class Layer(Protocol):
 
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         """Status of the run starting at `offset` and how many bytes (<= length) share it."""
+
+    def locate(self, offset: int, length: int) -> list[Location]:
+        """Where the runs of a range within `size` lie, in order: FOUND data with the
+        descriptor and offset that hold it as read_into would read it (fd None where no plain
+        read of a file gives it), ZERO, and UNALLOCATED for the layers below."""
 
     def close(self) -> None:
         """Close the source too."""
@@ -144,3 +165,33 @@ def read_layers_into(layers: Sequence[Layer], view: memoryview, offset: int, dir
     for start, length in pending:
         fill_zeros(view[start - offset : start - offset + length])
     return right
+
+
+def locate_layers(layers: Sequence[Layer], offset: int, length: int) -> list[Placed]:
+    """Where the guest view of [offset, offset+length) lies, as read_layers_into would read it
+    from `layers` (top first): each layer is asked about what every layer above it left
+    UNALLOCATED; past the end of a shorter layer, and where no layer holds anything, zeros.
+    In order of offset."""
+    placed: list[Placed] = []
+    pending = [(offset, length)]
+    for layer in layers:
+        left: Ranges = []
+        for start, run in pending:
+            if start + run > layer.size:
+                inside = max(0, layer.size - start)
+                placed.append((start + inside, run - inside, PLACED_ZEROS, 0))
+                if not inside:
+                    continue
+                run = inside
+            for where in layer.locate(start, run):
+                if where.status is BlockStatus.UNALLOCATED:
+                    left.append((where.offset, where.length))
+                elif where.status is BlockStatus.ZERO:
+                    placed.append((where.offset, where.length, PLACED_ZEROS, 0))
+                else:
+                    placed.append((where.offset, where.length, where.fd, where.file_offset))
+        pending = left
+        if not pending:
+            break
+    placed += [(start, run, PLACED_ZEROS, 0) for start, run in pending]
+    return sorted(placed, key=lambda run: run[0])

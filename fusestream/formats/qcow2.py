@@ -30,7 +30,7 @@ from construct import ConstructError
 
 from ..errors import CorruptionError, UnsupportedImageError
 from ..sources import Source
-from .layer import BlockStatus, Ranges, closed_on_failure, fill_zeros, invalid_image
+from .layer import BlockStatus, Location, Ranges, closed_on_failure, fill_zeros, invalid_image
 from .qcow2_structs import (
     COMPRESSION_TYPE_NAMES,
     CRYPT_METHOD_NAMES,
@@ -477,6 +477,13 @@ class Qcow2Image:
             status = kind
             total += run
         return status, total
+
+    def locate(self, offset: int, length: int) -> list[Location]:
+        """Normal clusters at their place in the file; compressed ones only read_into inflates."""
+        fd = self.source.descriptor()
+        return [Location(pos, run, BlockStatus.FOUND, None) if kind == COMPRESSED else
+                Location(pos, run, kind, fd if kind is BlockStatus.FOUND else None, where or 0)
+                for kind, pos, run, where in self._merged_lookups(offset, length)]
 
     # -- reads ---------------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from ..errors import (
     UnsupportedImageError,
 )
 from ..sources import Source, WritableSource, create_file, open_source
-from .layer import BlockStatus, Ranges, ReadBelow, closed_on_failure, fill_zeros, invalid_image
+from .layer import BlockStatus, Location, Ranges, ReadBelow, closed_on_failure, fill_zeros, invalid_image
 from .qed_alloc import DISCARD_BATCH, Allocator
 from .qed_structs import (
     QED_AUTOCLEAR_FEATURE_MASK,
@@ -219,6 +219,12 @@ class QedImage:
                 break
             run += next_run
         return status, run
+
+    def locate(self, offset: int, length: int) -> list[Location]:
+        """The extents of the range, FOUND ones at their place in the image file."""
+        fd = self.source.descriptor()
+        return [Location(extent.offset, extent.length, extent.status, fd, extent.file_offset or 0)
+                for extent in self.tables.iter_extents(offset, length)]
 
     # -- reads -----------------------------------------------------------------------------------
 

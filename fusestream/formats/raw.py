@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..sources import Source
-from .layer import BlockStatus, Ranges, ShortRead, fill_zeros
+from .layer import BlockStatus, Location, Ranges, ShortRead, fill_zeros
 
 FORMAT_NAME = "raw"
 
@@ -37,6 +37,10 @@ class RawLayer:
         local file, as QEMU's file driver does)."""
         is_data, run = self.source.data_status(offset, length)
         return BlockStatus.FOUND if is_data else BlockStatus.ZERO, run
+
+    def locate(self, offset: int, length: int) -> list[Location]:
+        """All of it is the source's, byte for byte (holes read as zeros)."""
+        return [Location(offset, length, BlockStatus.FOUND, self.source.descriptor(), offset)]
 
     def close(self) -> None:
         self.source.close()

@@ -56,6 +56,11 @@ class Source(Protocol):
         one: what the server said, bytes fetched, connections, retries, the last error). Never
         credentials."""
 
+    def descriptor(self) -> int | None:
+        """The file descriptor whose bytes are the source's, for readers that pread it
+        themselves (the mount's native read threads); None for a remote source. Valid until
+        close."""
+
     def close(self) -> None: ...
 
 

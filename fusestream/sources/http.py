@@ -295,6 +295,9 @@ class HttpSource:
     def data_status(self, offset: int, length: int) -> tuple[bool, int]:
         return True, length
 
+    def descriptor(self) -> int | None:
+        return None
+
     def describe(self) -> dict[str, object]:
         with self._lock:
             stats = dataclasses.asdict(self._stats)

@@ -120,6 +120,9 @@ class LocalFile:
         hole_start = os.lseek(self.fd, offset, os.SEEK_HOLE)
         return True, min(hole_start, end) - offset
 
+    def descriptor(self) -> int | None:
+        return self.fd
+
     def describe(self) -> dict[str, object]:
         return {}
 

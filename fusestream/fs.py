@@ -1,9 +1,12 @@
 """pyfuse3 Operations: the mount's directory, its raw file and the control files. Translation
 only, no format logic; fuse_errors is the one place that turns errors into errnos.
 
-Small reads and writes of the raw file (INLINE_READ_MAX, INLINE_WRITE_MAX) run on the event loop
-itself, measured to cost less than a hand-over to a thread; a small write that would wait (for
-another allocation, or a write-back's flush) goes to a thread instead. Larger requests, discards,
+With native read threads (native_reads.py), most reads of the raw file never get here: the
+threads answer them from their map, and hand everything else to the event loop. Small reads
+and writes of the raw file (INLINE_READ_MAX, INLINE_WRITE_MAX) that do get here run on the event
+loop itself, measured to cost less than a hand-over to a thread, while no other request waits
+behind them; a small write that would wait (for another allocation, or a write-back's flush)
+goes to a thread instead. Larger requests, discards,
 fsync, lseek and every read with copy-on-read run in worker threads (``trio.to_thread``), so
 that a slow disk or a long allocating write never stalls the event loop, which also serves the
 other requests and the stream job. The image is thread-safe for this reason (formats/qed.py).
@@ -113,6 +116,9 @@ class Operations(pyfuse3.Operations):
     # that the native threads serve reads side by side (native_reads.py).
     max_background = 64
     congestion_threshold = 48
+    # Every change of the raw file goes through us (keep_cache), so the kernel need not drop its
+    # pages when the mtime moves, nor ask for the attributes before each read after a write.
+    auto_inval_data = False
 
     def __init__(self, chain: Chain, control: Control, write_errors: WriteErrors, guest: GuestActivity,
                  copy_on_read: CopyOnRead | None = None, read_only: bool = False,
@@ -264,9 +270,18 @@ class Operations(pyfuse3.Operations):
         if fh == EVENTS_INODE:
             return self.control.events.read(off, size)
         self.guest.note()
-        if size <= INLINE_READ_MAX and self.inline_small_reads and not self.chain.remote:
+        if size <= INLINE_READ_MAX and self.inline_small_reads and self._inline():
             return run_inline(self._read_raw, off, size)
         return await run_io(self._read_raw, off, size)
+
+    def _inline(self) -> bool:
+        """Whether a small request of the raw file may run on the event loop: never while a
+        backing layer is remote; with native threads, only while no other request waits for
+        the loop (NativeReads.waiting), so that several guest requests go to the disk side by
+        side in worker threads rather than one after another on the loop."""
+        if self.chain.remote:
+            return False
+        return self.native_reads is None or not self.native_reads.waiting()
 
     def _read_raw(self, off: int, size: int) -> bytes | bytearray:
         """A read of the raw file that the native threads could not answer; then what lies
@@ -285,7 +300,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSPC)  # a disk does not grow when written past its end
         self.guest.note()
         with self._reporting_write_errors("guest write"):
-            inline = len(buf) <= INLINE_WRITE_MAX and not self.chain.remote
+            inline = len(buf) <= INLINE_WRITE_MAX and self._inline()
             written = run_inline(self._write_unless_blocked, off, buf) if inline else None
             if written is None:
                 written = await run_io(self.chain.write, off, buf)

@@ -83,6 +83,11 @@ class NativeReads:
         return {"threads": self.threads, "served": served, "bytes": served_bytes, "forwarded": forwarded}
 
     @staticmethod
+    def waiting() -> int:
+        """Requests the threads have queued for the event loop that it has not taken yet."""
+        return pyfuse3.native_reads_queued()
+
+    @staticmethod
     def served() -> int:
         """READs the native threads answered so far (the guest's activity the stream sees)."""
         return pyfuse3.native_reads_stats()[0]

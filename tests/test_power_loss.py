@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from dataclasses import dataclass, field
 
 import pytest
@@ -99,6 +100,55 @@ def run_workload(top, recording: Recording, rng: random.Random, stream: bool) ->
         chain.close()
 
 
+def run_concurrent_workload(top, recording: Recording, seed: int, writers: int) -> None:
+    """The stream in this thread while `writers` threads write, discard and fsync at once, each
+    in its own slice of the disk (so that which of two writes landed last is never in doubt). A
+    write counts as acknowledged by a flush that started after it had returned."""
+    chain = open_chain(str(top))
+    recording.fds = {chain.top.source.fd, chain.top.source.direct.fd}
+    lock = threading.Lock()  # orders `issued` and the flush records between the writers
+    slice_size = chain.size // writers
+
+    def writer(index: int) -> None:
+        rng = random.Random(seed + index)
+        start = index * slice_size
+        for _ in range(40):
+            length = rng.randrange(1, 20_000)
+            at = start + rng.randrange(slice_size - length)
+            data = rng.randbytes(length) if rng.random() < 0.8 else None
+            if data is None:  # a discard: a write of zeros that frees clusters for reuse
+                chain.discard(at, length)
+            else:
+                chain.write(at, data)
+            with lock:
+                recording.issued.append((at, data if data is not None else bytes(length)))
+            if rng.random() < 0.3:
+                with lock:
+                    acked = len(recording.issued)
+                chain.flush()
+                with lock:
+                    recording.acked_at[len(recording.ops) - 1] = max(
+                        acked, recording.acked_at.get(len(recording.ops) - 1, 0))
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(writers)]
+    copier = Copier(chain, base=None)
+    try:
+        for thread in threads:
+            thread.start()
+        offset = 0
+        while offset < chain.size:
+            offset, _ = copier.copy_step(offset, chain.size, 64 * 1024)
+        copier.drain()
+        for thread in threads:
+            thread.join()
+        chain.rebase(len(chain.layers))
+    finally:
+        for thread in threads:
+            thread.join()
+        recording.fds = set()
+        chain.close()
+
+
 def pending_after(ops: list[tuple], cut: int) -> list[tuple]:
     """The operations after a flush and before the next one: what a power cut may half-apply."""
     following = ops[cut + 1 :]
@@ -179,10 +229,11 @@ def verify_crash_image(path, original: bytes, issued: list[tuple[int, bytes]], a
         chain.close()
 
 
-@pytest.mark.parametrize("stream", [True, False], ids=["stream-with-backing", "writes-without-backing"])
-def test_every_power_cut_leaves_a_valid_image(tmp_path, recorder, request, stream, open_chains):
+@pytest.mark.parametrize("workload", ["stream", "solo", "concurrent"],
+                         ids=["stream-with-backing", "writes-without-backing", "stream-with-4-concurrent-writers"])
+def test_every_power_cut_leaves_a_valid_image(tmp_path, recorder, request, workload, open_chains):
     rng = random.Random(7)
-    if stream:  # a fresh top over the chain: its L2 tables (4 MiB of disk each) are all made during the run
+    if workload != "solo":  # a fresh top over the chain: its L2 tables (4 MiB of disk each) are all made during the run
         c = build_chain(tmp_path, size=12 << 20, cluster_size=4096, table_size=2, seed=3, writes=6)
         top = c.top.with_name("fresh.qed")
         qed.create(str(top), c.size, backing_filename=c.mid.name, cluster_size=4096, table_size=2)
@@ -193,7 +244,10 @@ def test_every_power_cut_leaves_a_valid_image(tmp_path, recorder, request, strea
     original = original_chain.read(0, original_chain.size)
     original_chain.close()
     initial = top.read_bytes()
-    run_workload(top, recorder, rng, stream)
+    if workload == "concurrent":
+        run_concurrent_workload(top, recorder, seed=11, writers=4)
+    else:
+        run_workload(top, recorder, rng, workload == "stream")
     assert any(op[0] == "flush" for op in recorder.ops)
 
     crash = top.with_name("crash.qed")  # beside the backing files, so relative names resolve

@@ -283,16 +283,26 @@ class QedImage:
         if all(e.status is BlockStatus.FOUND for e in extents):
             self._write_found(extents, offset, data)
             return
+        if not wait and self._alloc_lock.locked():
+            raise BlockingIOError(errno.EAGAIN, "an allocation is in progress")
+        view = memoryview(data)
+        # The new clusters' contents first, without the lock: reading what lies below is what
+        # takes long, and several writers may do it at once.
+        prepared = {(e.offset, e.length, e.status): self.alloc.cluster_contents(e, view[e.offset - offset :], below)
+                    for e in extents if e.status is not BlockStatus.FOUND}
         if not self._alloc_lock.acquire(blocking=wait):
             raise BlockingIOError(errno.EAGAIN, "an allocation is in progress")
         try:
-            # Look again: another writer may have allocated these clusters while we waited.
+            # Look again: another writer (or the stream, or a discard) may have changed these
+            # clusters meanwhile; what was prepared for an extent that is no longer the same is
+            # prepared again.
             for extent in self.extents(offset, len(data)):
-                part = memoryview(data)[extent.offset - offset : extent.offset - offset + extent.length]
+                part = view[extent.offset - offset : extent.offset - offset + extent.length]
                 if extent.status is BlockStatus.FOUND:
                     self._write_in_place(part, extent.file_offset)
                 else:
-                    self.alloc.allocating_write(extent, part, below)
+                    contents = prepared.get((extent.offset, extent.length, extent.status))
+                    self.alloc.allocating_write(extent, part, below, contents)
         finally:
             self._alloc_lock.release()
 

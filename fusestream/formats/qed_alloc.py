@@ -26,6 +26,8 @@ from .qed_sync import SyncLog, read_below
 from .qed_table import ClusterSpace, Extent, Geometry, QedTables, read_exact
 
 DISCARD_BATCH = 65536  # clusters a discard changes under one hold of the allocation lock
+Contents = dict[int, "bytes | None"]
+"""cluster -> the whole new content of a cluster an allocating write gives it (None: a zero cluster)."""
 
 
 class Allocator:
@@ -38,15 +40,24 @@ class Allocator:
 
     # -- allocating writes ---------------------------------------------------------------------
 
-    def allocating_write(self, extent: Extent, data: memoryview, below: ReadBelow | None) -> None:
+    def allocating_write(self, extent: Extent, data: memoryview, below: ReadBelow | None,
+                         contents: Contents | None = None) -> None:
         """Give each cluster of a ZERO/UNALLOCATED run its guest `data`: a new cluster (the rest
         of it filled from `below`, or zeros), or a zero cluster when the guest wrote a whole
-        cluster of zeros."""
+        cluster of zeros. `contents`: what cluster_contents gave for this very extent."""
+        if contents is None:
+            contents = self.cluster_contents(extent, data, below)
+        self._populate_clusters(contents, below, copied=False)
+
+    def cluster_contents(self, extent: Extent, data: memoryview, below: ReadBelow | None) -> Contents:
+        """The new content of each cluster of a ZERO/UNALLOCATED run given guest `data` (None:
+        a zero cluster). Needs no lock: it only reads below, which does not change, so that
+        allocating writes read what lies below side by side and hold _alloc_lock only while
+        they allocate."""
         cs = self.geometry.cluster_size
         first = extent.offset // cs
         last = (extent.offset + extent.length - 1) // cs
-        contents = {cluster: self._cluster_content(cluster, extent, data, below) for cluster in range(first, last + 1)}
-        self._populate_clusters(contents, below, copied=False)
+        return {cluster: self._cluster_content(cluster, extent, data, below) for cluster in range(first, last + 1)}
 
     def _cluster_content(self, cluster: int, extent: Extent, data: memoryview, below: ReadBelow | None
                          ) -> bytes | None:

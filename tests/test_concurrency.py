@@ -7,13 +7,13 @@ The operations are seeded (FUSESTREAM_RACE_SEED, named in every failure); the in
 the threads is whatever the machine gives, so a run explores a new one. Reads that must reach
 the daemon whatever the kernel's page cache holds go through an O_DIRECT descriptor.
 
-Where several threads write, a buffered read never races another thread's write of the same
-pages: buffered descriptors read no ahead (open_buffered), and a thread reads what others
-write only through O_DIRECT. Such a race can leave the kernel's page cache stale after the
-write has returned, with nothing wrong in the daemon: FUSE drops the whole cache when it sees
-the mtime that another write changed (auto_inval_data), possibly while a write-through is in
-flight, and the racing read fills the pages again from the daemon before that write lands
-there. These tests are about the daemon's answers, so they keep out of that window."""
+Where several threads write, the owner tests keep buffered reads out of each other's pages
+(buffered descriptors read no ahead, open_buffered, and a thread reads what others write only
+through O_DIRECT), so that a failure there names the daemon's answers. The kernel's page cache
+under such races has a test of its own (the last one): with FUSE's auto_inval_data, which the
+mount now turns off, the kernel dropped the whole cache whenever it saw the mtime another write
+had changed, possibly while a write-through was in flight, and a racing read filled the pages
+again before that write landed: a read after the write returned saw the old data."""
 
 from __future__ import annotations
 
@@ -519,4 +519,56 @@ def test_sixteen_readers_of_a_read_only_mount_read_what_qemu_reads(tmp_path, mou
     want = Disk(m.raw, expected, bytearray(expected))
     with readers_of(m.raw, 16, want) as readers:
         run_together(readers, steps_each(500))
+    m.umount()
+
+
+@pytest.mark.mount
+def test_a_buffered_read_racing_other_readers_and_a_writer_sees_a_completed_write(tmp_path, mount):
+    """A write of more than 64 KiB (a worker thread's), then a buffered read of it through
+    another descriptor, while three threads read the same pages buffered and another writes
+    elsewhere: the read must see the write, every time. With auto_inval_data on, about 1 read
+    in 100 saw the old data."""
+    size, at, length = 4 * MiB, 1000, 85_000
+    base, top = tmp_path / "base.raw", tmp_path / "top.qed"
+    base.write_bytes(random.Random(1).randbytes(size))
+    qemu_img("create", "-f", "qed", "-b", base.name, "-F", "raw", str(top), str(size))
+    m = mount(top, "nostream")
+    stop = threading.Event()
+
+    def read_along() -> None:
+        fd = os.open(m.raw, os.O_RDONLY)
+        try:
+            while not stop.is_set():
+                os.pread(fd, length + 8192, 0)
+        finally:
+            os.close(fd)
+
+    def write_elsewhere() -> None:
+        fd = os.open(m.raw, os.O_RDWR)
+        try:
+            while not stop.is_set():
+                os.pwrite(fd, b"x" * 512, size // 2)
+        finally:
+            os.close(fd)
+
+    others = [threading.Thread(target=read_along) for _ in range(3)] + [threading.Thread(target=write_elsewhere)]
+    writer, reader = os.open(m.raw, os.O_RDWR), os.open(m.raw, os.O_RDONLY)
+    rng = random.Random(SEED)
+    stale = []
+    for thread in others:
+        thread.start()
+    try:
+        for step in range(1500):
+            data = rng.randbytes(length)
+            os.pread(reader, length, at)  # the old data is in the page cache
+            os.pwrite(writer, data, at)
+            if os.pread(reader, length, at) != data:
+                stale.append(step)
+    finally:
+        stop.set()
+        for thread in others:
+            thread.join()
+        os.close(writer)
+        os.close(reader)
+    assert not stale, f"seed {SEED}: {len(stale)} of 1500 reads after a completed write saw the old data"
     m.umount()

@@ -172,7 +172,6 @@ class ConcurrencyBench:
 
     def __init__(self, chain: Chain, template: Path, scratch: Path, tmp: Path):
         self.chain = chain
-        self.tmp = tmp
         self.template = template
         self.copies = {FUSESTREAM: scratch / "fusestream.qed", QSD: scratch / "qsd.qed", RAW: scratch / "raw.raw"}
         self.read_mount, self.read_export = tmp / "ro", tmp / "qsd-ro.raw"

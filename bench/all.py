@@ -22,6 +22,8 @@ BENCHES = [
      "stream_bench.py", ["--runtime", "4"]),
     ("Writes: random 4 KiB writes into unallocated clusters, then fsync, against a writable export",
      "write_bench.py", []),
+    ("Concurrency: reads and writes at 1, 4 and 16 jobs and iodepth 16, against the export and the raw file",
+     "concurrency_bench.py", []),
     ("Scale: a 1 TiB disk", "scale_bench.py", []),
     ("Streaming on the chain shapes real images have: fragmented, 4 KiB-sparse, deep, ext4, 1 TiB",
      "shapes_bench.py", []),

@@ -354,9 +354,9 @@ class FioResult:
     clat_p99_us: float
 
 
-def fio_argv(path: Path | str, params: dict[str, str]) -> list[str]:
-    """One read-only fio job: fio's JSON output, the given job parameters."""
-    argv = ["fio", "--output-format=json", "--name=bench", f"--filename={path}", "--readonly"]
+def fio_argv(path: Path | str, params: dict[str, str], readonly: bool = True) -> list[str]:
+    """One fio job (read-only unless told): fio's JSON output, the given job parameters."""
+    argv = ["fio", "--output-format=json", "--name=bench", f"--filename={path}", *(["--readonly"] if readonly else [])]
     return argv + [f"--{key}={value}" if value else f"--{key}" for key, value in params.items()]
 
 
@@ -610,11 +610,13 @@ class Latency:
 class LoggedFio:
     """One fio run in the background that logs every I/O (fio's latency log, with Unix times), so
     that percentiles can be taken exactly over several runs together, and over the I/Os that
-    completed while something else ran."""
+    completed while something else ran. With ``numjobs``, fio writes one log per job: all count."""
 
     def __init__(self, path: Path, params: dict[str, str], log_prefix: Path):
         self.path = path
-        self.log_files = [Path(f"{log_prefix}_{kind}.1.log") for kind in ("clat", "lat", "slat")]
+        jobs = range(1, int(params.get("numjobs", "1")) + 1)
+        self.clat_logs = [Path(f"{log_prefix}_clat.{job}.log") for job in jobs]
+        self.log_files = [Path(f"{log_prefix}_{kind}.{job}.log") for job in jobs for kind in ("clat", "lat", "slat")]
         logged = {**params, "write_lat_log": str(log_prefix), "log_avg_msec": "0", "log_unix_epoch": "1"}
         self.proc = subprocess.Popen(fio_argv(path, logged), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -624,8 +626,11 @@ class LoggedFio:
             if self.proc.returncode != 0:
                 raise RuntimeError(f"fio on {self.path} exited with {self.proc.returncode}: {err.strip()}")
             _fio_result(self.path, out)
-            with open(self.log_files[0]) as log:
-                return [Latency(int(fields[0]) / 1e3, int(fields[1])) for fields in (line.split(",") for line in log)]
+            return [
+                Latency(int(fields[0]) / 1e3, int(fields[1]))
+                for clat_log in self.clat_logs
+                for fields in (line.split(",") for line in clat_log.read_text().splitlines())
+            ]
         finally:
             self._remove_logs()
 

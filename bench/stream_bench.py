@@ -64,6 +64,7 @@ from common import (
     CLUSTER,
     VENV_BIN,
     Chain,
+    Latency,
     LoggedFio,
     MiB,
     Qmp,
@@ -202,7 +203,13 @@ class StreamBench:
                 fusestream_cli("stream", self.mountdir, "--speed", str(speed))
                 fusestream_cli("wait", self.mountdir)
                 reads = fio.wait()
-            started, completed = job_window(self.mountdir)
+            job = job_window(self.mountdir)
+        return self.finish_segment(idle, reads, job)
+
+    def finish_segment(self, idle: list[Latency], reads: list[Latency], job: tuple[float, float]) -> Segment:
+        """Check the streamed copy (its mount gone) and keep the reads that completed between the
+        job's STREAM_STARTED and STREAM_COMPLETED (`job`, from the events file)."""
+        started, completed = job
         run = self.checked("stream during fio", 0.0)
         during = [io for io in reads if started <= io.done <= completed]
         window = max(io.done for io in during) - max(started, min(io.done for io in during)) if during else 0.0
@@ -318,6 +325,24 @@ def measure_latency(
     return pairs
 
 
+def measure_latency_or_smoke(
+    bench: StreamBench, settings: Settings, fastest: float, data_bytes: int
+) -> tuple[list[tuple[float, float]], int]:
+    """measure_latency with full-speed streams, fio reading GUEST_SLOWDOWN times as long as the
+    fastest idle stream took (`fastest` seconds); where streams are too short for that, with
+    streams rate-limited to copy the chain's `data_bytes` in about SLOW_STREAM s (a smoke
+    figure). Returns the pairs and the speed they were measured at (0: full speed)."""
+    fio_seconds = max(MIN_SEGMENT, fastest * GUEST_SLOWDOWN)
+    print(f"\nlatency: fio reads {fio_seconds:.2f} s idle, and as long once a stream starts "
+          f"(the fastest idle stream took {fastest:.2f} s)")
+    try:
+        return measure_latency(bench, settings, fio_seconds, 0), 0
+    except StreamTooShort as err:
+        speed = int(data_bytes / SLOW_STREAM)
+        print(f"latency: {err}; streams rate-limited to {format_size(speed)}/s instead, a smoke figure only")
+        return measure_latency(bench, settings, SLOW_STREAM * 1.1, speed), speed
+
+
 @dataclasses.dataclass(frozen=True)
 class ChainData:
     """How much data the chain means, by three measures (bytes)."""
@@ -410,12 +435,19 @@ def print_table(
         goal = f"  <= fresh QED {'met' if usage <= data.fresh_qed else 'NOT met'}" if name == FUSESTREAM else ""
         print(f"{name:<44} {usage / MiB:20.1f} {usage / data.clusters:12.2f}x{goal}")
 
+    print_latency_table(latency, rounds, speed, "fusestream mount, fio psync", GOALS_P99)
+
+
+def print_latency_table(
+    latency: list[tuple[float, float]], rounds: int, speed: int, label: str, goals: tuple[float, ...]
+) -> None:
+    """The p99 during streams against idle (measure_latency's pairs), against `goals` (at most)."""
     idle, during = median(p[0] for p in latency), median(p[1] for p in latency)
     ratio = during / idle
     print(f"\n{f'random read 4 KiB p99, median of {rounds}':<44} {'idle us':>10} {'during us':>10} {'ratio':>6}  goal")
     print(
-        f"{'fusestream mount, fio psync':<44} {idle:10.0f} {during:10.0f} {ratio:5.2f}x  "
-        f"{verdicts(ratio, GOALS_P99, at_least=False)}  (per round: "
+        f"{label:<44} {idle:10.0f} {during:10.0f} {ratio:5.2f}x  "
+        f"{verdicts(ratio, goals, at_least=False)}  (per round: "
         f"{', '.join(f'{d / i:.2f}x' for i, d in latency)})"
     )
     if speed:
@@ -438,15 +470,7 @@ def run(settings: Settings) -> int:
         data = chain_data(chain, bench.scratch)
         results = measure_streams(bench, settings.rounds)
         fastest = min(r.job_seconds for r in results[FUSESTREAM])
-        fio_seconds, speed = max(MIN_SEGMENT, fastest * GUEST_SLOWDOWN), 0
-        print(f"\nlatency: fio reads {fio_seconds:.2f} s idle, and as long once a stream starts "
-              f"(the fastest idle stream took {fastest:.2f} s)")
-        try:
-            latency = measure_latency(bench, settings, fio_seconds, speed)
-        except StreamTooShort as err:
-            speed = int(data.clusters / SLOW_STREAM)
-            print(f"latency: {err}; streams rate-limited to {format_size(speed)}/s instead, a smoke figure only")
-            latency = measure_latency(bench, settings, SLOW_STREAM * 1.1, speed)
+        latency, speed = measure_latency_or_smoke(bench, settings, fastest, data.clusters)
     print_table(results, data, latency, settings.rounds, speed)
     for problem in bench.problems:
         print(f"CHECK FAILED: {problem}")

@@ -24,7 +24,9 @@ Peers alternate from round to round; a figure is the median over the rounds.
 Tests (fio, 4 KiB blocks unless said, time based unless said; several jobs are reported as one,
 ``--group_reporting``; psync jobs are buffered, as a VM using the host page cache reads):
 
-* random reads, psync, 1, 4 and 16 jobs, IOPS;
+* random reads, psync, 1, 4 and 16 jobs, IOPS; each job reads the whole disk in its own order, so
+  a job may find pages another job brought in (the raw file's 4 and 16 job figures are mostly
+  such page-cache hits);
 * random reads, libaio at iodepth 16 with ``--direct=1`` (as QEMU's ``cache=none`` guest issues
   them), one job, IOPS;
 * random allocating writes, psync, 1, 4 and 16 jobs, each job ending with an fsync

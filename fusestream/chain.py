@@ -289,33 +289,43 @@ class Chain:
         `wait`: see QedImage.write."""
         length = max(0, min(len(data), self.size - offset))
         if length:
-            with self.in_use:
+            with self._remapping(offset, length), self.in_use:
                 self.top.write(offset, data[:length], wait, below=self._below())
-            self._remapped(offset, length)
         return length
 
     def discard(self, offset: int, length: int) -> None:
         """Discard (or write zeros over) a guest range, clamped to the virtual size; see
         QedImage.discard."""
         length = max(0, min(length, self.size - offset))
-        if length:
-            with self.in_use:
-                self.top.discard(offset, length, below=self._below())
-            self._remapped(offset, length)
+        # In pieces of one batch of the image's (qed.DISCARD_BATCH clusters), each told to the
+        # listener as it is done: the clusters a batch frees may be reused by the next write-back
+        # while later batches run, and no reader may still find them where the discard was.
+        step = qed.DISCARD_BATCH * self.cluster_size
+        end = offset + length
+        while offset < end:
+            piece = min(end, (offset // step + 1) * step) - offset
+            with self._remapping(offset, piece), self.in_use:
+                self.top.discard(offset, piece, below=self._below())
+            offset += piece
 
     def populate(self, copies: list[tuple[int, bytes | memoryview]], zero_clusters: bool) -> int:
         """QedImage.populate of copies read with read_backing_into (the stream's and
         copy-on-read's); returns the bytes allocated."""
-        with self.in_use:
-            allocated = self.top.populate(copies, zero_clusters, below=self._below())
-        if copies:
-            start = min(offset for offset, _ in copies)
-            self._remapped(start, max(offset + len(data) for offset, data in copies) - start)
-        return allocated
+        if not copies:
+            return 0
+        start = min(offset for offset, _ in copies)
+        with self._remapping(start, max(offset + len(data) for offset, data in copies) - start), self.in_use:
+            return self.top.populate(copies, zero_clusters, below=self._below())
 
-    def _remapped(self, offset: int, length: int) -> None:
-        if self.map_listener is not None:
-            self.map_listener.remapped(offset, length)
+    @contextlib.contextmanager
+    def _remapping(self, offset: int, length: int) -> Iterator[None]:
+        """Around a change of the top image's range: the listener hears of it once it is made,
+        and also when it fails half-way (the tables may have changed before the error)."""
+        try:
+            yield
+        finally:
+            if self.map_listener is not None:
+                self.map_listener.remapped(offset, length)
 
     def _below(self) -> ReadBelow | None:
         """What the top image's writes read below it: the backing layers as they are now, read

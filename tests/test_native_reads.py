@@ -121,6 +121,30 @@ def test_the_chain_tells_its_listener_after_each_change(tmp_path, open_chains):
     assert chain.map_listener.calls[-1] == ("remapped", 4 * 65536, 2 * 65536)
 
 
+def test_a_change_that_fails_half_way_is_told_too(tmp_path, open_chains, monkeypatch):
+    """A write or discard may change the cached tables and then fail (a failed fdatasync in the
+    write-back): its range must still be dropped, or native reads keep the old place."""
+    c = build_chain(tmp_path, size=2 * MiB, cluster_size=65536)
+    chain = open_chains(c.top)
+    chain.map_listener = Recorder(chain, lambda *_: None)
+    for name, call in (("write", lambda: chain.write(4096, b"x" * 100)), ("discard", lambda: chain.discard(0, 65536))):
+        monkeypatch.setattr(chain.top, name, lambda *args, **kwargs: (_ for _ in ()).throw(OSError(5, "EIO")))
+        with pytest.raises(OSError):
+            call()
+        assert chain.map_listener.calls[-1][0] == "remapped", name
+
+
+def test_a_long_discard_is_told_batch_by_batch(tmp_path, open_chains, monkeypatch):
+    """Clusters freed by one batch may be reused before the next batch is done."""
+    c = build_chain(tmp_path, size=8 * MiB, cluster_size=4096, table_size=2)
+    chain = open_chains(c.top)
+    monkeypatch.setattr("fusestream.formats.qed.DISCARD_BATCH", 256)  # 1 MiB of 4 KiB clusters
+    chain.map_listener = Recorder(chain, lambda *_: None)
+    chain.discard(100, 3 * MiB)
+    assert [call[1:] for call in chain.map_listener.calls] == [
+        (100, MiB - 100), (MiB, MiB), (2 * MiB, MiB), (3 * MiB, 100)]
+
+
 def test_rebase_clears_the_listener_before_closing_the_merged_layers(tmp_path, open_chains):
     c = build_chain(tmp_path, size=1 * MiB, cluster_size=65536)
     chain = open_chains(c.top)

@@ -289,8 +289,11 @@ class Chain:
         `wait`: see QedImage.write."""
         length = max(0, min(len(data), self.size - offset))
         if length:
-            with self._remapping(offset, length), self.in_use:
-                self.top.write(offset, data[:length], wait, below=self._below())
+            try:
+                with self.in_use:
+                    self.top.write(offset, data[:length], wait, below=self._below())
+            finally:  # also half-way: the tables may have changed before the error
+                self._remapped(offset, length)
         return length
 
     def discard(self, offset: int, length: int) -> None:
@@ -304,8 +307,11 @@ class Chain:
         end = offset + length
         while offset < end:
             piece = min(end, (offset // step + 1) * step) - offset
-            with self._remapping(offset, piece), self.in_use:
-                self.top.discard(offset, piece, below=self._below())
+            try:
+                with self.in_use:
+                    self.top.discard(offset, piece, below=self._below())
+            finally:
+                self._remapped(offset, piece)
             offset += piece
 
     def populate(self, copies: list[tuple[int, bytes | memoryview]], zero_clusters: bool) -> int:
@@ -314,18 +320,17 @@ class Chain:
         if not copies:
             return 0
         start = min(offset for offset, _ in copies)
-        with self._remapping(start, max(offset + len(data) for offset, data in copies) - start), self.in_use:
-            return self.top.populate(copies, zero_clusters, below=self._below())
-
-    @contextlib.contextmanager
-    def _remapping(self, offset: int, length: int) -> Iterator[None]:
-        """Around a change of the top image's range: the listener hears of it once it is made,
-        and also when it fails half-way (the tables may have changed before the error)."""
         try:
-            yield
+            with self.in_use:
+                return self.top.populate(copies, zero_clusters, below=self._below())
         finally:
-            if self.map_listener is not None:
-                self.map_listener.remapped(offset, length)
+            self._remapped(start, max(offset + len(data) for offset, data in copies) - start)
+
+    def _remapped(self, offset: int, length: int) -> None:
+        """After a change of the top image's range, made or failed half-way (a plain call in a
+        finally, not a context manager: it is on every guest write's path)."""
+        if self.map_listener is not None:
+            self.map_listener.remapped(offset, length)
 
     def _below(self) -> ReadBelow | None:
         """What the top image's writes read below it: the backing layers as they are now, read

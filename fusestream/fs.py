@@ -271,8 +271,8 @@ class Operations(pyfuse3.Operations):
             return self.control.events.read(off, size)
         self.guest.note()
         if size <= INLINE_READ_MAX and self.inline_small_reads and self._inline():
-            return run_inline(self._read_raw, off, size)
-        return await run_io(self._read_raw, off, size)
+            return run_inline(self._read_and_map, off, size)
+        return await run_io(self._read_and_map, off, size)
 
     def _inline(self) -> bool:
         """Whether a small request of the raw file may run on the event loop: never while a
@@ -283,7 +283,7 @@ class Operations(pyfuse3.Operations):
             return False
         return self.native_reads is None or not self.native_reads.waiting()
 
-    def _read_raw(self, off: int, size: int) -> bytes | bytearray:
+    def _read_and_map(self, off: int, size: int) -> bytes | bytearray:
         """A read of the raw file that the native threads could not answer; then what lies
         around it is mapped for them (in the same thread: locating may read tables)."""
         data = self.read_raw(off, size)

@@ -50,9 +50,9 @@ class NativeReads:
         self._filled: dict[int, int] = {}  # window -> the epoch it was last filled at
 
     def fill_around(self, offset: int) -> None:
-        """Map the FILL_WINDOW (or cluster) around `offset`, which the event loop has just read: what only a
-        read through the layers gives (compressed, remote) stays unmapped. A fill that a change
-        overtook is dropped whole: the next read fills again."""
+        """Map the FILL_WINDOW (or the cluster, if larger) around `offset`, which the event loop
+        has just read: what only a read through the layers gives (compressed, remote) stays
+        unmapped. A fill that a change overtook is dropped whole: the next read fills again."""
         window = max(FILL_WINDOW, self.chain.cluster_size)
         start = offset - offset % window
         epoch = pyfuse3.native_reads_epoch()

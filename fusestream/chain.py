@@ -377,9 +377,14 @@ class Chain:
 
     def block_status(self, offset: int, length: int, walk: StatusWalk | None = None) -> tuple[BlockStatus, int]:
         """What the guest view holds for the run at `offset`: the first layer, top down, that is
-        not UNALLOCATED decides; UNALLOCATED everywhere reads as zeros. `walk`: see status_above."""
+        not UNALLOCATED decides; UNALLOCATED everywhere reads as zeros. `walk`: see status_above;
+        it remembers the top's runs too, so it must not outlive a guest write (seek's lasts one
+        call)."""
         with self.in_use:
-            status, length = self.top.block_status(offset, length)
+            if walk is None:
+                status, length = self.top.block_status(offset, length)
+            else:
+                status, length = walk.block_status(self.top, offset, length)
             if status is BlockStatus.UNALLOCATED:
                 status, length = self.status_above(offset, length, len(self.layers), walk)
         return status, length
@@ -388,7 +393,7 @@ class Chain:
         """lseek's SEEK_DATA (`data`) or SEEK_HOLE from `offset`: the first offset at or after it
         that holds data (FOUND in the layer that decides) or a hole (ZERO, or unallocated in
         every layer). The end of the disk counts as a hole; None where no data follows. Costs
-        one block-status answer per run crossed."""
+        one block-status answer per run crossed (the walk remembers each layer's run)."""
         pos, walk = offset, StatusWalk(self.size)
         while pos < self.size:
             status, run = self.block_status(pos, self.size - pos, walk)

@@ -28,6 +28,7 @@ from fusestream.stream import CopyOnRead, Streamer
 CLUSTER = 65536
 SIZE = 64 << 20
 COST_PER_UNIT = 4  # counted calls per cluster or extent, at most
+SEEK_COST_PER_LAYER = 4  # counted calls per lseek answer and layer, at most, beyond that
 
 
 def write_raw(path: Path, size: int, pieces: list[tuple[int, int]], rng: random.Random) -> None:
@@ -177,3 +178,33 @@ def test_guest_reads_cost_linear_work(tmp_path, shape, copy_on_read, monkeypatch
     monkeypatch.undo()
     assert data == expected
     assert counts.total <= COST_PER_UNIT * units, (dict(counts.calls), units)
+
+
+def data_runs(top: Path) -> list[tuple[int, int]]:
+    """The data runs of the chain as QEMU maps it, adjacent ones merged."""
+    runs: list[tuple[int, int]] = []
+    for entry in json.loads(qemu_img("map", "--output=json", str(top))):
+        if entry["data"]:
+            start, end = entry["start"], entry["start"] + entry["length"]
+            runs[-1:] = [(runs[-1][0], end)] if runs and runs[-1][1] == start else [*runs[-1:], (start, end)]
+    return runs
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: shape.__name__)
+def test_seeking_every_extent_costs_linear_work(tmp_path, shape, monkeypatch):
+    """cp --sparse's walk: SEEK_DATA, then SEEK_HOLE from the data found, to the end of the disk.
+    Each answer asks each layer afresh (a few calls), but must not walk the top image's run
+    again for every run of a layer below, nor a long run entry by entry."""
+    top = shape(tmp_path, random.Random(12))
+    expected = data_runs(top)
+    units = work_units(top)
+    with contextlib.closing(open_chain(str(top), writable=False)) as chain:
+        counts = Counts(monkeypatch)
+        runs, pos = [], 0
+        while (start := chain.seek(pos, True)) is not None:
+            pos = chain.seek(start, False)
+            runs.append((start, pos))
+        monkeypatch.undo()
+        per_seek = SEEK_COST_PER_LAYER * len(chain.layers)
+    assert runs == expected
+    assert counts.total <= COST_PER_UNIT * units + per_seek * 2 * len(runs), (dict(counts.calls), units, len(runs))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import array
 import collections
 import dataclasses
+import re
 import threading
 from collections.abc import Iterator
 
@@ -21,6 +22,14 @@ from ..sources import Source, WritableSource
 from .layer import BlockStatus
 from .qed_structs import QED_UNALLOCATED, QED_ZERO_CLUSTER, TABLE_ENTRY_SIZE, table_nelems
 from .qed_sync import SyncLog
+
+# A run of L2 entries that all say "unallocated" (or all "zero"), matched in the table's bytes by
+# the regular expression engine: a lookup over a long run costs C's time, not Python's per entry.
+# The tables hold the on-disk (little-endian) bytes as read.
+_SAME_ENTRIES = {
+    entry: re.compile(b"(?:" + re.escape(entry.to_bytes(TABLE_ENTRY_SIZE, "little")) + b")*")
+    for entry in (QED_UNALLOCATED, QED_ZERO_CLUSTER)
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,9 +209,20 @@ class QedTables:
             return "lies in an L2 table"
         return None
 
+    def _same_entries(self, cluster: int, limit: int) -> int:
+        """How many clusters from `cluster` on (at most `limit`, and within its L2 table, which is
+        cached and allocated) have its entry, an unallocated or a zero one. Needs lock."""
+        l1_index, first = divmod(cluster, self.geometry.nelems)
+        table = self.l2_table(self.l1[l1_index])
+        stop = min(first + limit, len(table))
+        with memoryview(table) as entries, entries.cast("B") as table_bytes:
+            same = _SAME_ENTRIES[table[first]].match(table_bytes, first * TABLE_ENTRY_SIZE, stop * TABLE_ENTRY_SIZE)
+            return (same.end() - same.start()) // TABLE_ENTRY_SIZE
+
     def lookups(self, offset: int, length: int) -> Iterator[tuple[BlockStatus, int, int, int | None]]:
         """(status, offset, length, file offset) of [offset, offset+length), one L2 entry (a
-        cluster) at a time, or a whole L2 table's span at once where the L1 entry is unallocated.
+        cluster) at a time, a run of unallocated or of zero entries at once, or a whole L2
+        table's span at once where the L1 entry is unallocated.
         Plain tuples: this is the innermost loop of every walk. The lock is taken per lookup, so
         a long walk (the stream job's) never holds up a guest read for long."""
         cs = self.geometry.cluster_size
@@ -216,9 +236,10 @@ class QedTables:
                 pos += run
                 continue
             cluster, within = divmod(pos, cs)
-            run = min(cs - within, end - pos)
             with self.lock:
                 entry = self.cluster_entry(cluster)
+                clusters = self._same_entries(cluster, -(-end // cs) - cluster) if entry in _SAME_ENTRIES else 1
+            run = min((cluster + clusters) * cs, end) - pos
             if entry == QED_UNALLOCATED:
                 yield BlockStatus.UNALLOCATED, pos, run, None
             elif entry == QED_ZERO_CLUSTER:

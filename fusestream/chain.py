@@ -270,7 +270,7 @@ class Chain:
         clamped to the virtual size. Stays true until map_listener hears otherwise."""
         length = max(0, min(length, self.size - offset))
         with self.in_use:
-            return locate_layers(self.layers, offset, length) if length else []
+            return locate_layers(self.layers, offset, length, self.cluster_size) if length else []
 
     def read_backing_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
         """Fill `view` with what the chain below the top image holds at `offset`; returns how

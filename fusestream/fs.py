@@ -6,8 +6,8 @@ threads answer them from their map, and hand everything else to the event loop. 
 and writes of the raw file (INLINE_READ_MAX, INLINE_WRITE_MAX) that do get here run on the event
 loop itself, measured to cost less than a hand-over to a thread, while no other request waits
 behind them; a small write that would wait (for another allocation, or a write-back's flush)
-goes to a thread instead. Larger requests, discards,
-fsync, lseek and every read with copy-on-read run in worker threads (``trio.to_thread``), so
+goes to a thread instead. lseek's SEEK_DATA / SEEK_HOLE do the same. Larger requests, discards,
+fsync and every read with copy-on-read run in worker threads (``trio.to_thread``), so
 that a slow disk or a long allocating write never stalls the event loop, which also serves the
 other requests and the stream job. The image is thread-safe for this reason (formats/qed.py).
 
@@ -72,6 +72,9 @@ INLINE_READ_MAX = 64 * 1024
 # allocation or a write-back's flush: then a worker thread waits. An allocating 4 KiB write
 # went from 5.2k to 9.9k IOPS (bench/write_bench.py).
 INLINE_WRITE_MAX = 64 * 1024
+# A read at least this long is the kernel's readahead of a sequential reader (its requests are
+# 128 KiB and more): the native threads' map is filled ahead of it (NativeReads.fill_around).
+SEQUENTIAL_READ_MIN = 128 * 1024
 
 
 @contextlib.contextmanager
@@ -288,7 +291,7 @@ class Operations(pyfuse3.Operations):
         around it is mapped for them (in the same thread: locating may read tables)."""
         data = self.read_raw(off, size)
         if self.native_reads is not None:
-            self.native_reads.fill_around(off)
+            self.native_reads.fill_around(off, sequential=size >= SEQUENTIAL_READ_MIN)
         return data
 
     async def write(self, fh, off, buf):
@@ -331,12 +334,27 @@ class Operations(pyfuse3.Operations):
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise pyfuse3.FUSEError(errno.EINVAL)
         if fh == RAW_INODE:
-            found = await run_io(self.chain.seek, off, whence == os.SEEK_DATA) if off < self.chain.size else None
+            found = await self._seek(off, whence == os.SEEK_DATA) if off < self.chain.size else None
         else:
             size = len(self._snapshots[fh]) if fh in self._snapshots else len(self._control_content(fh))
             found = None if off >= size else off if whence == os.SEEK_DATA else size
         if found is None:
             raise pyfuse3.FUSEError(errno.ENXIO)
+        return found
+
+    async def _seek(self, offset: int, data: bool) -> int | None:
+        """Chain.seek, on the loop when it may run there (_inline): an answer costs a lookup per
+        run crossed, a few microseconds, less than the hand-off to a worker thread."""
+        if self._inline():
+            return run_inline(self._seek_and_map, offset, data)
+        return await run_io(self._seek_and_map, offset, data)
+
+    def _seek_and_map(self, offset: int, data: bool) -> int | None:
+        """An lseek the native threads could not answer: what the reader is about to read (the
+        data found, or the data it seeks the end of) is mapped for them, as a read maps."""
+        found = self.chain.seek(offset, data)
+        if self.native_reads is not None and found is not None:
+            self.native_reads.fill_around(found if data else offset, sequential=True)
         return found
 
     async def fallocate(self, fh, mode, offset, length):

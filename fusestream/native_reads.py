@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_THREADS = 16
 MAX_THREADS = 64  # the patched pyfuse3's limit
 FILL_WINDOW = 4 << 20  # what the event loop maps around a read it served, aligned
+FILL_AHEAD = 3  # windows mapped after it for a sequential reader: past the kernel's readahead
 MAX_SLOTS = 1 << 20  # units the map holds at most: 32 MiB, 64 GiB of a disk at 64 KiB clusters
 # Windows remembered as filled, so that reads of what cannot be mapped (a compressed cluster)
 # do not locate their window again and again while nothing changes.
@@ -49,12 +50,20 @@ class NativeReads:
         chain.map_listener = self
         self._filled: dict[int, int] = {}  # window -> the epoch it was last filled at
 
-    def fill_around(self, offset: int) -> None:
+    def fill_around(self, offset: int, sequential: bool) -> None:
         """Map the FILL_WINDOW (or the cluster, if larger) around `offset`, which the event loop
-        has just read: what only a read through the layers gives (compressed, remote) stays
-        unmapped. A fill that a change overtook is dropped whole: the next read fills again."""
+        has just read or sought, and for a `sequential` reader the FILL_AHEAD windows after it:
+        the kernel's readahead runs megabytes ahead of such a reader, in several requests at
+        once, which all reach the loop if their window is not mapped before they come. What
+        only a read through the layers gives (compressed, remote) stays unmapped. A fill that
+        a change overtook is dropped whole: the next read fills again."""
         window = max(FILL_WINDOW, self.chain.cluster_size)
         start = offset - offset % window
+        for ahead in range(1 + FILL_AHEAD if sequential else 1):
+            if start + ahead * window < self.chain.size:
+                self._fill(start + ahead * window, window)
+
+    def _fill(self, start: int, window: int) -> None:
         epoch = pyfuse3.native_reads_epoch()
         if self._filled.get(start) == epoch:  # nothing changed since: what is unmapped stays so
             return
@@ -66,8 +75,8 @@ class NativeReads:
         except (FusestreamError, OSError) as err:  # the read reported it; the map stays empty there
             log.debug("native reads: not mapping %d+%d: %s", start, window, err)
             return
-        for run_offset, length, fd, file_offset in placed:
-            if fd is not None and pyfuse3.native_reads_fill(run_offset, length, fd, file_offset, epoch) < 0:
+        for run_offset, length, fd, file_offset, holes in placed:
+            if fd is not None and pyfuse3.native_reads_fill(run_offset, length, fd, file_offset, epoch, holes) < 0:
                 return
 
     def remapped(self, offset: int, length: int) -> None:
@@ -78,9 +87,10 @@ class NativeReads:
 
     def describe(self) -> dict[str, int]:
         """status.json's "native_reads": the threads, the READs they answered and their bytes,
-        and the requests they handed to the event loop."""
-        served, served_bytes, forwarded = pyfuse3.native_reads_stats()
-        return {"threads": self.threads, "served": served, "bytes": served_bytes, "forwarded": forwarded}
+        the lseeks they answered, and the requests they handed to the event loop."""
+        served, served_bytes, forwarded, seeks = pyfuse3.native_reads_stats()
+        return {"threads": self.threads, "served": served, "bytes": served_bytes, "seeks": seeks,
+                "forwarded": forwarded}
 
     @staticmethod
     def waiting() -> int:

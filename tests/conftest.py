@@ -202,7 +202,7 @@ class FaultyLayer:
     def block_status(self, offset, length):
         return self.layer.block_status(offset, length)
 
-    def locate(self, offset, length):  # only its read_into gives its bytes (and its faults)
+    def locate(self, offset, length, unit):  # only its read_into gives its bytes (and its faults)
         return [Location(offset, length, BlockStatus.FOUND, None)]
 
     def close(self):

@@ -28,8 +28,10 @@ from conftest import (
 
 from fusestream.chain import open_chain
 from fusestream.errors import UsageError
-from fusestream.formats.layer import PLACED_ZEROS
+from fusestream.formats.layer import PLACED_ZEROS, BlockStatus
+from fusestream.formats.raw import RawLayer
 from fusestream.mount import parse_options
+from fusestream.sources.local import LocalFile
 
 MiB = 1 << 20
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
@@ -64,8 +66,8 @@ def assert_located_truly(top: Path, size: int, expect_unplaced: bool) -> None:
         unplaced = 0
         for window in range(0, size, 1 * MiB):
             placed = chain.locate(window, 1 * MiB)
-            assert placed[0][0] == window and sum(run for _, run, _, _ in placed) == min(1 * MiB, size - window)
-            for (offset, length, fd, file_offset), following in zip(placed, placed[1:] + [None], strict=True):
+            assert placed[0][0] == window and sum(run[1] for run in placed) == min(1 * MiB, size - window)
+            for (offset, length, fd, file_offset, _), following in zip(placed, placed[1:] + [None], strict=True):
                 if following is not None:
                     assert following[0] == offset + length  # in order, nothing left out
                 expected = bytes(chain.read(offset, length))
@@ -89,6 +91,34 @@ def test_locate_places_every_run_of_a_qed_chain_over_raw(tmp_path):
 def test_locate_places_qcow2_runs_but_not_compressed_clusters(tmp_path):
     top = qcow2_chain(tmp_path)
     assert_located_truly(top, 4 * MiB, expect_unplaced=True)
+
+
+def test_a_raw_layer_places_its_holes_by_whole_units(tmp_path):
+    """The whole units of a raw file's holes are zeros (no pread, no page cache for them); a
+    unit where data and a hole meet is data that may hold holes (an lseek must ask the loop)."""
+    K = 1024
+    base = tmp_path / "base.raw"
+    with open(base, "wb") as f:
+        f.truncate(1 * MiB)
+        for at, length in ((0, 4 * K), (200 * K, 56 * K), (512 * K, 128 * K)):
+            f.seek(at)
+            f.write(b"\x11" * length)
+    layer = RawLayer(LocalFile(str(base)))
+    try:
+        fd = layer.source.descriptor()
+        found = [(loc.offset, loc.length, loc.status, loc.holes) for loc in layer.locate(0, 1 * MiB, 64 * K)]
+        assert found == [
+            (0, 64 * K, BlockStatus.FOUND, True),  # 4 KiB of data, then a hole
+            (64 * K, 128 * K, BlockStatus.ZERO, False),
+            (192 * K, 64 * K, BlockStatus.FOUND, True),  # the hole's end, then data
+            (256 * K, 256 * K, BlockStatus.ZERO, False),
+            (512 * K, 128 * K, BlockStatus.FOUND, False),  # whole units of data
+            (640 * K, 384 * K, BlockStatus.ZERO, False),
+        ]
+        assert all(loc.fd == fd and loc.file_offset == loc.offset
+                   for loc in layer.locate(0, 1 * MiB, 64 * K) if loc.status is BlockStatus.FOUND)
+    finally:
+        layer.close()
 
 
 class Recorder:

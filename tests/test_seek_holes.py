@@ -3,6 +3,7 @@ qemu-img map skip its holes (needs the patched pyfuse3 that scripts/setup builds
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -10,10 +11,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import build_chain, qemu_img, qemu_io, write_random
+from conftest import build_chain, fallocate, qemu_img, qemu_io, write_random
 
 from fusestream.formats import qed
 from fusestream.formats.layer import BlockStatus
+
+MiB = 1 << 20
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
 def data_ranges(map_json: str) -> list[tuple[int, int]]:
@@ -123,3 +127,68 @@ def test_control_files_are_all_data(tmp_path, mount):
             assert os.lseek(f.fileno(), 0, os.SEEK_HOLE) == size
     finally:
         m.umount()
+
+
+def raw_base_in_pieces(tmp: Path, size: int) -> Path:
+    """A QED top over a raw base whose data lies in whole MiB pieces and in 4 KiB blocks, so that
+    some 64 KiB clusters hold both data and holes; the top holds a few writes of its own."""
+    rng = random.Random(23)
+    base = tmp / "base.raw"
+    with open(base, "wb") as f:
+        f.truncate(size)
+        for piece in rng.sample(range(size >> 20), (size >> 20) // 2):
+            f.seek(piece << 20)
+            f.write(rng.randbytes(1 << 20))
+        for block in rng.sample(range(size // 4096), 40):
+            f.seek(block * 4096)
+            f.write(rng.randbytes(4096))
+    top = tmp / "top.qed"
+    qemu_img("create", "-f", "qed", "-b", base.name, "-F", "raw", str(top), str(size))
+    for _ in range(6):
+        write_random(top, tmp, rng, rng.randrange(size - 70_000), rng.randrange(1, 70_000), "qed")
+    return top
+
+
+def file_seek(fd: int):
+    def seek(offset: int, data: bool) -> int | None:
+        try:
+            return os.lseek(fd, offset, os.SEEK_DATA if data else os.SEEK_HOLE)
+        except OSError as err:
+            if err.errno != errno.ENXIO:
+                raise
+            return None
+    return seek
+
+
+def native_seeks(m) -> int:
+    return json.loads((m.mountpoint / "status.json").read_text())["images"][0]["native_reads"]["seeks"]
+
+
+@pytest.mark.mount
+def test_native_threads_answer_seeks_exactly_and_see_every_write(tmp_path, mount):
+    """Once reads have mapped the disk, the native threads answer SEEK_DATA / SEEK_HOLE from the
+    map: the same runs as qemu-img map of the image, to the byte where a cluster holds both
+    data and holes; and a write or a discard changes the answer at once."""
+    size = 16 * MiB
+    top = raw_base_in_pieces(tmp_path, size)
+    expected = data_ranges(qemu_img("map", "--output=json", str(top)))
+    m = mount(top, "nostream")
+    fd = os.open(m.raw, os.O_RDWR)
+    try:
+        for offset in range(0, size, 1 * MiB):  # the reads map the disk for the native threads
+            os.pread(fd, 1 * MiB, offset)
+        assert seek_ranges(file_seek(fd), size) == expected
+        before = native_seeks(m)
+        assert seek_ranges(file_seek(fd), size) == expected
+        assert native_seeks(m) > before  # those that cross only whole units of one kind
+        hole = next(start for start, end in _holes(expected, size) if end - start >= 3 * 65536)
+        cluster = -(-hole // 65536) * 65536 + 65536  # a whole cluster inside the hole
+        os.pwrite(fd, b"\x5a" * 4096, cluster + 8192)
+        assert os.lseek(fd, hole, os.SEEK_DATA) == cluster  # the write allocated its cluster
+        assert fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, cluster, 65536) == 0
+        assert os.lseek(fd, hole, os.SEEK_DATA) > cluster
+        assert seek_ranges(file_seek(fd), size) == expected
+    finally:
+        os.close(fd)
+    m.umount()
+    assert data_ranges(qemu_img("map", "--output=json", str(top))) == expected

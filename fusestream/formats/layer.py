@@ -43,12 +43,14 @@ class Location(NamedTuple):
     status: BlockStatus
     fd: int | None = None  # FOUND: the descriptor holding the bytes as they are read; None:
     file_offset: int = 0  # only the layer's read_into can produce them (compressed, remote)
+    holes: bool = False  # FOUND: its bytes in fd may hold holes that an lseek must report
 
 
 PLACED_ZEROS = -1
-Placed = tuple[int, int, int | None, int]
-"""(offset, length, fd, file_offset) of a run of the guest view: its bytes are fd's from
-file_offset on, or zeros (fd PLACED_ZEROS), or only a read through the layers gives them (None)."""
+Placed = tuple[int, int, int | None, int, bool]
+"""(offset, length, fd, file_offset, holes) of a run of the guest view: its bytes are fd's from
+file_offset on, or zeros (fd PLACED_ZEROS), or only a read through the layers gives them (None);
+`holes`: fd's bytes there may hold holes (Location.holes), so only a read may use the run."""
 
 
 class ShortRead(Exception):
@@ -86,10 +88,12 @@ class Layer(Protocol):
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
         """Status of the run starting at `offset` and how many bytes (<= length) share it."""
 
-    def locate(self, offset: int, length: int) -> list[Location]:
+    def locate(self, offset: int, length: int, unit: int) -> list[Location]:
         """Where the runs of a range within `size` lie, in order: FOUND data with the
         descriptor and offset that hold it as read_into would read it (fd None where no plain
-        read of a file gives it), ZERO, and UNALLOCATED for the layers below."""
+        read of a file gives it), ZERO, and UNALLOCATED for the layers below. The caller maps
+        in aligned `unit`s: a raw layer reports as ZERO only the whole units of its holes, and
+        the units that hold both data and holes as FOUND with `holes`."""
 
     def close(self) -> None:
         """Close the source too."""
@@ -167,11 +171,11 @@ def read_layers_into(layers: Sequence[Layer], view: memoryview, offset: int, dir
     return right
 
 
-def locate_layers(layers: Sequence[Layer], offset: int, length: int) -> list[Placed]:
+def locate_layers(layers: Sequence[Layer], offset: int, length: int, unit: int) -> list[Placed]:
     """Where the guest view of [offset, offset+length) lies, as read_layers_into would read it
     from `layers` (top first): each layer is asked about what every layer above it left
     UNALLOCATED; past the end of a shorter layer, and where no layer holds anything, zeros.
-    In order of offset."""
+    In order of offset. `unit`: see Layer.locate."""
     placed: list[Placed] = []
     pending = [(offset, length)]
     for layer in layers:
@@ -179,19 +183,19 @@ def locate_layers(layers: Sequence[Layer], offset: int, length: int) -> list[Pla
         for start, run in pending:
             if start + run > layer.size:
                 inside = max(0, layer.size - start)
-                placed.append((start + inside, run - inside, PLACED_ZEROS, 0))
+                placed.append((start + inside, run - inside, PLACED_ZEROS, 0, False))
                 if not inside:
                     continue
                 run = inside
-            for where in layer.locate(start, run):
+            for where in layer.locate(start, run, unit):
                 if where.status is BlockStatus.UNALLOCATED:
                     left.append((where.offset, where.length))
                 elif where.status is BlockStatus.ZERO:
-                    placed.append((where.offset, where.length, PLACED_ZEROS, 0))
+                    placed.append((where.offset, where.length, PLACED_ZEROS, 0, False))
                 else:
-                    placed.append((where.offset, where.length, where.fd, where.file_offset))
+                    placed.append((where.offset, where.length, where.fd, where.file_offset, where.holes))
         pending = left
         if not pending:
             break
-    placed += [(start, run, PLACED_ZEROS, 0) for start, run in pending]
+    placed += [(start, run, PLACED_ZEROS, 0, False) for start, run in pending]
     return sorted(placed, key=lambda run: run[0])

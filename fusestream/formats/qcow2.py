@@ -478,8 +478,9 @@ class Qcow2Image:
             total += run
         return status, total
 
-    def locate(self, offset: int, length: int) -> list[Location]:
-        """Normal clusters at their place in the file; compressed ones only read_into inflates."""
+    def locate(self, offset: int, length: int, unit: int) -> list[Location]:
+        """Normal clusters at their place in the file; compressed ones only read_into inflates
+        (`unit`: its holes are clusters already)."""
         fd = self.source.descriptor()
         return [Location(pos, run, BlockStatus.FOUND, None) if kind == COMPRESSED else
                 Location(pos, run, kind, fd if kind is BlockStatus.FOUND else None, where or 0)

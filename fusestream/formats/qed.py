@@ -220,8 +220,9 @@ class QedImage:
             run += next_run
         return status, run
 
-    def locate(self, offset: int, length: int) -> list[Location]:
-        """The extents of the range, FOUND ones at their place in the image file."""
+    def locate(self, offset: int, length: int, unit: int) -> list[Location]:
+        """The extents of the range, FOUND ones at their place in the image file (`unit`: its
+        holes are clusters already)."""
         fd = self.source.descriptor()
         return [Location(extent.offset, extent.length, extent.status, fd, extent.file_offset or 0)
                 for extent in self.tables.iter_extents(offset, length)]

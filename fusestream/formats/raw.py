@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from ..sources import Source
 from .layer import BlockStatus, Location, Ranges, ShortRead, fill_zeros
 
@@ -38,9 +40,43 @@ class RawLayer:
         is_data, run = self.source.data_status(offset, length)
         return BlockStatus.FOUND if is_data else BlockStatus.ZERO, run
 
-    def locate(self, offset: int, length: int) -> list[Location]:
-        """All of it is the source's, byte for byte (holes read as zeros)."""
-        return [Location(offset, length, BlockStatus.FOUND, self.source.descriptor(), offset)]
+    def locate(self, offset: int, length: int, unit: int) -> list[Location]:
+        """The source's bytes at their place, by aligned `unit`s: the whole units of its holes
+        as ZERO, so that a reader of the map neither reads them nor fills the page cache with
+        them (the kernel's readahead runs on past the data into the holes); the units that
+        hold both data and holes as FOUND with `holes`. A remote source has no descriptor: all
+        of it is data that only read_into gives."""
+        fd = self.source.descriptor()
+        if fd is None:
+            return [Location(offset, length, BlockStatus.FOUND)]
+        located: list[Location] = []
+        for start, end, kind in self._unit_pieces(offset, offset + length, unit):
+            if located and located[-1].status is kind[0] and located[-1].holes == kind[1]:
+                located[-1] = located[-1]._replace(length=end - located[-1].offset)
+            elif kind[0] is BlockStatus.ZERO:
+                located.append(Location(start, end - start, BlockStatus.ZERO))
+            else:
+                located.append(Location(start, end - start, BlockStatus.FOUND, fd, start, kind[1]))
+        return located
+
+    def _unit_pieces(self, offset: int, end: int, unit: int) -> Iterator[tuple[int, int, tuple[BlockStatus, bool]]]:
+        """Each data or hole run of [offset, end) cut where it leaves whole units: its whole
+        units (FOUND or ZERO), and the parts before and after them, which share a unit with
+        another run (FOUND with holes)."""
+        mixed = (BlockStatus.FOUND, True)
+        pos = offset
+        while pos < end:
+            is_data, run = self.source.data_status(pos, end - pos)
+            first, last = -(-pos // unit) * unit, (pos + run) // unit * unit
+            if last <= first:
+                yield pos, pos + run, mixed
+            else:
+                if first > pos:
+                    yield pos, first, mixed
+                yield first, last, (BlockStatus.FOUND if is_data else BlockStatus.ZERO, False)
+                if pos + run > last:
+                    yield last, pos + run, mixed
+            pos += run
 
     def close(self) -> None:
         self.source.close()

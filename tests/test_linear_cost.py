@@ -1,8 +1,8 @@
 """The cost of a stream, of guest reads and of copy-on-read is linear in the chain (issue 12).
 
 Counted, not timed: the L2 entry lookups (QedTables.cluster_entry), the layers' block-status
-calls and the raw layers' lseek calls stay under a small constant times the clusters plus the
-extents of every layer, on chains of the shapes real images have. The extents are counted by
+calls and the raw layers' lseek and FIEMAP calls stay under a small constant times the clusters
+plus the extents of every layer, on chains of the shapes real images have. The extents are counted by
 QEMU (`qemu-img map` of each layer alone), the clusters from the layers' sizes.
 """
 
@@ -22,7 +22,7 @@ from fusestream.chain import open_chain
 from fusestream.control import EventLog
 from fusestream.faults import WriteErrors
 from fusestream.formats import qed, qed_table, raw
-from fusestream.sources import local
+from fusestream.sources import extents, local
 from fusestream.stream import CopyOnRead, Streamer
 
 CLUSTER = 65536
@@ -125,6 +125,13 @@ class Counts:
             return lseek(fd, position, how)
 
         monkeypatch.setattr(local.os, "lseek", counted_lseek)
+        ioctl = extents.fcntl.ioctl
+
+        def counted_ioctl(fd, request, *args):
+            self.calls["fiemap" if request == extents.FS_IOC_FIEMAP else "ioctl"] += 1
+            return ioctl(fd, request, *args)
+
+        monkeypatch.setattr(extents.fcntl, "ioctl", counted_ioctl)
 
     def _wrap(self, monkeypatch, cls, name) -> None:
         method = getattr(cls, name)

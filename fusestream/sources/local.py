@@ -3,8 +3,9 @@
 Opening refuses anything but a regular file (or, when the user asked for it, a block device)
 and takes the image locks (sources/image_lock.py). Reads use preadv straight into the caller's
 buffer, through a second O_DIRECT descriptor when asked to bypass the page cache; prefetching is
-posix_fadvise(WILLNEED); holes are found with SEEK_DATA/SEEK_HOLE. A file opened writable (the
-QED top image) also writes, flushes (fdatasync), truncates and punches holes.
+posix_fadvise(WILLNEED); holes are found with FIEMAP (sources/extents.py) or SEEK_DATA/SEEK_HOLE.
+A file opened writable (the QED top image) also writes, flushes (fdatasync), truncates and
+punches holes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import stat
 from collections.abc import Sequence
 
 from ..errors import BackingFileError, InvalidImageError, describe_os_error
+from .extents import ExtentMap
 from .image_lock import lock_image
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,8 @@ class LocalFile:
             raise
         self.direct = DirectTwin(fd, writable)
         self._advice = ReadAdvice(fd, path)
+        # A file open read-only changes under nobody here: its extents may be cached.
+        self._extents = None if writable or self.block_device else ExtentMap(fd, self.size, path)
 
     # -- the Source protocol ---------------------------------------------------------------------
 
@@ -109,8 +113,14 @@ class LocalFile:
         self._advice.willneed(offset, length)
 
     def data_status(self, offset: int, length: int) -> tuple[bool, int]:
-        """SEEK_DATA/SEEK_HOLE, as QEMU's file driver asks them."""
+        """Data or a hole at `offset`, and how far it goes: from the file's extents (FIEMAP) when
+        it is open read-only (sources/extents.py), otherwise (and where the extents cannot say)
+        SEEK_DATA/SEEK_HOLE, as QEMU's file driver asks them."""
         end = min(offset + length, self.size)
+        if self._extents is not None and offset < end:
+            found = self._extents.data_status(offset, end)
+            if found is not None:
+                return found
         try:
             data_start = os.lseek(self.fd, offset, os.SEEK_DATA)
         except OSError:  # ENXIO: only a hole from here to the end of the file

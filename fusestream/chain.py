@@ -393,14 +393,22 @@ class Chain:
         """lseek's SEEK_DATA (`data`) or SEEK_HOLE from `offset`: the first offset at or after it
         that holds data (FOUND in the layer that decides) or a hole (ZERO, or unallocated in
         every layer). The end of the disk counts as a hole; None where no data follows. Costs
-        one block-status answer per run crossed (the walk remembers each layer's run)."""
-        pos, walk = offset, StatusWalk(self.size)
+        one block-status answer per run crossed (the walk remembers each layer's run), each
+        bounded (QedImage.block_status)."""
+        return self.seek_some(offset, data, 0)[1]
+
+    def seek_some(self, offset: int, data: bool, max_runs: int) -> tuple[bool, int | None]:
+        """seek, crossing at most `max_runs` runs (0: all of them): (True, its answer), or (False,
+        where it stopped), from where a seek goes on."""
+        pos, walk, runs = offset, StatusWalk(self.size), 0
         while pos < self.size:
+            if runs == max_runs > 0:
+                return False, pos
             status, run = self.block_status(pos, self.size - pos, walk)
             if (status is BlockStatus.FOUND) == data:
-                return pos
-            pos += run
-        return None if data else self.size
+                return True, pos
+            pos, runs = pos + run, runs + 1
+        return True, None if data else self.size
 
     def rebase(self, base_index: int) -> Layer | None:
         """After a stream has copied layers[1:base_index] into the top image: make

@@ -72,6 +72,9 @@ INLINE_READ_MAX = 64 * 1024
 # allocation or a write-back's flush: then a worker thread waits. An allocating 4 KiB write
 # went from 5.2k to 9.9k IOPS (bench/write_bench.py).
 INLINE_WRITE_MAX = 64 * 1024
+# Runs an lseek crosses on the event loop at most (Chain.seek_some) before it goes on in a
+# worker thread: cp --sparse's seeks cross one to three.
+SEEK_INLINE_RUNS = 8
 # A read at least this long is the kernel's readahead of a sequential reader (its requests are
 # 128 KiB and more): the native threads' map is filled ahead of it (NativeReads.fill_around).
 SEQUENTIAL_READ_MIN = 128 * 1024
@@ -343,19 +346,25 @@ class Operations(pyfuse3.Operations):
         return found
 
     async def _seek(self, offset: int, data: bool) -> int | None:
-        """Chain.seek, on the loop when it may run there (_inline): an answer costs a lookup per
-        run crossed, a few microseconds, less than the hand-off to a worker thread."""
+        """Chain.seek: first on the loop when it may run there (_inline), for at most
+        SEEK_INLINE_RUNS runs (each a few microseconds, less than the hand-off to a worker
+        thread); a seek that goes further (across the allocated clusters of a whole disk, say)
+        goes on in a worker thread."""
+        reached = offset
         if self._inline():
-            return run_inline(self._seek_and_map, offset, data)
-        return await run_io(self._seek_and_map, offset, data)
+            done, reached = run_inline(self._seek_and_map, offset, reached, data, SEEK_INLINE_RUNS)
+            if done:
+                return reached
+        return (await run_io(self._seek_and_map, offset, reached, data, 0))[1]
 
-    def _seek_and_map(self, offset: int, data: bool) -> int | None:
-        """An lseek the native threads could not answer: what the reader is about to read (the
-        data found, or the data it seeks the end of) is mapped for them, as a read maps."""
-        found = self.chain.seek(offset, data)
-        if self.native_reads is not None and found is not None:
-            self.native_reads.fill_around(found if data else offset, sequential=True)
-        return found
+    def _seek_and_map(self, origin: int, offset: int, data: bool, max_runs: int) -> tuple[bool, int | None]:
+        """Chain.seek_some from `offset`, for an lseek from `origin` that the native threads could
+        not answer: once answered, what the reader is about to read (the data found, or the
+        data it seeks the end of) is mapped for them, as a read maps."""
+        done, found = self.chain.seek_some(offset, data, max_runs)
+        if done and self.native_reads is not None and found is not None:
+            self.native_reads.fill_around(found if data else origin, sequential=True)
+        return done, found
 
     async def fallocate(self, fh, mode, offset, length):
         """Discard: PUNCH_HOLE (with KEEP_SIZE, as Linux requires) and ZERO_RANGE, what a guest's

@@ -32,9 +32,6 @@ MAX_THREADS = 64  # the patched pyfuse3's limit
 FILL_WINDOW = 4 << 20  # what the event loop maps around a read it served, aligned
 FILL_AHEAD = 3  # windows mapped after it for a sequential reader: past the kernel's readahead
 MAX_SLOTS = 1 << 20  # units the map holds at most: 32 MiB, 64 GiB of a disk at 64 KiB clusters
-# Windows remembered as filled, so that reads of what cannot be mapped (a compressed cluster)
-# do not locate their window again and again while nothing changes.
-MAX_FILLED_WINDOWS = 1 << 14
 
 
 class NativeReads:
@@ -48,7 +45,11 @@ class NativeReads:
         slots = min(MAX_SLOTS, 1 << max(0, units - 1).bit_length())
         pyfuse3.native_reads_setup(inode, chain.cluster_size, chain.size, slots)
         chain.map_listener = self
-        self._filled: dict[int, int] = {}  # window -> the epoch it was last filled at
+        # The windows filled, by their place in the map (a window evicts another one that uses
+        # the same slots): (window, epoch it was filled at). So reads of what cannot be mapped (a
+        # compressed cluster) do not locate their window again and again while nothing changes.
+        self._map_span = slots * chain.cluster_size
+        self._filled: dict[int, tuple[int, int]] = {}
 
     def fill_around(self, offset: int, sequential: bool) -> None:
         """Map the FILL_WINDOW (or the cluster, if larger) around `offset`, which the event loop
@@ -65,11 +66,10 @@ class NativeReads:
 
     def _fill(self, start: int, window: int) -> None:
         epoch = pyfuse3.native_reads_epoch()
-        if self._filled.get(start) == epoch:  # nothing changed since: what is unmapped stays so
+        place = start % self._map_span
+        if self._filled.get(place) == (start, epoch):  # nothing changed since: what is unmapped stays so
             return
-        if len(self._filled) >= MAX_FILLED_WINDOWS:
-            self._filled.clear()
-        self._filled[start] = epoch
+        self._filled[place] = (start, epoch)
         try:
             placed = self.chain.locate(start, window)
         except (FusestreamError, OSError) as err:  # the read reported it; the map stays empty there

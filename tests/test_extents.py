@@ -147,3 +147,38 @@ def test_a_file_open_for_writing_is_asked_seek_data(tmp_path):
         assert status_runs(source) == seek_runs(path)
     finally:
         source.close()
+
+
+def test_overlapping_extents_merge_and_an_unwritten_overlap_is_left_to_seek_data(tmp_path):
+    """What a filesystem's FIEMAP bug could report: overlapping or contained extents merge
+    into one run; an unwritten one overlapping a written one makes the batch unusable."""
+    path = sparse_file(tmp_path / "base.raw", 1 << 20, random.Random(10), 0)
+    source = LocalFile(str(path), lock=False)
+    try:
+        runs = source._extents._runs
+        assert runs([(0, 0, 100, 0), (50, 0, 10, 0), (90, 0, 30, 0), (120, 0, 5, 0)]) == [(0, 125, False)]
+        assert runs([(0, 0, 100, 0), (100, 0, 50, extents.FIEMAP_EXTENT_UNWRITTEN)]) == [
+            (0, 100, False), (100, 150, True)]
+        assert runs([(0, 0, 100, 0), (60, 0, 50, extents.FIEMAP_EXTENT_UNWRITTEN)]) is None
+        assert runs([(0, 0, 2 << 20, 0)]) == [(0, 1 << 20, False)]  # nothing past the end of the file
+    finally:
+        source.close()
+
+
+def test_only_the_first_call_asks_for_dirty_pages_to_be_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(extents, "EXTENTS_PER_CALL", 2)
+    path = sparse_file(tmp_path / "base.raw", 4 << 20, random.Random(11), 30)
+    flags = []
+    ioctl = extents.fcntl.ioctl
+
+    def recorded(fd, request, buffer):
+        flags.append(extents._HEADER.unpack_from(buffer)[2])
+        return ioctl(fd, request, buffer)
+
+    monkeypatch.setattr(extents.fcntl, "ioctl", recorded)
+    source = LocalFile(str(path), lock=False)
+    try:
+        assert status_runs(source) == seek_runs(path)
+    finally:
+        source.close()
+    assert len(flags) > 3 and flags[0] == extents.FIEMAP_FLAG_SYNC and not any(flags[1:])

@@ -26,10 +26,12 @@ from conftest import (
     write_random,
 )
 
+from fusestream import native_reads
 from fusestream.chain import open_chain
 from fusestream.errors import UsageError
 from fusestream.formats.layer import PLACED_ZEROS, BlockStatus
 from fusestream.formats.raw import RawLayer
+from fusestream.fs import RAW_INODE
 from fusestream.mount import parse_options
 from fusestream.sources.local import LocalFile
 
@@ -119,6 +121,19 @@ def test_a_raw_layer_places_its_holes_by_whole_units(tmp_path):
                    for loc in layer.locate(0, 1 * MiB, 64 * K) if loc.status is BlockStatus.FOUND)
     finally:
         layer.close()
+
+
+def test_a_window_evicted_by_another_that_shares_its_slots_is_filled_again(tmp_path, open_chains, monkeypatch):
+    c = build_chain(tmp_path, size=16 * MiB, cluster_size=65536)
+    chain = open_chains(c.top, writable=False)
+    monkeypatch.setattr(native_reads, "MAX_SLOTS", 64)  # a map of 4 MiB: windows 0 and 4 MiB share its slots
+    reads = native_reads.NativeReads(chain, RAW_INODE, 1)
+    located = []
+    locate = chain.locate
+    monkeypatch.setattr(chain, "locate", lambda offset, length: located.append(offset) or locate(offset, length))
+    for offset in (0, 65536, 4 * MiB, 0):
+        reads.fill_around(offset, sequential=False)
+    assert located == [0, 4 * MiB, 0]
 
 
 class Recorder:

@@ -11,8 +11,9 @@ import time
 import pyfuse3
 import pytest
 import trio
-from conftest import FaultyLayer
+from conftest import FaultyLayer, qemu_img, qemu_io
 
+from fusestream import fs
 from fusestream.chain import open_chain
 from fusestream.errors import CorruptionError, ReadOnlyImageError
 from fusestream.fs import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, INLINE_READ_MAX, INLINE_WRITE_MAX, RAW_INODE
@@ -140,3 +141,34 @@ def test_a_read_only_mount_refuses_writes_and_discards_with_erofs(chain):
         trio.run(main)
     finally:
         c.close()
+
+
+def test_a_long_seek_goes_on_in_a_worker_thread(tmp_path, monkeypatch):
+    """An lseek starts on the event loop, but one that crosses more than SEEK_INLINE_RUNS runs
+    (here SEEK_HOLE across clusters written in turn into the top and the middle layer) goes on
+    in a worker thread, and finds the same answer."""
+    base, mid, top = tmp_path / "base.raw", tmp_path / "mid.qed", tmp_path / "top.qed"
+    base.write_bytes(b"")
+    os.truncate(base, 4 << 20)
+    qemu_img("create", "-f", "qed", "-b", base.name, "-F", "raw", str(mid), str(4 << 20))
+    qemu_img("create", "-f", "qed", "-b", mid.name, "-F", "qed", str(top), str(4 << 20))
+    for cluster in range(0, 40):
+        qemu_io(top if cluster % 2 else mid, f"write -P {cluster + 1} {cluster * 65536} 65536", fmt="qed")
+    chain = open_chain(str(top), writable=False)
+    ops = build_mount(chain, MountOptions(ro=True)).ops
+    threaded = []
+    run_io = fs.run_io
+    monkeypatch.setattr(fs, "run_io", lambda fn, *args: threaded.append(args) or run_io(fn, *args))
+    try:
+        assert chain.seek_some(0, False, fs.SEEK_INLINE_RUNS) == (False, fs.SEEK_INLINE_RUNS * 65536)
+        expected = chain.seek(0, False)
+        assert expected == 40 * 65536
+
+        async def main():
+            assert await ops.lseek(RAW_INODE, 0, os.SEEK_HOLE) == expected
+            assert await ops.lseek(RAW_INODE, 39 * 65536, os.SEEK_HOLE) == expected  # one run: on the loop
+
+        trio.run(main)
+        assert threaded == [(0, fs.SEEK_INLINE_RUNS * 65536, False, 0)]
+    finally:
+        chain.close()

@@ -35,8 +35,8 @@ class RawLayer:
         return []
 
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:
-        """FOUND for data, ZERO for a hole (the source's data_status: SEEK_DATA/SEEK_HOLE for a
-        local file, as QEMU's file driver does)."""
+        """FOUND for data, ZERO for a hole (the source's data_status: for a local file, its
+        extents or SEEK_DATA/SEEK_HOLE, what QEMU's file driver asks)."""
         is_data, run = self.source.data_status(offset, length)
         return BlockStatus.FOUND if is_data else BlockStatus.ZERO, run
 

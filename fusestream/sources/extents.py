@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 FS_IOC_FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap)
 EXTENTS_PER_CALL = 512
 CACHED_BATCHES = 8
+FIEMAP_FLAG_SYNC = 0x1
 FIEMAP_EXTENT_LAST = 0x1
 FIEMAP_EXTENT_UNWRITTEN = 0x800
 _HEADER = struct.Struct("=QQIIII")  # fm_start, fm_length, fm_flags, fm_mapped_extents, fm_extent_count, reserved
@@ -38,8 +39,8 @@ _REFUSALS = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.EBADR)
 
 
 class Batch:
-    """What one FIEMAP call said: the data runs (adjacent extents merged) of [start, end), which
-    it describes completely."""
+    """What one FIEMAP call said: the data runs (adjacent or overlapping extents merged) of
+    [start, end), which it describes completely."""
 
     def __init__(self, start: int, end: int, runs: list[tuple[int, int, bool]]):
         self.start, self.end = start, end
@@ -68,6 +69,7 @@ class ExtentMap:
         self._batches: collections.OrderedDict[int, Batch] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._last = threading.local()
+        self._synced = False  # the first call asks FIEMAP_FLAG_SYNC
         self.refused = False
 
     def data_status(self, offset: int, end: int) -> tuple[bool, int] | None:
@@ -102,7 +104,11 @@ class ExtentMap:
 
     def _fetch(self, offset: int) -> Batch | None:
         buffer = bytearray(_HEADER.size + _EXTENT.size * EXTENTS_PER_CALL)
-        _HEADER.pack_into(buffer, 0, offset, self._size - offset, 0, 0, EXTENTS_PER_CALL, 0)
+        # The first call has the file's dirty pages written first, so that no filesystem can
+        # leave out data that has no blocks yet (delayed allocation): cheap for a file that
+        # nobody writes. Later calls need not.
+        flags = 0 if self._synced else FIEMAP_FLAG_SYNC
+        _HEADER.pack_into(buffer, 0, offset, self._size - offset, flags, 0, EXTENTS_PER_CALL, 0)
         try:
             fcntl.ioctl(self._fd, FS_IOC_FIEMAP, buffer)
         except OSError as err:
@@ -111,16 +117,29 @@ class ExtentMap:
             log.debug("%s: no FIEMAP (%s); holes by SEEK_DATA", self._name, err.strerror)
             self.refused = True
             return None
+        self._synced = True
         mapped = _HEADER.unpack_from(buffer)[3]
+        extents = list(_EXTENT.iter_unpack(memoryview(buffer)[_HEADER.size : _HEADER.size + mapped * _EXTENT.size]))
+        runs = self._runs(extents)
+        if runs is None:
+            return None
+        complete = mapped < EXTENTS_PER_CALL or not extents or extents[-1][3] & FIEMAP_EXTENT_LAST
+        return Batch(offset, self._size if complete or not runs else runs[-1][1], runs)
+
+    def _runs(self, extents: list[tuple[int, int, int, int]]) -> list[tuple[int, int, bool]] | None:
+        """The extents as data runs within the file, adjacent ones merged, overlapping ones (a
+        filesystem's bug) too; None where an unwritten and a written one overlap, which only
+        SEEK_DATA can sort out."""
         runs: list[tuple[int, int, bool]] = []
-        last_flags = FIEMAP_EXTENT_LAST
-        extents = memoryview(buffer)[_HEADER.size : _HEADER.size + mapped * _EXTENT.size]
-        for logical, _, length, flags in _EXTENT.iter_unpack(extents):
+        for logical, _, length, flags in extents:
             start, stop, unwritten = logical, min(logical + length, self._size), bool(flags & FIEMAP_EXTENT_UNWRITTEN)
-            if runs and runs[-1][1] == start and runs[-1][2] == unwritten:
-                runs[-1] = (runs[-1][0], stop, unwritten)
-            elif stop > start:
-                runs.append((start, stop, unwritten))
-            last_flags = flags
-        complete = mapped < EXTENTS_PER_CALL or last_flags & FIEMAP_EXTENT_LAST or not runs
-        return Batch(offset, self._size if complete else runs[-1][1], runs)
+            if stop <= start:
+                continue
+            if runs and start <= runs[-1][1]:
+                if runs[-1][2] == unwritten:
+                    runs[-1] = (runs[-1][0], max(stop, runs[-1][1]), unwritten)
+                    continue
+                if start < runs[-1][1]:
+                    return None
+            runs.append((start, stop, unwritten))
+        return runs

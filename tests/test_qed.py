@@ -234,3 +234,37 @@ def test_a_table_with_unwritten_entries_is_never_evicted(tmp_path, open_chains):
     assert qemu_convert(image, tmp_path / "out.raw")[1 << 20 : (1 << 20) + 5] == b"first"
     check = qemu_check(image)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_table_updated_while_every_other_cached_table_is_pinned_stays_cached(tmp_path, open_chains):
+    """A cache of four tables, all of them with entries written but not yet synced (which keep
+    them cached): a write into a fifth table loads it, and must not evict it at once, or its new
+    entry would be on a table nobody writes back."""
+    image = tmp_path / "top.qed"
+    base = tmp_path / "base.raw"
+    with open(base, "wb") as f:
+        f.truncate(48 << 20)
+    qed.create(str(image), 48 << 20, backing_filename="base.raw", backing_raw=True, cluster_size=4096, table_size=2)
+    chain = open_chains(image)
+    small = qed.open_image(str(image), writable=True, lock=False, l2_cache_bytes=4 * 8192)
+    chain.top.close()
+    chain.layers[0] = small
+    for region in range(6):  # a table for every 4 MiB
+        chain.write(region * (4 << 20), b"x")
+    chain.flush()
+    small.tables._l2_cache.clear()
+    for region in range(2):
+        chain.write(region * (4 << 20) + 8192, b"pinned")
+    small.alloc.write_back()  # written after the fdatasync: unsynced, so they stay cached
+    for region in range(2, 4):
+        chain.write(region * (4 << 20) + 8192, b"pinned")  # unwritten: cached too
+    assert len(small.tables.log.unsynced.spans) == 2 and len(small.tables.unwritten) == 2
+    assert len(small.tables._l2_cache) == 4
+    chain.write(5 * (4 << 20) + 8192, b"fifth")
+    assert set(small.tables.unwritten) <= set(small.tables._l2_cache)
+    chain.close()
+    data = qemu_convert(image, tmp_path / "out.raw")
+    assert data[5 * (4 << 20) + 8192 :][:5] == b"fifth"
+    assert all(data[region * (4 << 20) + 8192 :][:6] == b"pinned" for region in range(4))
+    check = qemu_check(image)
+    assert check.returncode == 0, check.stdout + check.stderr

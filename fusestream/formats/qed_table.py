@@ -163,13 +163,15 @@ class QedTables:
         return table
 
     def cache_table(self, offset: int, table: array.array) -> None:
-        """Add a table to the L2 cache, evicting the least recently used one that has nothing
-        unwritten or unsynced (the cache may stay over its bound until a write-back: see
-        write_back_due)."""
+        """Add a table to the L2 cache, evicting the least recently used other one that has
+        nothing unwritten or unsynced (the cache may stay over its bound until a write-back: see
+        write_back_due). Never the table just added: its caller is about to use it, and an
+        update of a table that is not cached would be lost to the write-back."""
         self._l2_cache[offset] = table
         if len(self._l2_cache) > self._l2_cache_max:
             spans = self.log.unsynced.spans
-            victim = next((o for o in self._l2_cache if o not in self.unwritten and o not in spans), None)
+            victim = next((o for o in self._l2_cache if o != offset and o not in self.unwritten and o not in spans),
+                          None)
             if victim is not None:
                 del self._l2_cache[victim]
 

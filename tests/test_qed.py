@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import concurrent.futures
+import contextlib
 import os
 import random
 
@@ -206,6 +207,42 @@ def test_allocating_writes_batch_their_table_updates_behind_one_flush(tmp_path, 
     chain.close()
     check = qemu_check(c.top)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def _l1_entry_on_disk(path, index: int) -> int:
+    with contextlib.closing(qed.open_image(str(path), writable=False, lock=False)) as image:
+        return image.tables.read_table(image.geometry.l1_table_offset, image.geometry.l1_entries)[index]
+
+
+def test_new_tables_reach_the_l1_table_behind_one_flush(tmp_path, monkeypatch, open_chains):
+    """A write into a span with no L2 table appends one; its L1 entry is written back like the
+    L2 entries (after the fdatasync that makes the table and its data durable), not with an
+    fdatasync of its own."""
+    base, top = tmp_path / "base.raw", tmp_path / "top.qed"
+    with open(base, "wb") as f:
+        f.truncate(64 << 20)
+    # a backing file: no QED_F_NEED_CHECK to make durable first; a table maps 4 MiB
+    qed.create(str(top), 64 << 20, backing_filename=base.name, backing_raw=True, cluster_size=4096, table_size=2)
+    syncs = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real_fdatasync(fd))[1])
+    chain = open_chains(top)
+    spans = [3, 7, 10, 15]
+    syncs.clear()
+    for span in spans:
+        chain.write(span * (4 << 20) + 4096, b"in a new table")
+    assert not syncs  # four new tables, no flush
+    assert chain.top.has_unwritten_tables
+    assert all(chain.read(span * (4 << 20) + 4096, 14) == b"in a new table" for span in spans)
+    assert all(_l1_entry_on_disk(top, span) == 0 for span in spans)  # nothing on disk points there yet
+    chain.flush()
+    assert all(_l1_entry_on_disk(top, span) == chain.top.tables.l1[span] != 0 for span in spans)
+    assert not chain.top.has_unwritten_tables and len(syncs) == 2  # the write-back's, and the flush's
+    chain.close()
+    check = qemu_check(top)
+    assert check.returncode == 0, check.stdout + check.stderr
+    data = qemu_convert(top, tmp_path / "after.raw")
+    assert all(data[span * (4 << 20) + 4096 :][:14] == b"in a new table" for span in spans)
 
 
 def test_a_table_with_unwritten_entries_is_never_evicted(tmp_path, open_chains):

@@ -112,6 +112,9 @@ class QedTables:
         # L2 table offset -> [lo, hi): entries changed in the cached table and not yet written.
         # Such a table stays cached until write_unwritten() has written them.
         self.unwritten: dict[int, tuple[int, int]] = {}
+        # L1 entries of new tables, in `l1` already and not yet on disk: written by
+        # write_unwritten() too, once an fdatasync has made their tables durable.
+        self.unwritten_l1: set[int] = set()
 
     # -- reading and checking ------------------------------------------------------------------
 
@@ -294,12 +297,15 @@ class QedTables:
         return table
 
     def add_table(self, l1_index: int, l2_offset: int, table: array.array) -> None:
-        """A new L2 table is in use, once its L1 entry is written (write_l1_entry): lookups see
-        it, and it is cached."""
+        """A new L2 table, written to the file, is in use: lookups see it, and it is cached. Its
+        L1 entry reaches the disk at the next write-back (write_unwritten), after the fdatasync
+        that makes the table durable: until then the table and the clusters it points to are
+        only space that nothing on disk refers to."""
         with self.lock:
             self.l1[l1_index] = l2_offset
             self.l2_offsets.add(l2_offset)
             self.cache_table(l2_offset, table)
+            self.unwritten_l1.add(l1_index)
 
     def write_l1_entry(self, index: int, value: int) -> None:
         """Write an L1 entry (durable at the next fdatasync); `l1` in memory is the caller's to
@@ -309,9 +315,10 @@ class QedTables:
         self.source.write(at, array.array("Q", [value]).tobytes())
 
     def write_unwritten(self) -> None:
-        """Write the entries of every cached table that updates changed. Only after an fdatasync
-        has made the data they point to durable (Allocator.write_back). On a failure the entries
-        not yet written stay in `unwritten`; the tables stay cached until written."""
+        """Write the entries of every cached table that updates changed, and the L1 entries of
+        new tables. Only after an fdatasync has made what they point to durable
+        (Allocator.write_back). On a failure the entries not yet written stay in `unwritten`
+        and `unwritten_l1`; the tables stay cached until written."""
         with self.lock:
             for l2_offset, (lo, hi) in sorted(self.unwritten.items()):
                 table = self._l2_cache[l2_offset]
@@ -319,6 +326,9 @@ class QedTables:
                 del self.unwritten[l2_offset]
                 written_lo, written_hi = self.log.unsynced.spans.get(l2_offset, (hi, lo))
                 self.log.unsynced.spans[l2_offset] = (min(lo, written_lo), max(hi, written_hi))
+            for index in sorted(self.unwritten_l1):
+                self.write_l1_entry(index, self.l1[index])
+                self.unwritten_l1.discard(index)
 
     def write_again(self, spans: dict[int, tuple[int, int]], l1: set[int]) -> None:
         """After a failed fdatasync: the L2 entries written since the last good one are

@@ -454,14 +454,13 @@ class QedImage:
 
     @property
     def has_unwritten_tables(self) -> bool:
-        return bool(self.tables.unwritten or self.tables.unwritten_l1)
+        return self.tables.has_unwritten
 
     @property
     def needs_write_back(self) -> bool:
         """Entries to write, a failed fdatasync whose writes must be written again, or clusters
         that discards freed to release."""
-        return bool(self.tables.unwritten or self.tables.unwritten_l1 or self.space.freed) or \
-            self.log.flush_failed is not None
+        return self.tables.has_unwritten or bool(self.space.freed) or self.log.flush_failed is not None
 
     def flush(self) -> None:
         """Make everything written so far durable (what fsync on the raw file asks for). Once a

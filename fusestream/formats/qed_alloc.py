@@ -237,7 +237,7 @@ class Allocator:
 
         On a failure the entries not yet written stay unwritten and the next write-back writes
         them; the tables stay cached until then."""
-        if self._write_again() or self.tables.unwritten or self.tables.unwritten_l1:
+        if self._write_again() or self.tables.has_unwritten:
             self.log.sync()
             self.tables.write_unwritten()
         self.release_freed()

@@ -241,9 +241,10 @@ class QedTables:
                 pos += run
                 continue
             cluster, within = divmod(pos, cs)
+            left = -(-end // cs) - cluster  # clusters the range still touches
             with self.lock:
                 entry = self.cluster_entry(cluster)
-                clusters = self._same_entries(cluster, -(-end // cs) - cluster) if entry in _SAME_ENTRIES else 1
+                clusters = self._same_entries(cluster, left) if left > 1 and entry in _SAME_ENTRIES else 1
             run = min((cluster + clusters) * cs, end) - pos
             if entry == QED_UNALLOCATED:
                 yield BlockStatus.UNALLOCATED, pos, run, None
@@ -283,6 +284,11 @@ class QedTables:
         lock."""
         old_lo, old_hi = self.unwritten.get(l2_offset, (hi, lo))
         self.unwritten[l2_offset] = (min(lo, old_lo), max(hi, old_hi))
+
+    @property
+    def has_unwritten(self) -> bool:
+        """L2 entries or new tables' L1 entries that the next write-back is to write."""
+        return bool(self.unwritten or self.unwritten_l1)
 
     @property
     def write_back_due(self) -> bool:

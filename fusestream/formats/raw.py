@@ -50,32 +50,30 @@ class RawLayer:
         if fd is None:
             return [Location(offset, length, BlockStatus.FOUND)]
         located: list[Location] = []
-        for start, end, kind in self._unit_pieces(offset, offset + length, unit):
-            if located and located[-1].status is kind[0] and located[-1].holes == kind[1]:
+        for start, end, holes_only, mixed in self._unit_pieces(offset, offset + length, unit):
+            status = BlockStatus.ZERO if holes_only else BlockStatus.FOUND
+            if located and (located[-1].status, located[-1].holes) == (status, mixed):
                 located[-1] = located[-1]._replace(length=end - located[-1].offset)
-            elif kind[0] is BlockStatus.ZERO:
-                located.append(Location(start, end - start, BlockStatus.ZERO))
             else:
-                located.append(Location(start, end - start, BlockStatus.FOUND, fd, start, kind[1]))
+                located.append(Location(start, end - start, status, None if holes_only else fd, start, mixed))
         return located
 
-    def _unit_pieces(self, offset: int, end: int, unit: int) -> Iterator[tuple[int, int, tuple[BlockStatus, bool]]]:
-        """Each data or hole run of [offset, end) cut where it leaves whole units: its whole
-        units (FOUND or ZERO), and the parts before and after them, which share a unit with
-        another run (FOUND with holes)."""
-        mixed = (BlockStatus.FOUND, True)
+    def _unit_pieces(self, offset: int, end: int, unit: int) -> Iterator[tuple[int, int, bool, bool]]:
+        """(start, end, a hole, mixed) of each data or hole run of [offset, end) cut where it
+        leaves whole units: its whole units, and the parts before and after them, which share a
+        unit with another run (mixed: data that may hold holes)."""
         pos = offset
         while pos < end:
             is_data, run = self.source.data_status(pos, end - pos)
             first, last = -(-pos // unit) * unit, (pos + run) // unit * unit
             if last <= first:
-                yield pos, pos + run, mixed
+                yield pos, pos + run, False, True
             else:
                 if first > pos:
-                    yield pos, first, mixed
-                yield first, last, (BlockStatus.FOUND if is_data else BlockStatus.ZERO, False)
+                    yield pos, first, False, True
+                yield first, last, not is_data, False
                 if pos + run > last:
-                    yield last, pos + run, mixed
+                    yield last, pos + run, False, True
             pos += run
 
     def close(self) -> None:

@@ -9,8 +9,8 @@ stream's copy, its count, a guest's lseeks).
 
 FIEMAP and SEEK_DATA disagree in one case: an unwritten (preallocated) extent reads as zeros,
 unless the page cache holds data written into it, which only SEEK_DATA looks at. So there, and
-on a filesystem that has no FIEMAP (tmpfs, some network filesystems: refused once, never asked
-again), the caller asks SEEK_DATA. Extents of data not yet allocated (delayed allocation) are
+on a filesystem that has no FIEMAP (tmpfs, some network filesystems) or whose FIEMAP returns
+overlapping extents (refused once, never asked again), the caller asks SEEK_DATA. Extents of data not yet allocated (delayed allocation) are
 reported, as data. Only for files nobody writes through this process: a batch is not told of
 changes.
 """
@@ -121,7 +121,9 @@ class ExtentMap:
         mapped = _HEADER.unpack_from(buffer)[3]
         extents = list(_EXTENT.iter_unpack(memoryview(buffer)[_HEADER.size : _HEADER.size + mapped * _EXTENT.size]))
         runs = self._runs(extents)
-        if runs is None:
+        if runs is None:  # extents that contradict each other: never asked again, not each time
+            log.debug("%s: FIEMAP returned overlapping extents; holes by SEEK_DATA", self._name)
+            self.refused = True
             return None
         complete = mapped < EXTENTS_PER_CALL or not extents or extents[-1][3] & FIEMAP_EXTENT_LAST
         return Batch(offset, self._size if complete or not runs else runs[-1][1], runs)

@@ -10,9 +10,9 @@ stream's copy, its count, a guest's lseeks).
 FIEMAP and SEEK_DATA disagree in one case: an unwritten (preallocated) extent reads as zeros,
 unless the page cache holds data written into it, which only SEEK_DATA looks at. So there, and
 on a filesystem that has no FIEMAP (tmpfs, some network filesystems) or whose FIEMAP returns
-overlapping extents (refused once, never asked again), the caller asks SEEK_DATA. Extents of data not yet allocated (delayed allocation) are
-reported, as data. Only for files nobody writes through this process: a batch is not told of
-changes.
+overlapping extents (refused once, never asked again), the caller asks SEEK_DATA. Extents of
+data not yet allocated (delayed allocation) are reported, as data. Only for files nobody writes
+through this process: a batch is not told of changes.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from conftest import (
     stream_to_end,
 )
 
-from fusestream import stream
+from fusestream import ioprio, stream
 from fusestream.control import Control, EventLog, parse_command, render_status
 from fusestream.copy import MAX_COPY, Copier
 from fusestream.faults import WriteErrors
@@ -367,6 +367,46 @@ def test_a_step_planned_ahead_is_planned_again_when_asked_for_less(tmp_path, cha
     c.close()
     assert qemu_check(chain.top).returncode == 0
     assert qemu_convert(chain.top, tmp_path / "after.raw") == expected  # the top alone, no backing file
+
+
+def test_gentle_steps_read_and_populate_in_the_idle_io_class(tmp_path, chain, monkeypatch, open_chains):
+    """A gentle step's read and its populate (in the populate thread) are in the idle I/O class,
+    so that the kernel holds them back while a guest read is at the device; full-speed steps
+    are not, and the reading thread, a worker that serves guest requests too, gets its class
+    back after the step."""
+    if ioprio.get() is None:
+        pytest.skip("ioprio_get is not known on this machine")
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    c = open_chains(chain.top)
+    seen: list[tuple[str, bool, int]] = []  # (what, gentle, the I/O priority it ran with)
+    read_backing_into, populate = c.read_backing_into, c.populate
+    gentle_now = False
+
+    def read(view, offset, direct=False):
+        seen.append(("read", gentle_now, ioprio.get()))
+        return read_backing_into(view, offset, direct)
+
+    def record_populate(copies, zero_clusters):
+        seen.append(("populate", gentle_now, ioprio.get()))
+        return populate(copies, zero_clusters)
+
+    monkeypatch.setattr(c, "read_backing_into", read)
+    monkeypatch.setattr(c, "populate", record_populate)
+    copier = Copier(c, None, pipelined=True)
+    before = ioprio.get()
+    offset = 0
+    while offset < chain.size:
+        gentle_now = not gentle_now
+        offset, _ = copier.copy_step(offset, chain.size, max_read=4 * chain.cluster_size, gentle=gentle_now)
+        copier.drain()
+        assert ioprio.get() == before
+    copier.close()
+    assert {what for what, gentle, _ in seen if gentle} == {"read", "populate"}
+    assert {what for what, gentle, _ in seen if not gentle} == {"read", "populate"}
+    assert all((priority == ioprio.IDLE) == gentle for _, gentle, priority in seen), seen
+    c.rebase(copier.base_index)
+    assert c.read(0, chain.size) == expected
+    c.close()
 
 
 def test_a_step_looks_up_the_merged_layers_only_as_far_as_it_copies(tmp_path, chain, monkeypatch, open_chains):

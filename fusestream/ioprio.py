@@ -1,0 +1,74 @@
+"""The I/O priority class of the calling thread (Linux ioprio_set(2)).
+
+The stream gives way to a busy guest with small steps, one I/O at a time; at the device a guest
+read that arrives behind one of them still waits for it. In the idle class, the stream's I/O
+also gives way in the kernel's I/O scheduler: mq-deadline (and BFQ) dispatch no idle-class
+request while a request of a higher class is in flight, and serve a starved one after
+`prio_aging_expire` (10 s by default). With no scheduler ("none") the class changes nothing.
+
+ioprio_set has no wrapper in Python or glibc: it is called through syscall(2), by number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import platform
+from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
+
+IOPRIO_WHO_PROCESS = 1  # with who == 0: the calling thread
+IOPRIO_CLASS_SHIFT = 13
+IOPRIO_CLASS_IDLE = 3
+IDLE = IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT
+# (ioprio_set, ioprio_get) by machine; the generic table's numbers serve the newer ports.
+_SYSCALL_NUMBERS = {
+    "x86_64": (251, 252),
+    "i686": (289, 290),
+    "aarch64": (30, 31),
+    "riscv64": (30, 31),
+    "ppc64le": (273, 274),
+    "s390x": (282, 283),
+}
+
+_numbers = _SYSCALL_NUMBERS.get(platform.machine())
+_syscall = ctypes.CDLL(None, use_errno=True).syscall if _numbers is not None else None
+_warned = False
+
+
+def get() -> int | None:
+    """The calling thread's I/O priority (0: none set, it follows the nice value), or None
+    where it cannot be asked."""
+    if _syscall is None or _numbers is None:
+        return None
+    value = _syscall(_numbers[1], IOPRIO_WHO_PROCESS, 0)
+    return None if value < 0 else value
+
+
+def _set(value: int) -> bool:
+    global _warned
+    if _syscall is None or _numbers is None:
+        return False
+    if _syscall(_numbers[0], IOPRIO_WHO_PROCESS, 0, value) == 0:
+        return True
+    if not _warned:
+        _warned = True
+        log.warning("cannot set the stream's I/O priority: %s", os.strerror(ctypes.get_errno()))
+    return False
+
+
+@contextlib.contextmanager
+def idle_class(enabled: bool = True) -> Iterator[None]:
+    """The calling thread's I/O in the idle class within the block (when `enabled`), then back
+    to what it was: a worker thread goes on to serve other requests."""
+    before = get() if enabled else None
+    if before is None or before == IDLE or not _set(IDLE):
+        yield
+        return
+    try:
+        yield
+    finally:
+        _set(before)

@@ -16,14 +16,17 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import qemu_convert, qemu_img, qemu_io, sample_stream
+import trio
+from conftest import inline, qemu_convert, qemu_img, qemu_io, sample_stream
 
+from fusestream import stream
 from fusestream.chain import open_chain
 from fusestream.control import EventLog
+from fusestream.copy import Copier
 from fusestream.faults import WriteErrors
 from fusestream.formats import qed, qed_table, raw
 from fusestream.sources import extents, local
-from fusestream.stream import CopyOnRead, Streamer
+from fusestream.stream import CopyOnRead, GuestActivity, Streamer, StreamJob
 
 CLUSTER = 65536
 SIZE = 64 << 20
@@ -215,3 +218,39 @@ def test_seeking_every_extent_costs_linear_work(tmp_path, shape, monkeypatch):
         per_seek = SEEK_COST_PER_LAYER * len(chain.layers)
     assert runs == expected
     assert counts.total <= COST_PER_UNIT * units + per_seek * 2 * len(runs), (dict(counts.calls), units, len(runs))
+
+
+def test_counting_a_sparse_disk_takes_few_calls(tmp_path, monkeypatch):
+    """The job's count of what to copy walks a 256 GiB disk holding 2 MiB in a few dozen
+    worker-thread calls, not one per 64 MiB (4096): the window grows while calls are quick
+    (stream.next_count_window). Over a whole stream the count runs beside the copy, which
+    overtakes it; here it runs alone, as on a disk too big for the copy to catch up."""
+    size, rng = 256 << 30, random.Random(15)
+    pieces = sorted(rng.sample(range(size // CLUSTER), 32))
+    write_raw(tmp_path / "base.raw", size, [(p * CLUSTER, CLUSTER) for p in pieces], rng)
+    qemu_img("create", "-f", "qed", "-b", "base.raw", "-F", "raw", str(tmp_path / "top.qed"), str(size))
+    calls = collections.Counter()
+    bytes_to_copy = Copier.bytes_to_copy
+
+    def counted(copier, *args):
+        calls["bytes_to_copy"] += 1
+        return bytes_to_copy(copier, *args)
+
+    monkeypatch.setattr(Copier, "bytes_to_copy", counted)
+    with contextlib.closing(open_chain(str(tmp_path / "top.qed"))) as c:
+        job = StreamJob(c, None, 0, EventLog("top.raw").emit, GuestActivity(), run_sync=inline)
+        trio.run(job._count_to_copy)
+        job.copier.close()
+    assert job.to_copy == len(pieces) * CLUSTER
+    assert 0 < calls["bytes_to_copy"] <= 64, calls
+
+
+def test_the_count_window_shrinks_when_calls_grow_long():
+    """Calls of the count stay near COUNT_CALL_SECONDS: the window halves after a long one
+    (not below where it starts), doubles after a short one (up to its cap)."""
+    start, cap, target = stream.COUNT_WINDOW_CLUSTERS, stream.MAX_COUNT_WINDOW_CLUSTERS, stream.COUNT_CALL_SECONDS
+    assert stream.next_count_window(8 * start, 3 * target) == 4 * start
+    assert stream.next_count_window(start, 3 * target) == start
+    assert stream.next_count_window(8 * start, 1.5 * target) == 8 * start
+    assert stream.next_count_window(8 * start, target / 2) == 16 * start
+    assert stream.next_count_window(cap, 0.0) == cap

@@ -102,17 +102,18 @@ class Copier:
         unallocated again, and populate skips those allocated since.
 
         `gentle`: give way to a busy guest, with one I/O at a time and no more than asked for:
-        no prefetching, the reads bypass readahead (see Layer.read_into), the populate
-        finishes here, and both are in the idle I/O class (ioprio.py): the kernel holds them
-        back while a guest read is at the device. (The first gentle step after full ones plans again; what the last full
-        step prefetched for it, up to max_step, has already gone to the device.)"""
+        no prefetching, the reads bypass readahead (see Layer.read_into) and are in the idle
+        I/O class (ioprio.py: the kernel holds them back while a guest read is at the device),
+        and the populate finishes here, in the normal class (it holds the allocation lock that
+        guest writes wait for). (The first gentle step after full ones plans again; what the
+        last full step prefetched for it, up to max_step, has already gone to the device.)"""
         step = self._take_step(offset, range_end, self._whole_clusters(max_read), prefetch=not gentle)
         self.taken = (step.end, self.taken[1] + self._read_size(step.ranges))  # before any populate of it
         if not gentle and step.end < range_end:
             self._next_step = self._plan(step.end, range_end, step.max_read, prefetch=True)
         with ioprio.idle_class(gentle):
             copies = self._read(step.ranges, direct=gentle)
-        self._start_populate(copies, gentle)
+        self._start_populate(copies)
         if gentle:
             self.drain()
         return step.end, sum(len(data) for _, data in copies)
@@ -180,15 +181,15 @@ class Copier:
         """The bytes _read reads for these ranges (nothing past the virtual size)."""
         return sum(min(hi, self.chain.size) - lo for lo, hi in ranges)
 
-    def _start_populate(self, copies: Copies, gentle: bool = False) -> None:
+    def _start_populate(self, copies: Copies) -> None:
         """Populate the copies: here, or in the populate thread when pipelined."""
         self.drain()  # the previous step first: errors surface in order, memory stays bounded
         if not copies:
             return
         if self._populate_thread is None:
-            self._populate(copies, gentle)
+            self._populate(copies)
         else:
-            self._pending = self._populate_thread.submit(self._populate, copies, gentle)
+            self._pending = self._populate_thread.submit(self._populate, copies)
 
     def drain(self) -> None:
         """Wait for the populate in flight, if any; its error, if any, is raised here."""
@@ -245,10 +246,9 @@ class Copier:
             copies.append((start, data))
         return copies
 
-    def _populate(self, copies: Copies, gentle: bool) -> None:
+    def _populate(self, copies: Copies) -> None:
         try:
-            with ioprio.idle_class(gentle):
-                self.chain.populate(copies, zero_clusters=self.base is not None)
+            self.chain.populate(copies, zero_clusters=self.base is not None)
         except OSError as err:
             raise StreamError(f"write error in {self.chain.path} at offset {copies[0][0]}: "
                               f"{err.strerror or err}") from None

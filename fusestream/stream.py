@@ -52,8 +52,10 @@ COPY_ON_READ_COPIERS = 2
 # as many after one more than twice as long. Over sparse space a window costs little and the
 # hand-off is the cost: a 1 TiB disk in fixed 64 MiB windows took 16384 calls, whose thread
 # hand-offs cost the stream beside it a fifth of its time (bench/shapes_bench.py, terabyte).
+# The cap keeps one call short where allocated tables follow a sparse stretch: 65536 lookups,
+# a few tenths of a second, which a cancel or the job's end waits for.
 COUNT_WINDOW_CLUSTERS = 1024
-MAX_COUNT_WINDOW_CLUSTERS = 1 << 20
+MAX_COUNT_WINDOW_CLUSTERS = 1 << 16
 COUNT_CALL_SECONDS = 0.005
 RATE_WINDOW = 3.0  # seconds of progress history behind the measured rate
 RATE_LAG = 1.0  # seconds without a step after which the measured rate starts to fall

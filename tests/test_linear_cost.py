@@ -221,10 +221,11 @@ def test_seeking_every_extent_costs_linear_work(tmp_path, shape, monkeypatch):
 
 
 def test_counting_a_sparse_disk_takes_few_calls(tmp_path, monkeypatch):
-    """The job's count of what to copy walks a 256 GiB disk holding 2 MiB in a few dozen
-    worker-thread calls, not one per 64 MiB (4096): the window grows while calls are quick
-    (stream.next_count_window). Over a whole stream the count runs beside the copy, which
-    overtakes it; here it runs alone, as on a disk too big for the copy to catch up."""
+    """The job's count of what to copy walks a 256 GiB disk holding 2 MiB in about 70
+    worker-thread calls (the window grows to 4 GiB while calls are quick:
+    stream.next_count_window), not one per 64 MiB (4096). Over a whole stream the count runs
+    beside the copy, which overtakes it; here it runs alone, as on a disk too big for the copy
+    to catch up."""
     size, rng = 256 << 30, random.Random(15)
     pieces = sorted(rng.sample(range(size // CLUSTER), 32))
     write_raw(tmp_path / "base.raw", size, [(p * CLUSTER, CLUSTER) for p in pieces], rng)
@@ -242,7 +243,7 @@ def test_counting_a_sparse_disk_takes_few_calls(tmp_path, monkeypatch):
         trio.run(job._count_to_copy)
         job.copier.close()
     assert job.to_copy == len(pieces) * CLUSTER
-    assert 0 < calls["bytes_to_copy"] <= 64, calls
+    assert 0 < calls["bytes_to_copy"] <= 96, calls
 
 
 def test_the_count_window_shrinks_when_calls_grow_long():

@@ -29,6 +29,7 @@ from fusestream import ioprio, stream
 from fusestream.control import Control, EventLog, parse_command, render_status
 from fusestream.copy import MAX_COPY, Copier
 from fusestream.faults import WriteErrors
+from fusestream.formats import qcow2
 from fusestream.formats.layer import BlockStatus
 from fusestream.stream import (
     CANCELLED,
@@ -369,13 +370,13 @@ def test_a_step_planned_ahead_is_planned_again_when_asked_for_less(tmp_path, cha
     assert qemu_convert(chain.top, tmp_path / "after.raw") == expected  # the top alone, no backing file
 
 
-def test_gentle_steps_read_and_populate_in_the_idle_io_class(tmp_path, chain, monkeypatch, open_chains):
-    """A gentle step's read and its populate (in the populate thread) are in the idle I/O class,
-    so that the kernel holds them back while a guest read is at the device; full-speed steps
-    are not, and the reading thread, a worker that serves guest requests too, gets its class
-    back after the step."""
-    if ioprio.get() is None:
-        pytest.skip("ioprio_get is not known on this machine")
+def test_gentle_steps_read_in_the_idle_io_class(tmp_path, chain, monkeypatch, open_chains):
+    """A gentle step's reads are in the idle I/O class, so that the kernel holds them back while
+    a guest read is at the device; its populate (in the populate thread, holding the allocation
+    lock that guest writes wait for) is not, nor are full-speed steps; and the reading thread,
+    a worker that serves guest requests too, gets its class back after the step."""
+    if ioprio.get() in (None, ioprio.IDLE):
+        pytest.skip("ioprio_get is not known on this machine, or the tests run in the idle class")
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     c = open_chains(chain.top)
     seen: list[tuple[str, bool, int]] = []  # (what, gentle, the I/O priority it ran with)
@@ -403,10 +404,24 @@ def test_gentle_steps_read_and_populate_in_the_idle_io_class(tmp_path, chain, mo
     copier.close()
     assert {what for what, gentle, _ in seen if gentle} == {"read", "populate"}
     assert {what for what, gentle, _ in seen if not gentle} == {"read", "populate"}
-    assert all((priority == ioprio.IDLE) == gentle for _, gentle, priority in seen), seen
+    assert all((priority == ioprio.IDLE) == (gentle and what == "read") for what, gentle, priority in seen), seen
     c.rebase(copier.base_index)
     assert c.read(0, chain.size) == expected
     c.close()
+
+
+def test_threads_a_gentle_read_starts_do_not_keep_its_idle_io_class(monkeypatch):
+    """A gentle read of compressed qcow2 clusters may start the inflate pool's threads; Linux
+    gives a new thread its creator's class, and the pool serves guest reads for good after."""
+    if ioprio.get() in (None, ioprio.IDLE):
+        pytest.skip("ioprio_get is not known on this machine, or the tests run in the idle class")
+    monkeypatch.setattr(qcow2, "_POOL", None)
+    with ioprio.idle_class():
+        assert ioprio.get() == ioprio.IDLE
+        pool = qcow2._inflate_pool()
+        started_inside = pool.submit(ioprio.get).result()
+    pool.shutdown()
+    assert started_inside == ioprio.STARTED_WITH != ioprio.IDLE
 
 
 def test_a_step_looks_up_the_merged_layers_only_as_far_as_it_copies(tmp_path, chain, monkeypatch, open_chains):

@@ -28,6 +28,7 @@ import zstandard
 from construct import ConstructError
 from isal import isal_zlib  # ISA-L's inflate: twice zlib's speed on 64 KiB clusters
 
+from .. import ioprio
 from ..errors import CorruptionError, UnsupportedImageError
 from ..sources import Source
 from .layer import BlockStatus, Location, Ranges, closed_on_failure, fill_zeros, invalid_image
@@ -641,5 +642,6 @@ def _inflate_pool() -> concurrent.futures.ThreadPoolExecutor:
     with _POOL_LOCK:
         if _POOL is None:
             _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
-                                                          thread_name_prefix="qcow2-inflate")
+                                                          thread_name_prefix="qcow2-inflate",
+                                                          initializer=ioprio.inherit_started)
         return _POOL

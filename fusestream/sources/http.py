@@ -47,6 +47,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import TypeVar
 
+from .. import ioprio
 from ..errors import SourceError, UsageError
 from .http_wire import Connection, ResponseHead, WireError
 
@@ -241,8 +242,11 @@ class HttpSource:
         self._guest = _ConnectionPool(self._connect, opts.connections)
         self._bulk = _ConnectionPool(self._connect, opts.connections)
         self._ahead = _ConnectionPool(self._connect, opts.connections)
-        self._bulk_workers = concurrent.futures.ThreadPoolExecutor(opts.connections, "http-bulk")
-        self._ahead_workers = concurrent.futures.ThreadPoolExecutor(opts.connections, "http-ahead")
+        # (Threads a stream's gentle read may start: they must not keep its idle I/O class.)
+        self._bulk_workers = concurrent.futures.ThreadPoolExecutor(opts.connections, "http-bulk",
+                                                                   ioprio.inherit_started)
+        self._ahead_workers = concurrent.futures.ThreadPoolExecutor(opts.connections, "http-ahead",
+                                                                    ioprio.inherit_started)
         self.size = 0
         self.etag: str | None = None
         self.last_modified: str | None = None

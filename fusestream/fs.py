@@ -289,6 +289,16 @@ class Operations(pyfuse3.Operations):
             return False
         return self.native_reads is None or not self.native_reads.waiting()
 
+    def read_unmapped(self, off: int, size: int) -> bytes | bytearray | int:
+        """A READ of the raw file that the native threads could not place, read by the native
+        thread that received it (NativeReads.call_reads): the data, or a negative errno. It
+        runs outside the event loop, in any of those threads."""
+        self.guest.note_in_thread()
+        try:
+            return run_inline(self._read_and_map, off, size)
+        except pyfuse3.FUSEError as err:
+            return -err.errno
+
     def _read_and_map(self, off: int, size: int) -> bytes | bytearray:
         """A read of the raw file that the native threads could not answer; then what lies
         around it is mapped for them (in the same thread: locating may read tables)."""

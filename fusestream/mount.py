@@ -350,6 +350,8 @@ def build_mount(chain: Chain, opts: MountOptions) -> MountedImage:
     control = Control(name, chain, streamer, events, write_errors, native_reads)
     ops = Operations(chain, control, write_errors, streamer.guest, copy_on_read, read_only=opts.ro,
                      native_reads=native_reads)
+    if native_reads is not None:
+        native_reads.call_reads(ops.read_unmapped)
     services: list[Service] = [streamer]
     if not ops.read_only:
         services += [WriteBackTimer(chain.top, write_errors), NeedCheckTimer(chain.top, write_errors)]

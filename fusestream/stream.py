@@ -141,11 +141,17 @@ class GuestActivity:
 
     def __init__(self) -> None:
         self.last = -math.inf
+        self.last_in_thread = -math.inf  # note_in_thread's, on the monotonic clock
         self.served_elsewhere: Callable[[], int] | None = None  # a count of requests note() does not see
         self._seen_elsewhere = 0
 
     def note(self) -> None:
         self.last = trio.current_time()
+
+    def note_in_thread(self) -> None:
+        """note() for a request served outside the event loop, from any thread (trio's clock is
+        the loop's): a native thread's read through the chain (Operations.read_unmapped)."""
+        self.last_in_thread = time.monotonic()
 
     def busy(self) -> bool:
         if self.served_elsewhere is not None:  # the mount's native reads (native_reads.py)
@@ -153,7 +159,8 @@ class GuestActivity:
             if seen != self._seen_elsewhere:
                 self._seen_elsewhere = seen
                 self.note()
-        return trio.current_time() - self.last < GUEST_BUSY_SECONDS
+        return (trio.current_time() - self.last < GUEST_BUSY_SECONDS
+                or time.monotonic() - self.last_in_thread < GUEST_BUSY_SECONDS)
 
 
 def shown_backing_file(chain: Chain) -> str | None:

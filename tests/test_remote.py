@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import random
 import shutil
@@ -16,12 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
 from conftest import FUSESTREAM, ctl, qemu_check, qemu_convert, qemu_img, qemu_io, run
 
 from fusestream.chain import Confinement
 from fusestream.errors import BackingFileError, UsageError
 from fusestream.mount import http_options, parse_options
 from fusestream.sources import HttpOptions, resolve_backing
+from fusestream.stream import GUEST_BUSY_SECONDS, GuestActivity
 
 KiB, MiB = 1 << 10, 1 << 20
 BASE_SIZE = 4 * MiB
@@ -447,3 +450,46 @@ def test_a_stream_onto_a_remote_base_stores_its_url_and_shows_it_without_credent
     assert SECRET not in (m.mountpoint / "status").read_text() + m.umount()
     info = json.loads(qemu_img("info", "--output=json", str(tmp_path / "top.qed")))
     assert info["backing-filename"] == url  # what the user gave, credentials and all, as QEMU stores it
+
+
+@pytest.mark.mount
+def test_remote_reads_are_answered_by_the_native_thread_that_received_them(tmp_path, nginx, mount):
+    """A READ of remote data, which the native threads' map cannot place, is read through the
+    chain by the native thread that received it (NativeReads.call_reads), not handed to the
+    event loop and on to a worker thread: exact bytes, counted as "called" in status.json."""
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "base.raw").write_bytes(base_data(3))
+    server = nginx(www)
+    create_top(tmp_path / "top.qed", server.url("base.raw"))
+    expected = local_oracle(tmp_path / "top.qed", www / "base.raw", tmp_path)
+    m = mount(tmp_path / "top.qed", "nostream")
+    offsets = random.Random(4).sample(range(0, BASE_SIZE, 64 * 1024), 24)
+    fd = os.open(m.raw, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)
+    try:
+        for offset in offsets:
+            assert os.preadv(fd, [buf], offset) == 4096
+            assert buf[:] == expected[offset : offset + 4096], offset
+    finally:
+        buf.close()
+        os.close(fd)
+    counts = status_json(m)["native_reads"]
+    assert counts["called"] >= len(offsets), counts
+    assert counts["forwarded"] < len(offsets), counts
+    m.umount()
+
+
+def test_reads_in_other_threads_make_the_guest_busy():
+    """Operations.read_unmapped notes the guest from a native thread, on the monotonic clock:
+    the stream gives way for GUEST_BUSY_SECONDS after it, as after a read the loop served."""
+    guest = GuestActivity()
+
+    async def busy_now_and_later() -> tuple[bool, bool, bool]:
+        idle = guest.busy()
+        await trio.to_thread.run_sync(guest.note_in_thread)
+        busy = guest.busy()
+        await trio.sleep(GUEST_BUSY_SECONDS * 1.5)
+        return idle, busy, guest.busy()
+
+    assert trio.run(busy_now_and_later) == (False, True, False)

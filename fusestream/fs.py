@@ -298,6 +298,9 @@ class Operations(pyfuse3.Operations):
             return run_inline(self._read_and_map, off, size)
         except pyfuse3.FUSEError as err:
             return -err.errno
+        except Exception:  # a bug: on the loop it would stop the mount; here the guest gets EIO, and the log says why
+            log.exception("read of the raw file at %d+%d failed", off, size)
+            return -errno.EIO
 
     def _read_and_map(self, off: int, size: int) -> bytes | bytearray:
         """A read of the raw file that the native threads could not answer; then what lies

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from conftest import FUSESTREAM, ctl, qemu_check, qemu_convert, qemu_img, qemu_io, run
 
+from fusestream import stream
 from fusestream.chain import Confinement
 from fusestream.errors import BackingFileError, UsageError
 from fusestream.mount import http_options, parse_options
@@ -464,6 +466,7 @@ def test_remote_reads_are_answered_by_the_native_thread_that_received_them(tmp_p
     create_top(tmp_path / "top.qed", server.url("base.raw"))
     expected = local_oracle(tmp_path / "top.qed", www / "base.raw", tmp_path)
     m = mount(tmp_path / "top.qed", "nostream")
+    before = status_json(m)["native_reads"]
     offsets = random.Random(4).sample(range(0, BASE_SIZE, 64 * 1024), 24)
     fd = os.open(m.raw, os.O_RDONLY | os.O_DIRECT)
     buf = mmap.mmap(-1, 4096)
@@ -475,21 +478,24 @@ def test_remote_reads_are_answered_by_the_native_thread_that_received_them(tmp_p
         buf.close()
         os.close(fd)
     counts = status_json(m)["native_reads"]
-    assert counts["called"] >= len(offsets), counts
-    assert counts["forwarded"] < len(offsets), counts
+    assert counts["called"] - before["called"] >= len(offsets), (before, counts)
+    # the other requests of the test (open, release, the status.json reads) are forwarded: ~14
+    assert counts["forwarded"] - before["forwarded"] < len(offsets), (before, counts)
     m.umount()
 
 
-def test_reads_in_other_threads_make_the_guest_busy():
+def test_reads_in_other_threads_make_the_guest_busy(monkeypatch):
     """Operations.read_unmapped notes the guest from a native thread, on the monotonic clock:
     the stream gives way for GUEST_BUSY_SECONDS after it, as after a read the loop served."""
     guest = GuestActivity()
+    now = [1000.0]
+    monkeypatch.setattr(stream.time, "monotonic", lambda: now[0])
 
     async def busy_now_and_later() -> tuple[bool, bool, bool]:
         idle = guest.busy()
         await trio.to_thread.run_sync(guest.note_in_thread)
         busy = guest.busy()
-        await trio.sleep(GUEST_BUSY_SECONDS * 1.5)
+        now[0] += GUEST_BUSY_SECONDS * 1.5
         return idle, busy, guest.busy()
 
-    assert trio.run(busy_now_and_later) == (False, True, False)
+    assert trio.run(busy_now_and_later, clock=trio.testing.MockClock()) == (False, True, False)

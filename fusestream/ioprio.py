@@ -37,24 +37,22 @@ _SYSCALL_NUMBERS = {
     "s390x": (282, 283),
 }
 
-_numbers = _SYSCALL_NUMBERS.get(platform.machine())
-_syscall = ctypes.CDLL(None, use_errno=True).syscall if _numbers is not None else None
+_NUMBERS = _SYSCALL_NUMBERS.get(platform.machine())
+_syscall = ctypes.CDLL(None, use_errno=True).syscall
 _warned = False
 
 
 def get() -> int | None:
     """The calling thread's I/O priority (0: none set, it follows the nice value), or None
     where it cannot be asked."""
-    if _syscall is None or _numbers is None:
+    if _NUMBERS is None:
         return None
-    value = _syscall(_numbers[1], IOPRIO_WHO_PROCESS, 0)
+    value = _syscall(_NUMBERS[1], IOPRIO_WHO_PROCESS, 0)
     return None if value < 0 else value
 
 
 def _set(value: int) -> bool:
-    if _syscall is None or _numbers is None:
-        return False
-    return _syscall(_numbers[0], IOPRIO_WHO_PROCESS, 0, value) == 0
+    return _NUMBERS is not None and _syscall(_NUMBERS[0], IOPRIO_WHO_PROCESS, 0, value) == 0
 
 
 # The class the daemon started with (0 unless it runs under ionice): what threads that a block

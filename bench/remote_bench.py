@@ -15,9 +15,12 @@ alternate, their order reversed every round.
    ``mount.fusestream -o nostream``, then ``fusestream stream MNT`` .. ``fusestream wait MNT``
    as stream_bench.py times it (the job's own time from the events file beside it, and the
    daemon's CPU seconds); block-stream over QMP on qemu-storage-daemon, from the command to
-   BLOCK_JOB_COMPLETED. For reference: ``curl -o FILE`` (the same fetch plus a local write) and
-   HttpSource alone (8 MiB reads, each after a prefetch of the next, as the stream reads). Every
-   streamed top is checked with qemu-img (no backing file, check clean, identical to the base).
+   BLOCK_JOB_COMPLETED. For reference: ``curl -o FILE`` (the same fetch plus a local write),
+   HttpSource alone (8 MiB reads, each after a prefetch of the next, as the stream reads), and
+   the disk's ceiling: the base's size written alone into a fresh file beside the top, in the
+   stream's steps (connections x request size), O_DIRECT, then fdatasync, as the stream's
+   populates write it. Every streamed top is checked with qemu-img (no backing file, check
+   clean, identical to the base).
 2. Through a second nginx with ``limit_rate R`` (a WAN stand-in), a base of
    connections x R x RATE_SECONDS bytes: fusestream's stream to the end against connections x R.
    nginx lets each request send R bytes before it limits (its allowance counts from the
@@ -87,9 +90,10 @@ QSD_RATE_SECONDS = 10.0  # how long block-stream runs through the rate-limited s
 STEP = 8 * MiB  # HttpSource alone reads in the stream's steps
 READ = 4 * KiB
 
-CURL, CURL_FILE, FUSESTREAM, SOURCE, QSD = (
+CURL, CURL_FILE, FUSESTREAM, SOURCE, QSD, DISK = (
     "curl -o /dev/null", "curl -o FILE (fetch + local write)", "fusestream stream (stream .. wait)",
-    "HttpSource alone, 8 MiB reads, next prefetched", "qemu-storage-daemon block-stream")
+    "HttpSource alone, 8 MiB reads, next prefetched", "qemu-storage-daemon block-stream",
+    "local writes alone (the disk's ceiling)")
 CURL_RANGE, RAW_FILE, SOURCE_READ, QSD_FUSE = (
     "curl -r (one range request)", "fusestream raw file", "HttpSource alone (read)",
     "qemu-storage-daemon FUSE export")
@@ -199,6 +203,15 @@ class RemoteBench:
         self.cold_start(self.base)
         try:
             return StreamRun(curl_seconds(url, output=str(self.local_copy)))
+        finally:
+            self.local_copy.unlink(missing_ok=True)
+
+    def disk_alone(self) -> StreamRun:
+        self.cold_start(self.base)
+        options = HttpOptions()
+        try:
+            return StreamRun(fresh_direct_writes(self.local_copy, self.base.stat().st_size,
+                                                 options.connections * options.request_size))
         finally:
             self.local_copy.unlink(missing_ok=True)
 
@@ -313,6 +326,26 @@ def read_through(url: str, base: Path, step: int) -> float:
     return seconds
 
 
+def fresh_direct_writes(path: Path, size: int, step: int) -> float:
+    """Seconds to write `size` bytes of random data into a new file at `path` in O_DIRECT writes
+    of `step` bytes from one page-aligned buffer, then fdatasync: what the disk takes of the
+    stream's writes, with no fetch beside them."""
+    buffer = mmap.mmap(-1, step)
+    buffer.write(random.Random(1).randbytes(step))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT | os.O_CLOEXEC, 0o600)
+    try:
+        started = time.perf_counter()
+        for offset in range(0, size, step):
+            view = memoryview(buffer)[: min(step, size - offset)]
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
+        os.fdatasync(fd)
+        return time.perf_counter() - started
+    finally:
+        os.close(fd)
+
+
 def same_as_base(data: bytes | memoryview, base: Path, offset: int) -> None:
     with open(base, "rb") as f:
         f.seek(offset)
@@ -369,6 +402,7 @@ def measure_streams(bench: RemoteBench, server: WebServer, rounds: int) -> dict[
         QSD: lambda: bench.block_stream(url),
         CURL_FILE: lambda: bench.curl_file(url),
         SOURCE: lambda: bench.source_alone(url),
+        DISK: bench.disk_alone,
     }
 
     def show(name: str, run: StreamRun) -> str:
@@ -435,6 +469,8 @@ def print_commands(bench: RemoteBench, fast: WebServer, slow: WebServer, head: P
           f"{FUSESTREAM_CLI} stream {mnt} && {FUSESTREAM_CLI} wait {mnt}")
     print(f"{QSD}:", shlex.join(qsd_stream_argv(top, bench.qmp_socket)), "; timed: block-stream",
           QMP_STREAM, "until BLOCK_JOB_COMPLETED")
+    print(f"{DISK}:", f"O_DIRECT writes of {format_size(HttpOptions().connections * HttpOptions().request_size)} "
+          f"into a new file beside the top, then fdatasync")
     print("checks:  ", f"qemu-img info, qemu-img check, qemu-img compare -f qed -F raw {top} BASE")
     print(f"{RAW_FILE}:", shlex.join(fusestream_argv(top, mnt, ("ro",))),
           "; O_DIRECT preads of 4 KiB, each in a MiB of its own")
@@ -458,6 +494,8 @@ def print_streams(results: dict[str, list[StreamRun]], size: int, rounds: int) -
             print(f"{'  its job alone (events file)':<50} {spread(size / r.job_seconds / MiB for r in runs):>18}"
                   f"  (job against curl {job / rate[CURL]:.2f}x, block-stream {job / rate[QSD]:.2f}x; "
                   f"daemon CPU {cpu:.2f} s)")
+    print(f"the disk's ceiling is {rate[DISK] / rate[CURL]:.2f}x curl's rate: no stream that stores the base goes "
+          f"faster; the stream is at {ours / rate[DISK]:.2f}x of it (its job alone {job / rate[DISK]:.2f}x)")
 
 
 def print_rate_limited(rates: dict[str, list[float]], head: Path, rate: int, rounds: int) -> None:

@@ -417,7 +417,8 @@ RANGE_ASKED = re.compile(rb"\r\nRange: bytes=(\d+)-(\d+)\r\n")
 
 class RawServer:
     """A server whose every answer is `answer(first, last)` (the Range asked), bytes sent as they
-    are, in pieces of `piece` bytes; it closes a connection after `per_connection` answers.
+    are, in pieces of `piece` bytes (or parts of bytes sent one after another: a generator that
+    sleeps between them is a slow server); it closes a connection after `per_connection` answers.
     Records how many connections it accepted."""
 
     def __init__(self, answer, piece: int = 1 << 16, per_connection: int = 100):
@@ -455,8 +456,9 @@ class RawServer:
             request, _, received = received.partition(b"\r\n\r\n")
             asked = RANGE_ASKED.search(request + b"\r\n")
             reply = self.answer(int(asked[1]), int(asked[2]))
-            for start in range(0, len(reply), self.piece):
-                conn.sendall(reply[start : start + self.piece])
+            for part in [reply] if isinstance(reply, bytes) else reply:
+                for start in range(0, len(part), self.piece):
+                    conn.sendall(part[start : start + self.piece])
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ within a bounded time, a changed object never mixed in, no credential anywhere i
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import random
 import threading
@@ -13,7 +14,7 @@ import time
 import pytest
 
 from fusestream.errors import SourceError, UsageError
-from fusestream.sources.http import HttpOptions, HttpSource, redact_url, url_origin
+from fusestream.sources.http import STALLED_RATE, HttpOptions, HttpSource, redact_url, url_origin
 from fusestream.sources.http_wire import WireError, content_length, parse_head
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -155,6 +156,11 @@ def test_the_block_cache_stays_within_its_bound(fault_server):
         assert len(server.requests) == requests
         read_exact(source, 0, 4 * KiB)  # long evicted: fetched again
         assert len(server.requests) == requests + 1
+        # The bound is one of memory too: blocks fetched in one request are cached each on its
+        # own, so that one left in the cache does not keep the others' memory alive.
+        read_exact(source, 1 * MiB, 64 * KiB)
+        blocks = [memoryview(block) for block in source._cache._blocks.values()]
+        assert len(blocks) == 16 and all(block.nbytes == len(block.obj) == 4 * KiB for block in blocks)
     finally:
         source.close()
 
@@ -621,6 +627,55 @@ def test_a_mismatched_answer_is_refused_at_once(raw_server, answer, message):
         with pytest.raises(SourceError, match=message):
             read_exact(source, 64 * KiB, 100)
         assert time.monotonic() - started < 1  # not retried
+    finally:
+        source.close()
+
+
+def test_a_first_block_shorter_than_asked_is_refused_at_open(raw_server):
+    """A 206 may answer less than the Range asked: a first block cut short would read as zeros
+    where its rest is, so the open refuses it, as a read refuses any answer not exactly asked."""
+    server = raw_server(lambda first, last: partial(first, min(last, first + 999)))
+    with pytest.raises(SourceError, match="answered the range 0- with 'bytes 0-999/204800'"):
+        open_source(server.url(), HttpOptions(block_size=4 * KiB))
+
+
+def test_interim_answers_are_skipped(raw_server):
+    early_hints = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    server = raw_server(lambda first, last: early_hints + b"HTTP/1.1 100 Continue\r\n\r\n" + partial(first, last),
+                        piece=7)
+    source = open_source(server.url(), HttpOptions(block_size=4 * KiB, readahead=0))
+    try:
+        for offset in (0, 5 * KiB, 199 * KiB):
+            assert read_exact(source, offset, 4 * KiB) == OBJECT[offset : offset + 4 * KiB]
+        assert server.connections == 1 and source.describe()["retries"] == 0
+    finally:
+        source.close()
+
+
+def test_a_trickling_server_fails_a_read_in_bounded_time(raw_server):
+    """A byte every 50 ms never lets a wait for bytes time out; the answer's deadline (timeout,
+    then STALLED_RATE) ends each try, and retry_time the read, as for a server that sends
+    nothing."""
+    answered = [0]
+
+    def answers(first: int, last: int):
+        answered[0] += 1
+        reply = partial(first, last)
+        if answered[0] == 1:  # the probe: at once
+            yield reply
+            return
+        for at in range(len(reply)):
+            yield reply[at : at + 1]
+            time.sleep(0.05)
+
+    source = open_source(raw_server(answers).url(), dataclasses.replace(QUICK, block_size=4 * KiB, readahead=0))
+    try:
+        started = time.monotonic()
+        with pytest.raises(SourceError, match="timed out .*gave up after"):
+            read_exact(source, 64 * KiB, 100)
+        elapsed = time.monotonic() - started
+        attempt = QUICK.timeout + 4 * KiB / STALLED_RATE
+        assert elapsed < QUICK.retry_time + 2 * attempt + 1.0, elapsed
     finally:
         source.close()
 

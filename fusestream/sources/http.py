@@ -24,6 +24,8 @@ sent as If-Range): data of a changed object is never mixed in, a SourceError say
 Connection errors, timeouts, truncated bodies, 5xx and 429 are retried with exponential backoff
 and jitter (Retry-After honoured up to `retry_delay_max`) for at most `retry_time` seconds per
 read; a connection that failed is dropped, so the source works again once the server is back.
+An answer must also come in at STALLED_RATE on average (after `timeout` for its start): a server
+that trickles a byte now and then times out like one that sends nothing.
 
 Names: `name` is the URL without its userinfo and with every query value replaced by ***
 (a presigned URL's signature lives there), so no credential reaches messages, status or logs.
@@ -61,6 +63,8 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _T = TypeVar("_T")
 Block = bytes | memoryview  # see _BlockCache
 AHEAD_QUEUE_MAX = 4  # prefetch lane jobs queued per connection; further hints are dropped
+STALLED_RATE = 16 * KiB  # bytes/s: an answer slower than this on average (past `timeout`) has stalled
+_URL_IN_TEXT = re.compile(r"https?://[^\s'\"]+", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +108,12 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+def redact_urls(text: str) -> str:
+    """`text` with every http(s) URL in it redacted (see redact_url): for text a user wrote,
+    such as a ctl command, that may name a URL with its credentials."""
+    return _URL_IN_TEXT.sub(lambda match: redact_url(match[0]), text)
+
+
 def url_identity(url: str) -> Hashable:
     """HttpSource.identity of the object at `url`, without contacting it: (origin, path, query),
     the same under an equivalent spelling (case of scheme and host, default port, userinfo)."""
@@ -112,12 +122,16 @@ def url_identity(url: str) -> Hashable:
 
 
 def url_origin(url: str) -> str:
-    """scheme://host[:port] of `url`, lower-case, the default port left out."""
+    """scheme://host[:port] of `url`, lower-case, the default port left out; SourceError for a
+    port that is not a number from 0 to 65535."""
     parts = urllib.parse.urlsplit(url)
     scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
     if ":" in host:
         host = f"[{host}]"
-    port = parts.port
+    try:
+        port = parts.port
+    except ValueError as err:
+        raise SourceError(f"{redact_url(url)}: {err}") from None
     return f"{scheme}://{host}" if port in (None, DEFAULT_PORTS.get(scheme)) else f"{scheme}://{host}:{port}"
 
 
@@ -175,7 +189,8 @@ class _ConnectionPool:
 
 class _BlockCache:
     """An LRU of whole blocks, bounded to `capacity` blocks. Not locked: the source's lock is.
-    A block is bytes, or a read-only slice of the buffer a run of blocks was received into."""
+    A block is bytes, or the read-only buffer it was received into alone: never a slice of a
+    larger buffer, which one cached block would keep alive whole."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -362,7 +377,7 @@ class HttpSource:
         if resp.status != 206:
             raise self._status_error(resp)
         start, stop, total = self._content_range(resp)
-        if total is None or start != 0 or stop > total:
+        if total is None or start != 0 or stop != min(self.options.block_size, total):
             raise SourceError(f"{self.name}: the server answered the range 0- with "
                               f"{resp.header('Content-Range')!r}: byte ranges unusable")
         self._check_body_length(conn, resp, stop)
@@ -485,10 +500,11 @@ class HttpSource:
                 start = run[0] * bs
                 buf = memoryview(bytearray(min((run[-1] + 1) * bs, self.size) - start))
                 self._fetch_exact(pool, buf, start)
-                received = buf.toreadonly()  # the blocks are slices of it, not copies
+                received = buf.toreadonly()
                 with self._lock:
                     for index in run:
-                        data = received[(index - run[0]) * bs : (index - run[0] + 1) * bs]
+                        data = received if len(run) == 1 else bytes(received[(index - run[0]) * bs :
+                                                                             (index - run[0] + 1) * bs])
                         self._cache.put(index, data)
                         self._inflight.pop(index).set_result(data)
         except BaseException as err:
@@ -620,7 +636,8 @@ class HttpSource:
             return
         if resp.status == 200:  # If-Range failed (the object changed), or Range was ignored
             self._check_same_object(resp)
-            raise _Transient("the server ignored the Range header (it answered with the whole object)")
+            raise _Transient("the server answered with the whole object: it ignored the Range header, "
+                             "or the object changed (If-Range did not match)")
         if resp.status == 416:
             raise self._changed(f"the range {offset}-{last} is past its end now")
         if resp.status == 412:
@@ -631,8 +648,9 @@ class HttpSource:
         """GET bytes first-last: the answer's status line and headers. What a retry may cure
         (connection errors, timeouts, 5xx, 429) is _Transient; a certificate that does not
         verify is not."""
+        deadline = time.monotonic() + self.options.timeout + (last + 1 - first) / STALLED_RATE
         try:
-            resp = conn.get_range(self._request_head, first, last)
+            resp = conn.get_range(self._request_head, first, last, deadline)
         except ssl.SSLCertVerificationError as err:
             raise SourceError(f"{self.name}: {_describe_exception(err)}") from None
         except (OSError, WireError) as err:

@@ -7,8 +7,11 @@ With http.client, which this replaces, a 4 KiB miss took about twice as long
 (docs/performance.md, "Remote base").
 
 Only bodies framed by Content-Length are read (a 206 always is from the servers we know); an
-answer that is malformed or framed otherwise is a WireError. A connection is reused only after
-its body was read to the end and the server did not say it would close.
+answer that is malformed or framed otherwise is a WireError. Interim answers (1xx, such as 103
+Early Hints) are skipped. A connection is reused only after its body was read to the end and the
+server did not say it would close. Besides the timeout of each wait for bytes, a request may
+have a deadline for its whole answer: a server that trickles a byte now and then must not hold a
+read for ever.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import dataclasses
 import re
 import socket
 import ssl
+import time
 
 HEAD_MAX = 64 * 1024  # status line and headers together, at most
 HEAD_RECV = 4096  # one recv for the head; most of a body stays in the kernel for recv_into
@@ -83,17 +87,24 @@ class Connection:
         self._buffered = memoryview(b"")  # body bytes that came with the head
         self._body_left = 0
         self._keep_alive = False
+        self._deadline: float | None = None  # time.monotonic() by which the answer must be in
 
-    def get_range(self, request_head: bytes, first: int, last: int) -> ResponseHead:
+    def get_range(self, request_head: bytes, first: int, last: int, deadline: float | None = None) -> ResponseHead:
         """Send `request_head` (the request line and every header but Range, each ending in
         CRLF) with Range: bytes=first-last; the answer's head. A 206's body (of
-        body_length bytes) is read with readinto(); no other body is read."""
+        body_length bytes) is read with readinto(); no other body is read. Past `deadline`
+        (time.monotonic()), a wait for more of the answer raises TimeoutError."""
+        self._deadline = deadline
         if self._sock is None:
             self._sock = self._open()
         self.reusable = False
+        self._limit_wait()
         self._sock.sendall(b"%sRange: bytes=%d-%d\r\n\r\n" % (request_head, first, last))
-        head, rest = self._receive_head()
+        head, rest = self._receive_head(b"")
         response = parse_head(head)
+        while response.status // 100 == 1 and response.status != 101:  # an interim answer: the real one follows
+            head, rest = self._receive_head(rest)
+            response = parse_head(head)
         self._body_left = self.body_length = content_length(response) if response.status == 206 else 0
         self._buffered = memoryview(rest)[: self._body_left]
         self._keep_alive = response.keep_alive
@@ -109,6 +120,7 @@ class Connection:
             view[:n] = self._buffered[:n]
             self._buffered = self._buffered[n:]
         else:
+            self._limit_wait()
             n = self._sock.recv_into(view, want)
             if not n:
                 return 0
@@ -133,19 +145,31 @@ class Connection:
             raise
         return sock
 
-    def _receive_head(self) -> tuple[bytes, bytes]:
-        """(the head without its blank line, what came after it)."""
-        received = b""
+    def _limit_wait(self) -> None:
+        """The next wait on the socket ends at the timeout or the deadline, whichever comes
+        first (settimeout makes no system call)."""
+        timeout = self.timeout
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out")
+            timeout = min(timeout, left)
+        self._sock.settimeout(timeout)
+
+    def _receive_head(self, received: bytes) -> tuple[bytes, bytes]:
+        """(the head without its blank line, what came after it), `received` already there."""
+        scanned = 0  # the blank line is not in received[:scanned]
         while True:
+            end = received.find(b"\r\n\r\n", max(0, scanned - 3))
+            if end >= 0:
+                return received[:end], received[end + 4 :]
+            if len(received) > HEAD_MAX:
+                raise WireError(f"an answer's headers longer than {HEAD_MAX} bytes")
+            scanned = len(received)
+            self._limit_wait()
             chunk = self._sock.recv(HEAD_RECV)
             if not chunk:
                 if not received:
                     raise ClosedError("the server closed the connection without answering")
                 raise WireError("the server closed the connection in the middle of an answer's headers")
-            start = max(0, len(received) - 3)
             received += chunk
-            end = received.find(b"\r\n\r\n", start)
-            if end >= 0:
-                return received[:end], received[end + 4 :]
-            if len(received) > HEAD_MAX:
-                raise WireError(f"an answer's headers longer than {HEAD_MAX} bytes")

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Iterator
 from typing import Protocol
 
-from .errors import BackingFileError, FusestreamError, describe_os_error
+from .errors import BackingFileError, FusestreamError, SourceError, describe_os_error
 from .formats import qcow2, qed, raw
 from .formats.layer import BlockStatus, Layer, Placed, ReadBelow, locate_layers, prefetch_layers, read_layers_into
 from .formats.qcow2_structs import QCOW_MAGIC
@@ -512,7 +512,10 @@ def _open_backing(chain: Chain, location: str, confinement: Confinement, lock: b
     while current.backing_filename is not None:
         location = resolve_backing(location, current.backing_filename)
         shown = display_name(location)
-        identity = location_identity(location)  # before opening: a loop must not meet our own lock
+        try:
+            identity = location_identity(location)  # before opening: a loop must not meet our own lock
+        except SourceError as err:  # a URL that cannot name anything (a bad port)
+            raise BackingFileError(f"{current.path}: backing file {err}") from None
         if identity is not None and identity in seen:
             raise BackingFileError(f"{current.path}: backing file loop: {shown} is already in the chain")
         if len(chain.layers) > confinement.max_depth:

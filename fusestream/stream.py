@@ -27,7 +27,7 @@ import trio
 
 from .chain import Chain, StatusWalk
 from .copy import Copier
-from .errors import CommandError, FusestreamError, StreamError
+from .errors import CommandError, FusestreamError, SourceError, StreamError
 from .faults import EventSink
 from .formats.layer import Layer
 from .services import Service
@@ -416,7 +416,10 @@ class Streamer(Service):
         if base is None:
             return None
         base = resolve_backing(self.chain.path, base)  # a relative name: beside the image
-        layer = self.chain.find_layer(base)
+        try:
+            layer = self.chain.find_layer(base)
+        except SourceError as err:  # a URL that cannot name anything (a bad port)
+            raise CommandError(f"base {err}") from None
         if layer is None:
             raise CommandError(f"base {display_name(base)} is not in the backing chain of {self.chain.path}")
         return layer

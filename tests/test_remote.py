@@ -23,7 +23,7 @@ from conftest import FUSESTREAM, ctl, qemu_check, qemu_convert, qemu_img, qemu_i
 
 from fusestream import stream
 from fusestream.chain import Confinement
-from fusestream.errors import BackingFileError, UsageError
+from fusestream.errors import BackingFileError, CommandError, UsageError
 from fusestream.mount import http_options, parse_options
 from fusestream.sources import HttpOptions, resolve_backing
 from fusestream.stream import GUEST_BUSY_SECONDS, GuestActivity
@@ -155,6 +155,26 @@ def test_errors_name_the_image_and_the_url_never_its_credentials(tmp_path, fault
     assert message.startswith(f"{tmp_path / 'top.qed'}: backing file http://127.0.0.1:{server.port}/image.raw")
     assert "HTTP 500" in message and SECRET not in message
     assert any(r.headers.get("Authorization") for r in server.requests)  # the credentials were used
+
+
+def test_a_backing_url_with_a_bad_port_is_an_error_not_a_crash(tmp_path, nginx, open_chains):
+    """A hostile image may name any URL: one whose port is no port is a BackingFileError naming
+    the image (info says it in one line), and so is a stream onto such a base."""
+    top = tmp_path / "top.qed"
+    qemu_img("create", "-f", "qed", "-u", "-b", "http://127.0.0.1:99999/base.raw", "-F", "raw", str(top), "1M")
+    bad_port = f"^{top}: backing file http://127.0.0.1:99999/base.raw: Port out of range"
+    with pytest.raises(BackingFileError, match=bad_port):
+        open_chains(top)
+    shown = run(FUSESTREAM, "info", "--chain", str(top), check=False)
+    assert shown.returncode == 1 and shown.stderr.count("\n") == 1 and "Port out of range" in shown.stderr
+
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "base.raw").write_bytes(base_data())
+    create_top(tmp_path / "over-nginx.qed", nginx(www).url("base.raw"))
+    streamer = stream.Streamer(open_chains(tmp_path / "over-nginx.qed"), lambda event, data: None)
+    with pytest.raises(CommandError, match="^base http://127.0.0.1:99999/base.raw: Port out of range"):
+        streamer.start(base="http://u:pw@127.0.0.1:99999/base.raw")
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "qed"])

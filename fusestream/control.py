@@ -17,6 +17,7 @@ from .chain import Chain
 from .errors import CommandError
 from .faults import WriteErrors
 from .sources import absolute_location
+from .sources.http import redact_urls
 from .stream import (
     CANCELLED,
     COMPLETED,
@@ -330,9 +331,10 @@ class Control:
 
 def rejection(raw: bytes, err: CommandError) -> dict:
     """The data of a COMMAND_REJECTED event: the command (its first MAX_ECHOED_BYTES; then
-    `length` says how long it was) and the reason."""
+    `length` says how long it was) and the reason, each with the credentials of any URL in it
+    redacted (a base may be named by a presigned URL)."""
     echoed = raw[:MAX_ECHOED_BYTES].decode("utf-8", errors="backslashreplace").strip()
-    data = {"command": echoed, "reason": str(err)}
+    data = {"command": redact_urls(echoed), "reason": redact_urls(str(err))}
     if len(raw) > MAX_ECHOED_BYTES:
         data["length"] = len(raw)
     return data

@@ -219,6 +219,25 @@ def test_a_long_command_is_refused_without_being_parsed(chain, monkeypatch, open
     assert [e["event"] for e in events.events()] == ["COMMAND_REJECTED"] * 2
 
 
+def test_a_rejected_command_never_echoes_credentials(chain, open_chains):
+    """COMMAND_REJECTED echoes the command and the reason: a URL in either shows without its
+    userinfo or query values (a presigned URL's signature)."""
+    secrets = ("pw-123", "sig-456", "tok-789")
+    url = "HTTPS://user:pw-123@images.example/base.raw?X-Amz-Signature=sig-456&X-Amz-Security-Token=tok-789"
+    c = open_chains(chain.top)
+
+    async def body(ctl):
+        for raw in (f"stream base={url}\n", f"rebase '{url}'\n", f"stream base={url} speed=x\n"):
+            with pytest.raises(CommandError):
+                ctl.command(raw.encode())
+
+    events = run_with_control(c, body)
+    c.close()
+    rejected = [e["data"] for e in events.events()]
+    assert len(rejected) == 3 and all("images.example/base.raw?X-Amz-Signature=***" in d["command"] for d in rejected)
+    assert not any(secret in json.dumps(rejected) for secret in secrets)
+
+
 @pytest.mark.mount
 def test_a_megabyte_ctl_write_does_not_hold_up_guest_reads(chain, mount):
     m = mount(chain.top, "nostream")

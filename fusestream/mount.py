@@ -382,6 +382,9 @@ async def _unmount_on_signal() -> None:
 def run(args: argparse.Namespace) -> int:
     opts = parse_options(args.options)
     setup_logging(args.foreground, opts.debug)
+    if not http_options(opts).sslverify:  # said where the user mounts, not only in a log
+        print("mount.fusestream: warning: sslverify=off: the certificates of HTTPS layers are not verified, "
+              "so anyone between here and their servers can change the data they serve", file=sys.stderr)
     image = os.path.abspath(args.image)
     check_mountpoint(args.mountpoint)
     chain = open_mount_chain(image, opts)

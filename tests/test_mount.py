@@ -187,6 +187,18 @@ def test_background_mount_is_ready_when_the_helper_returns(tmp_path, chain, back
     assert qemu_convert(chain.top, tmp_path / "after.raw")[:25] == b"written in the background"
 
 
+def test_sslverify_off_is_said_at_mount_even_in_the_background(chain, background_mountpoint):
+    result = subprocess.run([MOUNT_HELPER, "-o", "sslverify=off,nostream", str(chain.top), str(background_mountpoint)],
+                            capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+    try:
+        assert result.returncode == 0 and os.path.ismount(background_mountpoint)
+        assert result.stderr.startswith("mount.fusestream: warning: sslverify=off: the certificates of HTTPS "
+                                        "layers are not verified") and result.stderr.count("\n") == 1
+    finally:
+        run("fusermount3", "-u", str(background_mountpoint))
+        wait_until_released(chain.top)
+
+
 @pytest.fixture
 def sbin_helpers():
     """Install the helper as /sbin/mount.fusestream and /sbin/mount.fuse.fusestream (the name

@@ -5,6 +5,7 @@ within a bounded time, a changed object never mixed in, no credential anywhere i
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
 import logging
 import random
@@ -676,6 +677,35 @@ def test_a_trickling_server_fails_a_read_in_bounded_time(raw_server):
         elapsed = time.monotonic() - started
         attempt = QUICK.timeout + 4 * KiB / STALLED_RATE
         assert elapsed < QUICK.retry_time + 2 * attempt + 1.0, elapsed
+    finally:
+        source.close()
+
+
+def test_retry_time_bounds_a_read_of_several_missing_runs_as_a_whole(raw_server):
+    """A read whose missing blocks make three runs (cached blocks between them), each run
+    answered 503 eight times before it is served: each run alone would get through within
+    retry_time, the three together do not, and the read fails within one retry_time."""
+    armed, failures = [False], collections.Counter()
+
+    def answers(first: int, last: int) -> bytes:
+        if armed[0] and failures[first] < 8:
+            failures[first] += 1
+            return b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+        return partial(first, last)
+
+    options = HttpOptions(block_size=4 * KiB, readahead=0, timeout=0.5, retry_time=2.5, retry_delay_min=0.2,
+                          retry_delay_max=0.2)
+    source = open_source(raw_server(answers).url(), options)
+    try:
+        for block in (1, 3, 5):  # block 0 is cached by the open
+            read_exact(source, block * 4 * KiB, 4 * KiB)
+        armed[0] = True
+        started = time.monotonic()
+        with pytest.raises(SourceError, match="HTTP 503 .*gave up after"):
+            read_exact(source, 0, 7 * 4 * KiB)  # blocks 2, 4 and 6 missing
+        elapsed = time.monotonic() - started
+        assert elapsed < options.retry_time + options.retry_delay_max + 0.5, elapsed
+        assert failures[2 * 4 * KiB] == 8  # the first run did get through
     finally:
         source.close()
 

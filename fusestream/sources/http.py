@@ -403,13 +403,14 @@ class HttpSource:
         """Fetch [offset, offset + len(view)) in pieces cut at multiples of request_size, over
         the bulk connections in parallel, straight into `view` (a piece staged by prefetch is
         copied from there). Returns only once no piece is writing into `view` any more."""
+        started = time.monotonic()  # retry_time counts for the whole read
         fresh = []
         staged = []
         for start, stop in self._pieces(offset, offset + len(view)):
             target = view[start - offset : stop - offset]
             future = self._take_staged(start, stop)
             if future is None:
-                fresh.append(self._bulk_workers.submit(self._fetch_exact, self._bulk, target, start))
+                fresh.append(self._bulk_workers.submit(self._fetch_exact, self._bulk, target, start, started))
             else:
                 staged.append((future, target, start))
         try:
@@ -417,7 +418,7 @@ class HttpSource:
                 try:
                     target[:] = future.result()
                 except Exception:  # it failed back then: the server may be back now
-                    self._fetch_exact(self._bulk, target, start)
+                    self._fetch_exact(self._bulk, target, start, started)
         finally:
             _wait_all(fresh)
 
@@ -461,7 +462,7 @@ class HttpSource:
         bs = self.options.block_size
         end = offset + len(view)
         blocks, missing = self._claim(offset // bs, (end - 1) // bs + 1)
-        self._fetch_blocks(missing, self._guest)
+        self._fetch_blocks(missing, self._guest, time.monotonic())
         for index, block in blocks.items():
             data = block.result() if isinstance(block, concurrent.futures.Future) else block
             lo, hi = max(offset, index * bs), min(end, index * bs + len(data))
@@ -485,9 +486,10 @@ class HttpSource:
                     missing.append(index)
         return blocks, missing
 
-    def _fetch_blocks(self, missing: list[int], pool: _ConnectionPool) -> None:
+    def _fetch_blocks(self, missing: list[int], pool: _ConnectionPool, started: float) -> None:
         """Fetch claimed blocks, one request per run of consecutive ones, into the cache, and
-        fulfil their futures; on failure every one of them gets the error."""
+        fulfil their futures; on failure every one of them gets the error. Every run's retries
+        count from `started`: retry_time bounds the wait of the read as a whole."""
         bs = self.options.block_size
         runs: list[list[int]] = []
         for index in missing:
@@ -499,7 +501,7 @@ class HttpSource:
             for run in runs:
                 start = run[0] * bs
                 buf = memoryview(bytearray(min((run[-1] + 1) * bs, self.size) - start))
-                self._fetch_exact(pool, buf, start)
+                self._fetch_exact(pool, buf, start, started)
                 received = buf.toreadonly()
                 with self._lock:
                     for index in run:
@@ -549,15 +551,15 @@ class HttpSource:
         bs = self.options.block_size
         _, missing = self._claim(start // bs, (stop - 1) // bs + 1)
         try:
-            self._fetch_blocks(missing, self._ahead)
+            self._fetch_blocks(missing, self._ahead, time.monotonic())
         except Exception as err:  # a hint: a reader waiting on these blocks gets the error
             log.debug("%s: readahead failed: %s", self.name, err)
 
     # -- one range, with retries -------------------------------------------------------------------
 
-    def _fetch_exact(self, pool: _ConnectionPool, view: memoryview, offset: int) -> None:
+    def _fetch_exact(self, pool: _ConnectionPool, view: memoryview, offset: int, started: float | None = None) -> None:
         """Fill `view` with the object's bytes from `offset`, resuming after a failure where the
-        data stopped."""
+        data stopped; retrying until retry_time after `started` (by default, now)."""
         done = 0
 
         def attempt(conn: Connection) -> None:
@@ -568,13 +570,15 @@ class HttpSource:
                 done += err.filled
                 raise
 
-        self._with_retries(pool, attempt)
+        self._with_retries(pool, attempt, started)
 
-    def _with_retries(self, pool: _ConnectionPool, attempt: Callable[[Connection], _T]) -> _T:
-        """attempt(conn) until it succeeds, a lasting failure, or retry_time is spent. A
-        connection that failed is closed, never reused."""
+    def _with_retries(self, pool: _ConnectionPool, attempt: Callable[[Connection], _T],
+                      started: float | None = None) -> _T:
+        """attempt(conn) until it succeeds, a lasting failure, or retry_time since `started` (by
+        default, now) is spent; the first attempt is always made. A connection that failed is
+        closed, never reused."""
         opts = self.options
-        started = time.monotonic()
+        started = time.monotonic() if started is None else started
         tries = 0
         while True:
             conn, reused = pool.get()

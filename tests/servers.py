@@ -5,6 +5,8 @@
 * `fault_server`: one object served by a small threaded server of our own, with switchable
   faults (dropped connections, stalls, 5xx/429, Range ignored, a changed object, a truncated
   body) and a record of the requests it got;
+* `fault_proxy`: the same faults in front of nginx: what it does not fault is forwarded there
+  and nginx's answer relayed as it came (a changed object is a file changed in nginx's root);
 * `raw_server`: answers written byte for byte by the test (malformed or mismatched ones), one
   connection at a time, each answer sent in pieces of a chosen size;
 * `tls_files`: a private CA and a server certificate for 127.0.0.1 and localhost;
@@ -20,6 +22,7 @@ import dataclasses
 import datetime
 import email.utils
 import hashlib
+import http.client
 import http.server
 import os
 import re
@@ -310,6 +313,40 @@ class FaultServer:
                     self._fault = None
             return fault
 
+    def answer(self, handler: http.server.BaseHTTPRequestHandler, kind: str | None) -> None:
+        """Answer a GET that no fault stopped (`kind`: a fault that changes the answer, or None)."""
+        with self.lock:
+            data, etag, last_modified, honour = self.data, self.etag, self.last_modified, self.honour_if_range
+        start, stop = 0, len(data)
+        ranged = False
+        match = _RANGE.fullmatch(handler.headers.get("Range", ""))
+        if_range = handler.headers.get("If-Range")
+        if match and kind != "ignore_range" and (not honour or if_range in (None, etag, last_modified)):
+            start = int(match[1])
+            stop = min(int(match[2]) + 1, len(data)) if match[2] else len(data)
+            if start >= len(data):
+                handler.send_response(416)
+                handler.send_header("Content-Range", f"bytes */{len(data)}")
+                handler.send_header("Content-Length", "0")
+                handler.end_headers()
+                return
+            ranged = True
+        handler.send_response(206 if ranged else 200)
+        if ranged:
+            handler.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
+        if self.validators:
+            handler.send_header("ETag", etag)
+            handler.send_header("Last-Modified", last_modified)
+        handler.send_header("Accept-Ranges", "bytes")
+        handler.send_header("Content-Length", str(stop - start))
+        handler.end_headers()
+        body = memoryview(data)[start:stop]
+        if kind == "truncate":
+            handler.wfile.write(body[: len(body) // 2])
+            handler.close_connection = True
+            return
+        handler.wfile.write(body)
+
 
 class _QuietHTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
@@ -346,7 +383,6 @@ class _FaultHandler(http.server.BaseHTTPRequestHandler):
         server = self.fault_server
         with server.lock:
             server.requests.append(Request(self.path, dict(self.headers.items())))
-            data, etag, last_modified, honour = server.data, server.etag, server.last_modified, server.honour_if_range
         fault = server.take_fault()
         kind = fault.kind if fault else None
         if kind == "drop":
@@ -363,35 +399,51 @@ class _FaultHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        start, stop = 0, len(data)
-        ranged = False
-        match = _RANGE.fullmatch(self.headers.get("Range", ""))
-        if_range = self.headers.get("If-Range")
-        if match and kind != "ignore_range" and (not honour or if_range in (None, etag, last_modified)):
-            start = int(match[1])
-            stop = min(int(match[2]) + 1, len(data)) if match[2] else len(data)
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            ranged = True
-        self.send_response(206 if ranged else 200)
-        if ranged:
-            self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
-        if server.validators:
-            self.send_header("ETag", etag)
-            self.send_header("Last-Modified", last_modified)
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(stop - start))
-        self.end_headers()
-        body = memoryview(data)[start:stop]
-        if kind == "truncate":
-            self.wfile.write(body[: len(body) // 2])
-            self.close_connection = True
-            return
-        self.wfile.write(body)
+        server.answer(self, kind)
+
+
+class FaultProxy(FaultServer):
+    """FaultServer's faults in front of nginx: a request it does not fault is forwarded with its
+    Range and If-Range (no Range for ignore_range) and nginx's answer relayed as it came, its
+    body cut in the middle for truncate. change() changes the file in nginx's root, so that
+    nginx's own ETag, Last-Modified and If-Range say so."""
+
+    def __init__(self, upstream: NginxServer):
+        self.upstream = upstream
+        super().__init__(b"")
+
+    def change(self, data: bytes, honour_if_range: bool = True, name: str = "image.raw") -> None:
+        assert honour_if_range, "nginx always honours If-Range"
+        path = self.upstream.root / name
+        mtime = path.stat().st_mtime + 60  # nginx's validators are its mtime and size
+        path.write_bytes(data)
+        os.utime(path, (mtime, mtime))
+
+    def answer(self, handler: http.server.BaseHTTPRequestHandler, kind: str | None) -> None:
+        asked = {name: handler.headers[name] for name in ("Range", "If-Range") if name in handler.headers}
+        if kind == "ignore_range":
+            asked.pop("Range", None)
+        upstream = http.client.HTTPConnection(LOOPBACK, self.upstream.port, timeout=10)
+        try:
+            upstream.request("GET", handler.path, headers=asked)
+            reply = upstream.getresponse()
+            handler.send_response_only(reply.status, reply.reason)
+            for name, value in reply.getheaders():
+                if name.lower() not in ("connection", "keep-alive", "transfer-encoding"):
+                    handler.send_header(name, value)
+            handler.end_headers()
+            left = int(reply.getheader("Content-Length", "0"))
+            if kind == "truncate":
+                left //= 2
+                handler.close_connection = True
+            while left > 0:
+                chunk = reply.read(min(left, 1 << 16))
+                if not chunk:
+                    raise ConnectionError("nginx closed the connection in the middle of a body")
+                handler.wfile.write(chunk)
+                left -= len(chunk)
+        finally:
+            upstream.close()
 
 
 @pytest.fixture
@@ -407,6 +459,21 @@ def fault_server() -> Iterator:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator:
+    """fault_proxy(nginx_server) -> a running FaultProxy in front of it, stopped at teardown."""
+    proxies: list[FaultProxy] = []
+
+    def start(upstream: NginxServer) -> FaultProxy:
+        proxy = FaultProxy(upstream)
+        proxies.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.stop()
 
 
 # -- answers written by the test ------------------------------------------------------------------

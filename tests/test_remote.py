@@ -1,5 +1,6 @@
 """Remote backing layers end to end: chains whose layers live on nginx, on the fault-injecting
-server or in moto's S3, opened, mounted and streamed. QEMU is the oracle: what the raw file
+server (alone, or as a proxy injecting its faults in front of nginx) or in moto's S3, opened,
+mounted and streamed. QEMU is the oracle: what the raw file
 reads is what `qemu-img convert` gives of the same chain with the base local (the top copied
 and rebased with `qemu-img rebase -u`, the procedure docs/mount.fusestream.md gives for a new
 URL). Every stream either completes with exact data and a clean image, or fails naming the URL
@@ -260,13 +261,29 @@ def served_chain(tmp_path: Path, data: bytes) -> tuple[Path, Path]:
     return tmp_path / "top.qed", local_base
 
 
-def mounted_over_fault_server(tmp_path: Path, fault_server, mount, seed: int, **url_parts):
+@pytest.fixture(params=["fault-server", "proxy-to-nginx"])
+def faulty_origin(request, tmp_path, fault_server, fault_proxy, nginx):
+    """faulty_origin(data) -> a FaultServer of `data` as image.raw: the tests' own server, or
+    the proxy that injects the same faults in front of nginx serving it."""
+
+    def start(data: bytes):
+        if request.param == "fault-server":
+            return fault_server(data)
+        www = tmp_path / "www"
+        www.mkdir()
+        (www / "image.raw").write_bytes(data)
+        return fault_proxy(nginx(www))
+
+    return start
+
+
+def mounted_over_fault_server(tmp_path: Path, faulty_origin, mount, seed: int, **url_parts):
     """(server, top, what the chain reads with the base local, the mount) of a top image made
-    over the fault server's URL (`url_parts`: its userinfo and query), mounted with QUICK
+    over the faulty origin's URL (`url_parts`: its userinfo and query), mounted with QUICK
     retries and no stream yet."""
     data = base_data(seed)
     top, local_base = served_chain(tmp_path, data)
-    server = fault_server(data)
+    server = faulty_origin(data)
     create_top(top, server.url(**url_parts))
     expected = local_oracle(top, local_base, tmp_path)
     return server, top, expected, mount(top, "nostream", *QUICK)
@@ -323,10 +340,12 @@ TRANSIENT_FAULTS = {
 
 @pytest.mark.mount
 @pytest.mark.parametrize("fault", TRANSIENT_FAULTS)
-def test_a_transient_fault_is_retried_and_the_stream_completes_exactly(tmp_path, fault_server, mount, fault):
-    server, top, expected, m = mounted_over_fault_server(tmp_path, fault_server, mount, 1)
+def test_a_transient_fault_is_retried_and_the_stream_completes_exactly(tmp_path, faulty_origin, mount, fault):
+    server, top, expected, m = mounted_over_fault_server(tmp_path, faulty_origin, mount, 1)
     server.fault(**TRANSIENT_FAULTS[fault])
     assert read_raw(m) == expected
+    remote = status_json(m)["remote"][0]
+    assert remote["retries"] > 0 and remote["last_error"]  # the faults did hit
     server.fault(**TRANSIENT_FAULTS[fault])
     ctl(m, "stream")
     guest_write_and_fsync(m, GUEST_WRITES)
@@ -340,9 +359,9 @@ def test_a_transient_fault_is_retried_and_the_stream_completes_exactly(tmp_path,
 
 @pytest.mark.mount
 def test_a_lasting_failure_fails_the_stream_gives_eio_serves_local_data_and_a_new_stream_finishes(
-        tmp_path, fault_server, mount):
+        tmp_path, faulty_origin, mount):
     server, top, expected, m = mounted_over_fault_server(
-        tmp_path, fault_server, mount, 2, userinfo=f"user:{SECRET}@", query=f"X-Amz-Signature={SECRET}")
+        tmp_path, faulty_origin, mount, 2, userinfo=f"user:{SECRET}@", query=f"X-Amz-Signature={SECRET}")
     guest_write_and_fsync(m, GUEST_WRITES[:1])
     server.fault("status", count=None, status=503)
     ctl(m, "stream")
@@ -378,8 +397,10 @@ def test_a_lasting_failure_fails_the_stream_gives_eio_serves_local_data_and_a_ne
 
 
 @pytest.mark.mount
-def test_a_changed_object_fails_the_stream_and_is_never_mixed_in(tmp_path, fault_server, mount):
-    server, top, expected, m = mounted_over_fault_server(tmp_path, fault_server, mount, 3)
+def test_a_changed_object_fails_the_stream_and_is_never_mixed_in(tmp_path, faulty_origin, mount):
+    server, top, expected, m = mounted_over_fault_server(tmp_path, faulty_origin, mount, 3)
+    guest_write_and_fsync(m, GUEST_WRITES)
+    expected = apply(expected, GUEST_WRITES)
     head = m.raw.open("rb").read(64 * KiB)
     server.change(base_data(4))
     ctl(m, "stream")
@@ -402,6 +423,8 @@ def test_a_changed_object_fails_the_stream_and_is_never_mixed_in(tmp_path, fault
     for start in range(0, BASE_SIZE, 64 * KiB):
         chunk = got[start : start + 64 * KiB]
         assert chunk in (expected[start : start + 64 * KiB], bytes(64 * KiB))
+    for offset, data in GUEST_WRITES:  # acknowledged: kept
+        assert got[offset : offset + len(data)] == data
 
 
 # -- S3: presigned URLs ---------------------------------------------------------------------------
@@ -424,25 +447,31 @@ def test_a_presigned_s3_url_mounts_reads_and_streams_exactly(tmp_path, s3_server
 
 
 @pytest.mark.mount
-def test_an_expired_presigned_url_fails_the_stream_and_a_new_one_is_set_with_qemu_img_rebase(
+def test_a_presigned_url_expiring_mid_stream_fails_it_and_a_new_one_set_with_qemu_img_rebase_finishes_it(
         tmp_path, s3_server, mount):
+    """The stream fails with the 403 and its hint; nothing the guest wrote and fsync'd is lost;
+    the procedure of docs/mount.fusestream.md (a new URL for the same object, set unsafely)
+    finishes the stream with exact data."""
     data = base_data(6)
     s3_server.put("images", "expiring.raw", data)
     top, local_base = served_chain(tmp_path, data)
-    url = s3_server.presigned("images", "expiring.raw", expires=2)
+    expires = 4
+    url = s3_server.presigned("images", "expiring.raw", expires=expires)
+    expiry = time.monotonic() + expires
     signature = url.rpartition("X-Amz-Signature=")[2]
     create_top(top, url)
-    expected = local_oracle(top, local_base, tmp_path)
+    expected = apply(local_oracle(top, local_base, tmp_path), GUEST_WRITES)
     m = mount(top, "nostream", *QUICK)
-    time.sleep(2.5)
-    ctl(m, "stream")
+    ctl(m, f"stream speed={BASE_SIZE // (2 * expires)}")  # twice as long as the URL lasts
+    guest_write_and_fsync(m, GUEST_WRITES)
+    assert time.monotonic() < expiry, "the test's setup took longer than the URL lasts"
     image = wait_stream_end(m)
     error = image["stream"]["error"]
     assert image["stream"]["state"] == "failed"
+    assert 0 < image["stream"]["offset"] < BASE_SIZE  # it expired mid-stream
     assert "HTTP 403" in error and "a presigned URL may have expired" in error
     assert f"{s3_server.endpoint}/images/expiring.raw?" in error and "X-Amz-Signature=***" in error
     assert signature not in (m.mountpoint / "events").read_text() + m.umount()
-    # The procedure of docs/mount.fusestream.md: a new URL for the same object, set unsafely.
     qemu_img("rebase", "-u", "-f", "qed", "-b", s3_server.presigned("images", "expiring.raw"), "-F", "raw",
              str(top))
     m = mount(top)

@@ -10,8 +10,9 @@ matter here are this module's own either way.
 
 Three lanes keep a guest read from queueing behind the stream:
 
-* bulk: a read of at least `request_size` bytes, or a `direct` one (the stream), is cut at
-  multiples of `request_size` and fetched in parallel by `connections` threads, straight into
+* bulk: the stream's reads, `direct` ones and those of at least `request_size` bytes that are
+  larger than any guest read can be (GUEST_READ_MAX), are cut at multiples of `request_size`
+  and fetched in parallel by `connections` threads, straight into
   the caller's buffer, bypassing the cache; prefetch() of such a range (the stream's next step)
   fetches its pieces into buffers of their own that the read then takes over;
 * guest: a smaller read is served from an LRU of recent blocks (`block_size`, aligned); the
@@ -63,6 +64,7 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _T = TypeVar("_T")
 Block = bytes | memoryview  # see _BlockCache
 AHEAD_QUEUE_MAX = 4  # prefetch lane jobs queued per connection; further hints are dropped
+GUEST_READ_MAX = 4 * MiB  # more than the kernel sends in one FUSE read: a guest read is never bulk
 STALLED_RATE = 16 * KiB  # bytes/s: an answer slower than this on average (past `timeout`) has stalled
 _URL_IN_TEXT = re.compile(r"https?://[^\s'\"]+", re.IGNORECASE)
 
@@ -287,7 +289,7 @@ class HttpSource:
         length = max(0, min(len(view), self.size - offset))
         if length:
             view = view[:length]
-            if direct or length >= self.options.request_size:
+            if direct or self._is_bulk(length):
                 self._read_bulk(view, offset)
             else:
                 self._read_cached(view, offset)
@@ -306,10 +308,15 @@ class HttpSource:
         length = min(length, self.size - offset)
         if length <= 0 or offset < 0:
             return
-        if length < self.options.request_size:
-            self._fetch_ahead(offset, offset + length)
-        else:
+        if self._is_bulk(length):
             self._stage(offset, offset + length)
+        else:
+            self._fetch_ahead(offset, offset + length)
+
+    def _is_bulk(self, length: int) -> bool:
+        """Whether a read (or prefetch) of `length` bytes goes on the bulk lane: only the
+        stream's, so that whatever request_size is, no guest read queues behind its pieces."""
+        return length >= max(self.options.request_size, GUEST_READ_MAX + 1)
 
     def data_status(self, offset: int, length: int) -> tuple[bool, int]:
         return True, length

@@ -28,7 +28,7 @@ from . import __version__
 from .chain import Chain, Confinement, open_chain
 from .cli import run_main
 from .control import Control, EventLog
-from .errors import FusestreamError, PrintableFormatter, UsageError
+from .errors import FusestreamError, PrintableFormatter, SourceError, UsageError
 from .faults import WriteErrors
 from .formats import qed_check
 from .fs import RAW_INODE, Operations, raw_name
@@ -156,11 +156,11 @@ def _size(name: str, value: str) -> int:
 
 def _origin(value: str) -> str:
     """An allowed origin, scheme://host[:port] and nothing more, as url_origin writes it."""
-    parts = urllib.parse.urlsplit(value)
     try:
+        parts = urllib.parse.urlsplit(value)
         parts.port  # noqa: B018 (a port that is not a number raises here)
-    except ValueError:
-        raise UsageError(f"mount option allowed_origins: '{value}' has a bad port") from None
+    except ValueError as err:
+        raise UsageError(f"mount option allowed_origins: '{value}': {err}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
             or parts.query or parts.fragment or "@" in parts.netloc:
         raise UsageError(f"mount option allowed_origins: '{value}' is not an origin (http[s]://host[:port])")
@@ -379,6 +379,19 @@ async def _unmount_on_signal() -> None:
             pyfuse3.terminate()
 
 
+def check_base(chain: Chain, base: str) -> None:
+    """The mount's base=, which must be a layer of the chain; else the chain is closed and the
+    mount fails with one line."""
+    try:
+        found = chain.find_layer(base) is not None
+    except SourceError as err:  # a URL that cannot name anything
+        chain.close()
+        raise FusestreamError(f"base {err}") from None
+    if not found:
+        chain.close()
+        raise FusestreamError(f"base {display_name(base)} is not in the backing chain of {chain.path}")
+
+
 def run(args: argparse.Namespace) -> int:
     opts = parse_options(args.options)
     setup_logging(args.foreground, opts.debug)
@@ -388,9 +401,8 @@ def run(args: argparse.Namespace) -> int:
     image = os.path.abspath(args.image)
     check_mountpoint(args.mountpoint)
     chain = open_mount_chain(image, opts)
-    if opts.base is not None and chain.find_layer(opts.base) is None:
-        chain.close()
-        raise FusestreamError(f"base {display_name(opts.base)} is not in the backing chain of {image}")
+    if opts.base is not None:
+        check_base(chain, opts.base)
     mounted = build_mount(chain, opts)
     ops = mounted.ops
     # From the mount on, SIGTERM and SIGINT must never kill the process half-way: the loop's own

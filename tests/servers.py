@@ -416,8 +416,10 @@ class FaultProxy(FaultServer):
         assert honour_if_range, "nginx always honours If-Range"
         path = self.upstream.root / name
         mtime = path.stat().st_mtime + 60  # nginx's validators are its mtime and size
-        path.write_bytes(data)
-        os.utime(path, (mtime, mtime))
+        new = path.with_name(name + ".new")
+        new.write_bytes(data)
+        os.utime(new, (mtime, mtime))
+        os.replace(new, path)  # a request already on its way keeps reading the old file whole
 
     def answer(self, handler: http.server.BaseHTTPRequestHandler, kind: str | None) -> None:
         asked = {name: handler.headers[name] for name in ("Range", "If-Range") if name in handler.headers}

@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conftest import FUSESTREAM, ctl, qemu_check, qemu_convert, qemu_img, qemu_io, run
+from conftest import FUSESTREAM, MOUNT_HELPER, ctl, qemu_check, qemu_convert, qemu_img, qemu_io, run
 
 from fusestream import stream
 from fusestream.chain import Confinement
@@ -158,24 +159,37 @@ def test_errors_name_the_image_and_the_url_never_its_credentials(tmp_path, fault
     assert any(r.headers.get("Authorization") for r in server.requests)  # the credentials were used
 
 
-def test_a_backing_url_with_a_bad_port_is_an_error_not_a_crash(tmp_path, nginx, open_chains):
-    """A hostile image may name any URL: one whose port is no port is a BackingFileError naming
-    the image (info says it in one line), and so is a stream onto such a base."""
+BAD_URLS = [  # (a URL that names nothing, as messages show it, why)
+    ("http://u:pw@127.0.0.1:99999/base.raw", "http://127.0.0.1:99999/base.raw", "Port out of range"),
+    ("http://u:pw@[::1/base.raw", "http://***", "Invalid IPv6 URL"),
+]
+
+
+@pytest.mark.parametrize(("url", "shown", "why"), BAD_URLS, ids=["port", "bracket"])
+def test_a_backing_url_that_names_nothing_is_an_error_not_a_crash(tmp_path, nginx, open_chains, url, shown, why):
+    """A hostile image may name any URL: one with a port that is no port, or a bracket that
+    does not close, is a BackingFileError naming the image (info says it in one line), and so
+    is a stream or a mount onto such a base; its credentials show nowhere."""
     top = tmp_path / "top.qed"
-    qemu_img("create", "-f", "qed", "-u", "-b", "http://127.0.0.1:99999/base.raw", "-F", "raw", str(top), "1M")
-    bad_port = f"^{top}: backing file http://127.0.0.1:99999/base.raw: Port out of range"
-    with pytest.raises(BackingFileError, match=bad_port):
+    qemu_img("create", "-f", "qed", "-u", "-b", url, "-F", "raw", str(top), "1M")
+    with pytest.raises(BackingFileError, match=re.escape(f"{top}: backing file {shown}: {why}")):
         open_chains(top)
-    shown = run(FUSESTREAM, "info", "--chain", str(top), check=False)
-    assert shown.returncode == 1 and shown.stderr.count("\n") == 1 and "Port out of range" in shown.stderr
+    info = run(FUSESTREAM, "info", "--chain", str(top), check=False)
+    assert info.returncode == 1 and info.stderr.count("\n") == 1 and why in info.stderr and "pw" not in info.stderr
 
     www = tmp_path / "www"
     www.mkdir()
     (www / "base.raw").write_bytes(base_data())
-    create_top(tmp_path / "over-nginx.qed", nginx(www).url("base.raw"))
-    streamer = stream.Streamer(open_chains(tmp_path / "over-nginx.qed"), lambda event, data: None)
-    with pytest.raises(CommandError, match="^base http://127.0.0.1:99999/base.raw: Port out of range"):
-        streamer.start(base="http://u:pw@127.0.0.1:99999/base.raw")
+    over = tmp_path / "over-nginx.qed"
+    create_top(over, nginx(www).url("base.raw"))
+    chain = open_chains(over)
+    with pytest.raises(CommandError, match=re.escape(f"base {shown}: {why}")):
+        stream.Streamer(chain, lambda event, data: None).start(base=url)
+    chain.close()  # the mount's turn
+    (tmp_path / "mnt").mkdir()
+    mounted = run(MOUNT_HELPER, "-f", "-o", f"base={url}", str(over), str(tmp_path / "mnt"), check=False)
+    assert mounted.returncode == 1 and mounted.stderr.startswith(f"mount.fusestream: base {shown}: {why}")
+    assert mounted.stderr.count("\n") == 1 and "pw" not in mounted.stderr
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "qed"])
@@ -344,8 +358,8 @@ def test_a_transient_fault_is_retried_and_the_stream_completes_exactly(tmp_path,
     server, top, expected, m = mounted_over_fault_server(tmp_path, faulty_origin, mount, 1)
     server.fault(**TRANSIENT_FAULTS[fault])
     assert read_raw(m) == expected
-    remote = status_json(m)["remote"][0]
-    assert remote["retries"] > 0 and remote["last_error"]  # the faults did hit
+    assert status_json(m)["remote"][0]["last_error"]  # the faults did hit (a retry on a reused
+    # connection that got no answer is not counted: the count may stay 0)
     server.fault(**TRANSIENT_FAULTS[fault])
     ctl(m, "stream")
     guest_write_and_fsync(m, GUEST_WRITES)
@@ -455,9 +469,9 @@ def test_a_presigned_url_expiring_mid_stream_fails_it_and_a_new_one_set_with_qem
     data = base_data(6)
     s3_server.put("images", "expiring.raw", data)
     top, local_base = served_chain(tmp_path, data)
-    expires = 4
+    expires = 8
     url = s3_server.presigned("images", "expiring.raw", expires=expires)
-    expiry = time.monotonic() + expires
+    expiry = time.monotonic() + expires - 1  # X-Amz-Date counts whole seconds
     signature = url.rpartition("X-Amz-Signature=")[2]
     create_top(top, url)
     expected = apply(local_oracle(top, local_base, tmp_path), GUEST_WRITES)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Hashable
 from typing import Protocol, runtime_checkable
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 from .http import HttpOptions, HttpSource, redact_url, url_identity
 from .local import Buffers, LocalFile, file_identity
@@ -106,7 +106,8 @@ def open_source(location: str, *, writable: bool = False, lock: bool = True, all
 
 def is_url(location: str) -> bool:
     """Whether a location (a backing name) names a remote source rather than a path."""
-    return urlsplit(location).scheme.lower() in ("http", "https")
+    scheme, colon, _ = location.partition(":")  # not urlsplit: it raises for a bad host
+    return bool(colon) and scheme.lower() in ("http", "https")
 
 
 def resolve_backing(image: str, name: str) -> str:

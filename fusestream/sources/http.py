@@ -64,9 +64,9 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _T = TypeVar("_T")
 Block = bytes | memoryview  # see _BlockCache
 AHEAD_QUEUE_MAX = 4  # prefetch lane jobs queued per connection; further hints are dropped
-GUEST_READ_MAX = 4 * MiB  # more than the kernel sends in one FUSE read: a guest read is never bulk
+GUEST_READ_MAX = 4 * MiB  # more than the kernel sends in one FUSE read (1 MiB): a guest read is never bulk
 STALLED_RATE = 16 * KiB  # bytes/s: an answer slower than this on average (past `timeout`) has stalled
-_URL_IN_TEXT = re.compile(r"https?://[^\s'\"]+", re.IGNORECASE)
+_URL_IN_TEXT = re.compile(r"https?://\S+", re.IGNORECASE)  # quotes too: a userinfo or query may hold them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +102,12 @@ class HttpOptions:
 
 
 def redact_url(url: str) -> str:
-    """`url` as it may be shown: no userinfo, every query value replaced, no fragment."""
-    parts = urllib.parse.urlsplit(url)
+    """`url` as it may be shown: no userinfo, every query value replaced, no fragment. One that
+    cannot be split (a bracket that does not close) shows as its scheme and *** alone."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return f"{url.partition(':')[0]}://{REDACTED}"
     netloc = parts.netloc.rpartition("@")[2]
     query = "&".join(f"{field.partition('=')[0]}={REDACTED}" if "=" in field else field
                      for field in parts.query.split("&") if field)
@@ -116,24 +120,32 @@ def redact_urls(text: str) -> str:
     return _URL_IN_TEXT.sub(lambda match: redact_url(match[0]), text)
 
 
+def split_url(url: str) -> urllib.parse.SplitResult:
+    """urlsplit, its port checked: SourceError for a URL a hostile image may name that cannot
+    name anything (a bracket that does not close, a port that is no number from 0 to 65535)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises for a bad port)
+    except ValueError as err:
+        raise SourceError(f"{redact_url(url)}: {err}") from None
+    return parts
+
+
 def url_identity(url: str) -> Hashable:
     """HttpSource.identity of the object at `url`, without contacting it: (origin, path, query),
     the same under an equivalent spelling (case of scheme and host, default port, userinfo)."""
-    parts = urllib.parse.urlsplit(url)
+    parts = split_url(url)
     return url_origin(url), parts.path or "/", parts.query
 
 
 def url_origin(url: str) -> str:
-    """scheme://host[:port] of `url`, lower-case, the default port left out; SourceError for a
-    port that is not a number from 0 to 65535."""
-    parts = urllib.parse.urlsplit(url)
+    """scheme://host[:port] of `url`, lower-case, the default port left out (SourceError: see
+    split_url)."""
+    parts = split_url(url)
     scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
     if ":" in host:
         host = f"[{host}]"
-    try:
-        port = parts.port
-    except ValueError as err:
-        raise SourceError(f"{redact_url(url)}: {err}") from None
+    port = parts.port
     return f"{scheme}://{host}" if port in (None, DEFAULT_PORTS.get(scheme)) else f"{scheme}://{host}:{port}"
 
 
@@ -224,14 +236,11 @@ class HttpSource:
     def __init__(self, url: str, options: HttpOptions | None = None):
         self.options = opts = options or HttpOptions()
         self.name = redact_url(url)
-        parts = urllib.parse.urlsplit(url)
+        parts = split_url(url)
         self._scheme = parts.scheme.lower()
         if self._scheme not in DEFAULT_PORTS or not parts.hostname:
             raise SourceError(f"{self.name}: not an http:// or https:// URL with a host")
-        try:
-            self._port = parts.port or DEFAULT_PORTS[self._scheme]
-        except ValueError as err:  # a port that is not a number or out of range
-            raise SourceError(f"{self.name}: {err}") from None
+        self._port = parts.port or DEFAULT_PORTS[self._scheme]
         self.origin = url_origin(url)
         if opts.allowed_origins is not None and self.origin not in opts.allowed_origins:
             raise SourceError(f"{self.name}: {self.origin} is not an allowed origin (allowed: "
@@ -316,7 +325,7 @@ class HttpSource:
     def _is_bulk(self, length: int) -> bool:
         """Whether a read (or prefetch) of `length` bytes goes on the bulk lane: only the
         stream's, so that whatever request_size is, no guest read queues behind its pieces."""
-        return length >= max(self.options.request_size, GUEST_READ_MAX + 1)
+        return length >= max(self.options.request_size, GUEST_READ_MAX)
 
     def data_status(self, offset: int, length: int) -> tuple[bool, int]:
         return True, length
@@ -410,14 +419,13 @@ class HttpSource:
         """Fetch [offset, offset + len(view)) in pieces cut at multiples of request_size, over
         the bulk connections in parallel, straight into `view` (a piece staged by prefetch is
         copied from there). Returns only once no piece is writing into `view` any more."""
-        started = time.monotonic()  # retry_time counts for the whole read
         fresh = []
         staged = []
         for start, stop in self._pieces(offset, offset + len(view)):
             target = view[start - offset : stop - offset]
             future = self._take_staged(start, stop)
             if future is None:
-                fresh.append(self._bulk_workers.submit(self._fetch_exact, self._bulk, target, start, started))
+                fresh.append(self._bulk_workers.submit(self._fetch_exact, self._bulk, target, start))
             else:
                 staged.append((future, target, start))
         try:
@@ -425,7 +433,7 @@ class HttpSource:
                 try:
                     target[:] = future.result()
                 except Exception:  # it failed back then: the server may be back now
-                    self._fetch_exact(self._bulk, target, start, started)
+                    self._fetch_exact(self._bulk, target, start)
         finally:
             _wait_all(fresh)
 

@@ -333,8 +333,14 @@ def rejection(raw: bytes, err: CommandError) -> dict:
     """The data of a COMMAND_REJECTED event: the command (its first MAX_ECHOED_BYTES; then
     `length` says how long it was) and the reason, each with the credentials of any URL in it
     redacted (a base may be named by a presigned URL)."""
-    echoed = raw[:MAX_ECHOED_BYTES].decode("utf-8", errors="backslashreplace").strip()
-    data = {"command": redact_urls(echoed), "reason": redact_urls(str(err))}
+    data = {"command": shown_command(raw), "reason": redact_urls(str(err))}
     if len(raw) > MAX_ECHOED_BYTES:
         data["length"] = len(raw)
     return data
+
+
+def shown_command(raw: bytes) -> str:
+    """A ctl write as events and logs may show it: its URLs redacted, then cut to
+    MAX_ECHOED_BYTES characters (redacted whole first: a URL cut short, its userinfo without the
+    @ that ends it, would not be seen as one)."""
+    return redact_urls(raw.decode("utf-8", errors="backslashreplace")).strip()[:MAX_ECHOED_BYTES]

@@ -33,7 +33,7 @@ import pyfuse3
 import trio
 
 from .chain import Chain
-from .control import MAX_ECHOED_BYTES, Control
+from .control import Control, rejection
 from .errors import CommandError, CorruptionError, FusestreamError, ReadOnlyImageError
 from .faults import WriteErrors
 from .native_reads import NativeReads
@@ -339,7 +339,8 @@ class Operations(pyfuse3.Operations):
             except CommandError as err:
                 # At debug level only: the reason is in `events`, and every write to ctl would
                 # otherwise be a log line, however many come.
-                log.debug("ctl: rejected %r (%d bytes): %s", bytes(buf[:MAX_ECHOED_BYTES]), len(buf), err)
+                shown = rejection(bytes(buf), err)  # credentials redacted
+                log.debug("ctl: rejected %r (%d bytes): %s", shown["command"], len(buf), shown["reason"])
                 raise
         return len(buf)
 

@@ -351,6 +351,18 @@ class Chain:
             return None
         return next((layer for layer in self.layers[1:] if layer.source.identity() == identity), None)
 
+    def base_layer(self, location: str) -> Layer:
+        """The backing layer a stream's base (or the mount's base=) names; BackingFileError,
+        saying why, where `location` is no layer of the chain or names nothing at all (a URL
+        with a bad port, say)."""
+        try:
+            layer = self.find_layer(location)
+        except SourceError as err:
+            raise BackingFileError(f"base {err}") from None
+        if layer is None:
+            raise BackingFileError(f"base {display_name(location)} is not in the backing chain of {self.path}")
+        return layer
+
     def location(self, layer: Layer) -> str:
         """Where `layer` was opened from (see `locations`)."""
         return self.locations.get(layer, layer.path)

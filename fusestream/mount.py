@@ -28,13 +28,13 @@ from . import __version__
 from .chain import Chain, Confinement, open_chain
 from .cli import run_main
 from .control import Control, EventLog
-from .errors import FusestreamError, PrintableFormatter, SourceError, UsageError
+from .errors import BackingFileError, FusestreamError, PrintableFormatter, UsageError
 from .faults import WriteErrors
 from .formats import qed_check
 from .fs import RAW_INODE, Operations, raw_name
 from .native_reads import DEFAULT_THREADS, MAX_THREADS, NativeReads
 from .services import NeedCheckTimer, Service, WriteBackTimer
-from .sources import HttpOptions, absolute_location, display_name
+from .sources import HttpOptions, absolute_location
 from .sources.http import url_origin
 from .stream import CopyOnRead, Streamer
 from .units import parse_size
@@ -379,19 +379,6 @@ async def _unmount_on_signal() -> None:
             pyfuse3.terminate()
 
 
-def check_base(chain: Chain, base: str) -> None:
-    """The mount's base=, which must be a layer of the chain; else the chain is closed and the
-    mount fails with one line."""
-    try:
-        found = chain.find_layer(base) is not None
-    except SourceError as err:  # a URL that cannot name anything
-        chain.close()
-        raise FusestreamError(f"base {err}") from None
-    if not found:
-        chain.close()
-        raise FusestreamError(f"base {display_name(base)} is not in the backing chain of {chain.path}")
-
-
 def run(args: argparse.Namespace) -> int:
     opts = parse_options(args.options)
     setup_logging(args.foreground, opts.debug)
@@ -402,7 +389,11 @@ def run(args: argparse.Namespace) -> int:
     check_mountpoint(args.mountpoint)
     chain = open_mount_chain(image, opts)
     if opts.base is not None:
-        check_base(chain, opts.base)
+        try:
+            chain.base_layer(opts.base)
+        except BackingFileError:
+            chain.close()
+            raise
     mounted = build_mount(chain, opts)
     ops = mounted.ops
     # From the mount on, SIGTERM and SIGINT must never kill the process half-way: the loop's own

@@ -27,7 +27,7 @@ import trio
 
 from .chain import Chain, StatusWalk
 from .copy import Copier
-from .errors import CommandError, FusestreamError, SourceError, StreamError
+from .errors import BackingFileError, CommandError, FusestreamError, StreamError
 from .faults import EventSink
 from .formats.layer import Layer
 from .services import Service
@@ -415,14 +415,10 @@ class Streamer(Service):
     def _base_layer(self, base: str | None) -> Layer | None:
         if base is None:
             return None
-        base = resolve_backing(self.chain.path, base)  # a relative name: beside the image
         try:
-            layer = self.chain.find_layer(base)
-        except SourceError as err:  # a URL that cannot name anything (a bad port)
-            raise CommandError(f"base {err}") from None
-        if layer is None:
-            raise CommandError(f"base {display_name(base)} is not in the backing chain of {self.chain.path}")
-        return layer
+            return self.chain.base_layer(resolve_backing(self.chain.path, base))  # relative: beside the image
+        except BackingFileError as err:
+            raise CommandError(str(err)) from None
 
     def copy_on_read_base(self) -> Layer | None:
         """The base a copy-on-read stops above: the running job's, else the mount's, unless a

@@ -135,13 +135,16 @@ def url_identity(url: str) -> Hashable:
     """HttpSource.identity of the object at `url`, without contacting it: (origin, path, query),
     the same under an equivalent spelling (case of scheme and host, default port, userinfo)."""
     parts = split_url(url)
-    return url_origin(url), parts.path or "/", parts.query
+    return _origin(parts), parts.path or "/", parts.query
 
 
 def url_origin(url: str) -> str:
     """scheme://host[:port] of `url`, lower-case, the default port left out (SourceError: see
     split_url)."""
-    parts = split_url(url)
+    return _origin(split_url(url))
+
+
+def _origin(parts: urllib.parse.SplitResult) -> str:
     scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
     if ":" in host:
         host = f"[{host}]"

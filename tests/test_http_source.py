@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import random
@@ -255,7 +256,11 @@ def test_a_staged_piece_that_failed_is_fetched_again(fault_server):
     try:
         server.fault("status", count=None, status=503)
         source.prefetch(1 * MiB, 2 * MiB)
-        time.sleep(1)  # both pieces have given up by now
+        with source._lock:
+            pieces = list(source._staged.values())
+        assert len(pieces) == 2
+        concurrent.futures.wait(pieces, timeout=30)
+        assert all(piece.exception() is not None for piece in pieces)  # both gave up
         server.clear()
         assert "HTTP 503" in source.describe()["last_error"]
         assert read_exact(source, 1 * MiB, 2 * MiB) == data[1 * MiB : 3 * MiB]
@@ -284,7 +289,7 @@ def test_a_guest_read_does_not_wait_behind_a_stream_transfer(nginx, image, monke
         guest_time = time.monotonic() - guest_start
         bulk.join(timeout=30)
         bulk_time = time.monotonic() - started
-        assert bulk_time > 2.5 and guest_time < 0.5 * bulk_time, (guest_time, bulk_time)
+        assert bulk_time > 2.5 and guest_time < 0.8 * bulk_time, (guest_time, bulk_time)  # queued: ~bulk_time
     finally:
         source.close()
 
@@ -345,24 +350,29 @@ def test_a_lasting_fault_is_a_source_error_in_bounded_time(fault_server, fault):
         source.close()
 
 
-def test_retry_after_is_honoured_and_bounded(fault_server):
+def test_retry_after_is_honoured_and_bounded(fault_server, monkeypatch):
     data = data_of(1 * MiB)
     server = fault_server(data)
     options = HttpOptions(timeout=1, retry_time=10, retry_delay_min=0.01, retry_delay_max=0.6)
     source = open_source(server.url(), options)
+    delays = []
+
+    def backoff(tries, retry_after):
+        delays.append(HttpSource._backoff(source, tries, retry_after))
+        return delays[-1]
+
+    monkeypatch.setattr(source, "_backoff", backoff)
     try:
         server.fault("status", count=1, status=429, retry_after="0.4")  # not a number: exponential backoff
-        started = time.monotonic()
         read_exact(source, 100 * KiB, 1 * KiB)
-        assert time.monotonic() - started < 0.3
         server.fault("status", count=1, status=503, retry_after="1")
         started = time.monotonic()
         read_exact(source, 200 * KiB, 1 * KiB)
-        assert 0.55 < time.monotonic() - started < 1.0  # 1 s asked for, capped at retry_delay_max
+        assert time.monotonic() - started > 0.55  # the delay is slept, not only computed
         server.fault("status", count=1, status=429, retry_after="3600")
-        started = time.monotonic()
         assert read_exact(source, 300 * KiB, 1 * KiB) == data[300 * KiB : 301 * KiB]
-        assert time.monotonic() - started < 1.0
+        # 1 s and an hour asked for, both capped at retry_delay_max
+        assert delays[0] <= 0.01 and delays[1:] == [0.6, 0.6], delays
     finally:
         source.close()
 
@@ -426,7 +436,7 @@ def test_an_unknown_object_is_refused_at_once(nginx, image):
     started = time.monotonic()
     with pytest.raises(SourceError, match=r"missing\.raw: HTTP 404 Not Found"):
         open_source(server.url("missing.raw"), HttpOptions(retry_time=30))
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 5  # retried, it would take 30 s
 
 
 def test_the_source_works_again_when_the_server_is_back(fault_server):
@@ -512,7 +522,7 @@ def test_https_with_a_private_ca(nginx, image, tls_files, caplog):
     started = time.monotonic()
     with pytest.raises(SourceError, match="certificate verification failed"):
         open_source(url, HttpOptions(retry_time=30))  # the system store does not know the CA: not retried
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 5  # retried, it would take 30 s
     caplog.set_level(logging.WARNING)
     source = open_source(url, HttpOptions(sslverify=False))
     try:
@@ -551,12 +561,13 @@ def test_a_presigned_s3_url_reads_like_any_url(s3_server):
 def test_an_expired_presigned_url_is_a_clear_error(s3_server):
     data = data_of(1 * MiB)
     s3_server.put("images", "soon.raw", data)
-    url = s3_server.presigned("images", "soon.raw", expires=1)
-    signature = url.rpartition("X-Amz-Signature=")[2]
+    signed = time.time()
+    url = s3_server.presigned("images", "soon.raw", expires=3)  # X-Amz-Date is cut to the second:
+    signature = url.rpartition("X-Amz-Signature=")[2]           # 2 to 3 s left for the open
     source = open_source(url, HttpOptions(readahead=0))
     try:
         assert read_exact(source, 0, 4 * KiB) == data[: 4 * KiB]
-        time.sleep(2.1)  # X-Amz-Date has one-second resolution
+        time.sleep(max(0.0, signed + 3 + 1.1 - time.time()))
         with pytest.raises(SourceError) as caught:
             read_exact(source, 512 * KiB, 4 * KiB)
         message = str(caught.value)
@@ -663,7 +674,7 @@ def test_a_mismatched_answer_is_refused_at_once(raw_server, answer, message):
         started = time.monotonic()
         with pytest.raises(SourceError, match=message):
             read_exact(source, 64 * KiB, 100)
-        assert time.monotonic() - started < 1  # not retried
+        assert time.monotonic() - started < 5  # not retried: that would take 30 s
     finally:
         source.close()
 

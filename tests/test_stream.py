@@ -578,7 +578,7 @@ def test_a_slow_layer_streams_correctly_and_cancel_is_prompt(tmp_path, chain, op
                 streamer.cancel()
                 cancelled_at = trio.current_time()
                 await job.wait_finished()
-                assert job.state == CANCELLED and trio.current_time() - cancelled_at < 1.0
+                assert job.state == CANCELLED and trio.current_time() - cancelled_at < 3.0  # uncancelled: 7 s more
                 job = streamer.start()
                 await job.wait_finished()
                 assert job.state == COMPLETED

@@ -79,7 +79,7 @@ def test_stream_onto_a_base_with_mount_options(tmp_path, chain, mount):
 
 def test_thousands_of_guest_writes_during_a_slow_stream_all_survive(tmp_path, chain, mount):
     model = bytearray(qemu_convert(chain.top, tmp_path / "expected.raw"))
-    m = mount(chain.top, "speed=256K")
+    m = mount(chain.top, "speed=64K")  # ~2 minutes of stream: it outlasts the writes however slow
     rng = random.Random(9)
     fd = os.open(m.raw, os.O_RDWR)
     try:
@@ -102,19 +102,34 @@ def test_thousands_of_guest_writes_during_a_slow_stream_all_survive(tmp_path, ch
     assert qemu_convert(chain.top, tmp_path / "after.raw") == model
 
 
+def settled_stream(m) -> dict:
+    """The stream's status once its offset has stayed put for 0.3 s (at most 10 s): a paused
+    stream settles; one that goes on copying (at 1M, 10 steps a second) never does."""
+    deadline = time.monotonic() + 10
+    last = status_json(m)["stream"]
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = status_json(m)["stream"]
+        if now["offset"] == last["offset"]:
+            return now
+        last = now
+    raise AssertionError(f"the stream did not stop moving: {last}")
+
+
 def test_pause_holds_progress_resume_finishes_cancel_keeps_the_chain(tmp_path, chain, mount):
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     m = mount(chain.top, "speed=1M")
     time.sleep(0.5)
     fusestream("pause", str(m.mountpoint))
-    time.sleep(0.3)
-    held = status_json(m)["stream"]
+    held = settled_stream(m)  # a step already on its way when the pause came still lands
     assert held["state"] == "paused" and 0 < held["offset"] < held["len"]
     assert (m.mountpoint / "status").read_text().startswith("No active stream; paused at")
     time.sleep(1.0)
     assert status_json(m)["stream"]["offset"] == held["offset"]
     fusestream("resume", str(m.mountpoint))
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while status_json(m)["stream"]["offset"] == held["offset"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert status_json(m)["stream"]["offset"] > held["offset"]
     fusestream("cancel", str(m.mountpoint))
     assert fusestream("wait", str(m.mountpoint), check=False).returncode == 3
@@ -243,7 +258,7 @@ def test_ext4_on_a_loop_device_while_streaming(tmp_path, mount, loop_device):
         run("umount", str(fsdir))
     top = tmp_path / "top.qed"
     fusestream("create", "-b", "base.raw", "-F", "raw", str(top))
-    m = mount(top, "speed=1M")  # the base holds ~5 MiB of data: the stream outlasts the writes below
+    m = mount(top, "speed=128K")  # the base holds ~5 MiB of data: the stream outlasts the writes below
     device = loop_device(m.raw)
     run("mount", device, str(fsdir))
     try:

@@ -252,6 +252,23 @@ def test_info_of_a_url_and_of_a_chain_over_one_shows_the_remote_layer_and_a_miss
     assert missing.stderr.startswith(f"fusestream: {server.url('gone.raw')}: ") and missing.stderr.count("\n") == 1
 
 
+def test_the_cli_trusts_a_private_ca_named_by_ssl_cert_file(tmp_path, nginx, tls_files):
+    """create, info and check have no remote options: the CA store is OpenSSL's, which the
+    standard SSL_CERT_FILE variable replaces (docs/fusestream.md)."""
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "base.raw").write_bytes(base_data())
+    url = nginx(www, tls=tls_files).url("base.raw")
+    refused = run(FUSESTREAM, "info", url, check=False)
+    assert refused.returncode == 1 and "certificate verification failed" in refused.stderr
+    env = {**os.environ, "SSL_CERT_FILE": str(tls_files.ca)}
+    run(FUSESTREAM, "create", "-b", url, "-F", "raw", str(tmp_path / "top.qed"), env=env)
+    shown = json.loads(run(FUSESTREAM, "info", "--chain", "--json", str(tmp_path / "top.qed"), env=env).stdout)
+    assert [image["filename"] for image in shown] == [str(tmp_path / "top.qed"), url]
+    assert shown[0]["virtual-size"] == len(base_data())
+    assert run(FUSESTREAM, "check", str(tmp_path / "top.qed"), env=env).returncode == 0
+
+
 def test_the_remote_mount_options():
     opts = parse_options(["nostream,sslverify=off,http_connections=8,http_request_size=2M,http_timeout=2.5",
                           "allowed_origins=HTTPS://Images.Example:443,allowed_origins=http://10.0.0.5:8080"])

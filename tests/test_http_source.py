@@ -68,6 +68,18 @@ def test_redact_url_drops_userinfo_and_query_values():
     assert url_origin(url) == "https://example.org:8443"
     assert url_origin("HTTP://Example.org:80/x") == "http://example.org"
     assert url_origin("http://[::1]:8080/x") == "http://[::1]:8080"
+    # A password with an unencoded / ? or # splits as a host and port: all before the @ goes.
+    assert redact_url("https://KEY:ab/cd@s3.example/b.qed") == "https://***@s3.example/b.qed"
+    assert redact_url("https://KEY:12/cd@s3.example/b.qed?sig=x") == "https://***@s3.example/b.qed?sig=***"
+    assert redact_url("https://KEY:ab?cd@h/x") == redact_url("https://KEY:ab#cd@h/x") == "https://***@h/x"
+    assert redact_url("https://h/images/base@v2.raw") == "https://h/images/base@v2.raw"  # no port: no password
+
+
+@pytest.mark.parametrize("url", ["https://KEY:ab/SECRET@h/x", "https://user:pa\uff0fSECRET@h/x", "https://[::1/SECRET"])
+def test_a_url_that_cannot_be_used_is_refused_without_quoting_it(url):
+    with pytest.raises(SourceError) as caught:
+        open_source(url)
+    assert "SECRET" not in str(caught.value) and str(caught.value).startswith("https://***")
 
 
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1/x", "http:///x", "http://127.0.0.1:99999/x", "http://h:port/x"])

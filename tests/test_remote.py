@@ -160,8 +160,9 @@ def test_errors_name_the_image_and_the_url_never_its_credentials(tmp_path, fault
 
 
 BAD_URLS = [  # (a URL that names nothing, as messages show it, why)
-    ("http://u:pw@127.0.0.1:99999/base.raw", "http://127.0.0.1:99999/base.raw", "Port out of range"),
-    ("http://u:pw@[::1/base.raw", "http://***", "Invalid IPv6 URL"),
+    ("http://u:pw@127.0.0.1:99999/base.raw", "http://127.0.0.1:99999/base.raw",
+     "the port is not a number from 0 to 65535"),
+    ("http://u:pw@[::1/base.raw", "http://***", "not a URL (a bracket that does not close"),
 ]
 
 

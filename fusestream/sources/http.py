@@ -103,11 +103,17 @@ class HttpOptions:
 
 def redact_url(url: str) -> str:
     """`url` as it may be shown: no userinfo, every query value replaced, no fragment. One that
-    cannot be split (a bracket that does not close) shows as its scheme and *** alone."""
+    cannot be split (a bracket that does not close) shows as its scheme and *** alone. A
+    password with an unencoded `/`, `?` or `#` splits as host and port (`https://KEY:ab/cd@h/x`:
+    host KEY, port ab): where a host with a port is followed by an `@`, all before the last `@`
+    is hidden."""
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
         return f"{url.partition(':')[0]}://{REDACTED}"
+    if "@" not in parts.netloc and ":" in parts.netloc.rpartition("]")[2] and "@" in url.partition("://")[2]:
+        after = url.rpartition("@")[2]
+        return f"{parts.scheme}://{REDACTED}@" + redact_url(f"{parts.scheme}://{after}").partition("://")[2]
     netloc = parts.netloc.rpartition("@")[2]
     query = "&".join(f"{field.partition('=')[0]}={REDACTED}" if "=" in field else field
                      for field in parts.query.split("&") if field)
@@ -125,9 +131,13 @@ def split_url(url: str) -> urllib.parse.SplitResult:
     name anything (a bracket that does not close, a port that is no number from 0 to 65535)."""
     try:
         parts = urllib.parse.urlsplit(url)
+    except ValueError:  # its text quotes the host part, which may hold credentials
+        raise SourceError(f"{redact_url(url)}: not a URL (a bracket that does not close, or a "
+                          "character that stands for a delimiter)") from None
+    try:
         parts.port  # noqa: B018 (raises for a bad port)
-    except ValueError as err:
-        raise SourceError(f"{redact_url(url)}: {err}") from None
+    except ValueError:  # as above: the port text quoted may be part of a password
+        raise SourceError(f"{redact_url(url)}: the port is not a number from 0 to 65535") from None
     return parts
 
 

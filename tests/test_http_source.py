@@ -223,6 +223,44 @@ def test_sequential_small_reads_are_read_ahead(fault_server):
         source.close()
 
 
+def test_a_sequential_run_below_an_earlier_one_is_read_ahead_too(fault_server):
+    data = data_of(8 * MiB)
+    server = fault_server(data)
+    source = open_source(server.url(), HttpOptions(block_size=64 * KiB, readahead=1 * MiB))
+    try:
+        runs = []
+        for start in (4 * MiB, 1 * MiB):
+            before = len(server.requests)
+            for offset in range(start, start + 2 * MiB, 64 * KiB):
+                assert read_exact(source, offset, 64 * KiB) == data[offset : offset + 64 * KiB]
+                wait_for_readahead(source)
+            runs.append([tuple(int(n) - start for n in request.headers["Range"][6:].split("-"))
+                         for request in server.requests[before:]])
+        assert runs[1] == runs[0] and len(runs[0]) == 2 + 4, runs  # 2 blocks, 1 MiB, 3 x 512 KiB
+    finally:
+        source.close()
+
+
+def test_readahead_that_finds_its_lane_full_asks_again_at_the_next_read(fault_server):
+    data = data_of(4 * MiB)
+    server = fault_server(data)
+    source = open_source(server.url(), HttpOptions(block_size=64 * KiB, readahead=1 * MiB, connections=1))
+    try:
+        with source._lock:
+            source._ahead_queued = http.AHEAD_QUEUE_MAX  # as if hints filled the lane
+        read_exact(source, 0, 64 * KiB)
+        read_exact(source, 64 * KiB, 64 * KiB)  # sequential, but no room: nothing asked
+        with source._lock:
+            source._ahead_queued = 0
+        read_exact(source, 128 * KiB, 64 * KiB)
+        wait_for_readahead(source)
+        ranges = [request.headers["Range"] for request in server.requests]
+        assert ranges == ["bytes=0-65535", "bytes=65536-131071", "bytes=131072-196607",
+                          "bytes=196608-1245183"], ranges
+    finally:
+        source.close()
+
+
 def test_prefetch_fills_the_cache_for_the_read_that_follows(fault_server):
     data = data_of(1 * MiB)
     server = fault_server(data)

@@ -547,25 +547,38 @@ class HttpSource:
 
     def _maybe_read_ahead(self, offset: int, end: int) -> None:
         """A read that starts where the previous one ended is sequential: keep `readahead`
-        bytes past it on their way."""
+        bytes past it on their way. Another read starts the count again from where it ends, so
+        that a sequential run below an earlier one is read ahead too."""
         with self._lock:
             sequential, self._sequential_end = offset == self._sequential_end, end
-            if not sequential or not self.options.readahead:
+            if not sequential:
+                self._readahead_end = end
                 return
             start = max(end, self._readahead_end)
             stop = min(end + self.options.readahead, self.size)
             # Top it up in halves, not per read; near the end of the object, to its end.
             if stop <= start or (stop - start < self.options.readahead // 2 and stop < self.size):
                 return
+            if not self._take_ahead_slot():  # the lane is full: the next read asks again
+                return
             self._readahead_end = stop
-        self._fetch_ahead(start, stop)
+        self._submit_ahead(start, stop)
 
     def _fetch_ahead(self, start: int, stop: int) -> None:
         """Queue [start, stop) for the prefetch lane, unless it has enough queued already."""
         with self._lock:
-            if self._ahead_queued >= AHEAD_QUEUE_MAX * self.options.connections:
+            if not self._take_ahead_slot():
                 return
-            self._ahead_queued += 1
+        self._submit_ahead(start, stop)
+
+    def _take_ahead_slot(self) -> bool:
+        """Count one more job queued on the prefetch lane, if it has room (under the lock)."""
+        if self._ahead_queued >= AHEAD_QUEUE_MAX * self.options.connections:
+            return False
+        self._ahead_queued += 1
+        return True
+
+    def _submit_ahead(self, start: int, stop: int) -> None:
         try:
             self._ahead_workers.submit(self._fetch_ahead_now, start, stop)
         except RuntimeError:  # closed meanwhile

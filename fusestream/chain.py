@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import threading
 from collections.abc import Iterator
@@ -363,6 +364,21 @@ class Chain:
             raise BackingFileError(f"base {display_name(location)} is not in the backing chain of {self.path}")
         return layer
 
+    def base_layer_named(self, name: str) -> Layer:
+        """The backing layer a ctl command's base names: as base_layer, a relative name taken
+        beside the image; failing that, as QEMU's block-stream finds its base, a relative name
+        taken beside each layer's parent in turn, so that the name an image stores for its
+        backing file names it wherever that image lives."""
+        try:
+            return self.base_layer(resolve_backing(self.path, name))
+        except BackingFileError:
+            if is_url(name) or os.path.isabs(name):
+                raise
+            for parent, layer in itertools.pairwise(self.layers):
+                if names_layer(resolve_backing(self.location(parent), name), layer):
+                    return layer
+            raise
+
     def location(self, layer: Layer) -> str:
         """Where `layer` was opened from (see `locations`)."""
         return self.locations.get(layer, layer.path)
@@ -459,6 +475,14 @@ class Chain:
                 errors.append(describe_os_error(layer.path, err))
         if errors:
             raise FusestreamError("; ".join(errors))
+
+
+def names_layer(location: str, layer: Layer) -> bool:
+    """Whether `location` is where `layer` is (compared by identity, as find_layer does)."""
+    try:
+        return location_identity(location) == layer.source.identity()
+    except SourceError:  # a URL that names nothing names no layer
+        return False
 
 
 def has_remote_layer(layers: list[Layer]) -> bool:

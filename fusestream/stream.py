@@ -31,7 +31,7 @@ from .errors import BackingFileError, CommandError, FusestreamError, StreamError
 from .faults import EventSink
 from .formats.layer import Layer
 from .services import Service
-from .sources import display_name, resolve_backing
+from .sources import display_name
 
 if TYPE_CHECKING:
     from .faults import WriteErrors
@@ -416,7 +416,7 @@ class Streamer(Service):
         if base is None:
             return None
         try:
-            return self.chain.base_layer(resolve_backing(self.chain.path, base))  # relative: beside the image
+            return self.chain.base_layer_named(base)
         except BackingFileError as err:
             raise CommandError(str(err)) from None
 

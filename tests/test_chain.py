@@ -41,6 +41,25 @@ def test_backing_names_resolve_relative_to_the_image_not_the_cwd(tmp_path, monke
     assert chain.layers[1].path == str(base)
 
 
+def test_a_relative_base_names_a_layer_beside_the_image_or_as_its_parent_names_it(tmp_path, open_chains):
+    """As QEMU's block-stream finds its base: top in t/, its backing file in m/ with the base
+    beside it there. "base.raw", the name mid.qed stores, names the base although t/ has none."""
+    for directory in ("t", "m"):
+        (tmp_path / directory).mkdir()
+    (tmp_path / "m" / "base.raw").write_bytes(b"\xab" * 65536)
+    qemu_img("create", "-f", "qed", "-b", "base.raw", "-F", "raw", str(tmp_path / "m" / "mid.qed"))
+    qemu_img("create", "-f", "qed", "-b", "../m/mid.qed", "-F", "qed", str(tmp_path / "t" / "top.qed"))
+    chain = open_chains(tmp_path / "t" / "top.qed", writable=False)
+    mid, base = chain.layers[1:]
+    assert chain.base_layer_named("base.raw") is base
+    assert chain.base_layer_named("../m/base.raw") is base  # beside the image, as before
+    assert chain.base_layer_named("../m/mid.qed") is mid
+    assert chain.base_layer_named(str(tmp_path / "m" / "base.raw")) is base
+    for name in ("mid.qed", "top.qed", str(tmp_path / "base.raw")):  # t/mid.qed: mid's name is ../m/mid.qed
+        with pytest.raises(BackingFileError, match="is not in the backing chain of"):
+            chain.base_layer_named(name)
+
+
 def test_reads_past_the_end_of_a_shorter_backing_file_are_zeros(tmp_path, open_chains):
     (tmp_path / "base.raw").write_bytes(b"\x11" * 6000)
     top = tmp_path / "top.qed"

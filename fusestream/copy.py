@@ -87,7 +87,7 @@ class Copier:
         return transferred
 
     def copy_step(self, offset: int, range_end: int, max_read: int = MAX_COPY,
-                  gentle: bool = False) -> tuple[int, int]:
+                  gentle: bool = False, throttled: bool = False) -> tuple[int, int]:
         """Copy from `offset` (cluster-aligned) towards `range_end`: plan up to `max_read` bytes
         of backing data to copy (whole clusters: at least one, at most max_step), looking up at
         most MAX_SCAN_CLUSTERS of the top image (and only as far as needed), read it, and hand
@@ -106,13 +106,19 @@ class Copier:
         I/O class (ioprio.py: the kernel holds them back while a guest read is at the device),
         and the populate finishes here, in the normal class (it holds the allocation lock that
         guest writes wait for). (The first gentle step after full ones plans again; what the
-        last full step prefetched for it, up to max_step, has already gone to the device.)"""
-        step = self._take_step(offset, range_end, self._whole_clusters(max_read), prefetch=not gentle)
+        last full step prefetched for it, up to max_step, has already gone to the device.)
+
+        `throttled`: the job's speed limit, not the device, sets the pace (the step is smaller
+        than max_step): nothing is prefetched, as the step waits out its time anyway, and the
+        reads bypass caches, as for a gentle step: data read once to be stored in the top image
+        must not push the guest's out of the page cache or a remote layer's block cache."""
+        quiet = gentle or throttled
+        step = self._take_step(offset, range_end, self._whole_clusters(max_read), prefetch=not quiet)
         self.taken = (step.end, self.taken[1] + self._read_size(step.ranges))  # before any populate of it
-        if not gentle and step.end < range_end:
+        if not quiet and step.end < range_end:
             self._next_step = self._plan(step.end, range_end, step.max_read, prefetch=True)
         with ioprio.idle_class(gentle):
-            copies = self._read(step.ranges, direct=gentle)
+            copies = self._read(step.ranges, direct=quiet)
         self._start_populate(copies)
         if gentle:
             self.drain()

@@ -290,8 +290,9 @@ class StreamJob:
             if not self._progress.started:  # the start, or a resume
                 self._progress.record(trio.current_time(), self.offset, self.copied)
             gentle = self.guest.busy()
+            throttled = bool(self.speed) and self.speed // 10 < self.copier.max_step  # see _max_read
             self.offset, transferred = await self.run_sync(
-                self.copier.copy_step, self.offset, self.len, self._max_read(gentle), gentle)
+                self.copier.copy_step, self.offset, self.len, self._max_read(gentle), gentle, throttled)
             self.copied += transferred
             await self._throttle(transferred)
             if self.state == RUNNING:  # a pause meanwhile starts the measurement again at the resume

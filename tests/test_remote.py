@@ -9,6 +9,7 @@ and the cause; no credential shows in status, events or logs."""
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import mmap
 import os
@@ -21,7 +22,18 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conftest import FUSESTREAM, MOUNT_HELPER, ctl, qemu_check, qemu_convert, qemu_img, qemu_io, run
+from conftest import (
+    FUSESTREAM,
+    MOUNT_HELPER,
+    ctl,
+    qemu_check,
+    qemu_convert,
+    qemu_img,
+    qemu_io,
+    run,
+    run_with_streamer,
+    stream_to_end,
+)
 
 from fusestream import stream
 from fusestream.chain import Confinement
@@ -512,6 +524,28 @@ def test_a_presigned_url_expiring_mid_stream_fails_it_and_a_new_one_set_with_qem
     assert read_raw(m) == expected
     m.umount()
     assert qemu_check(top).returncode == 0
+
+
+@pytest.mark.parametrize(("speed", "cached"), [(4 * MiB, False), (0, False), (None, True)],
+                         ids=["throttled", "unlimited", "guest-reads"])
+def test_a_stream_leaves_the_remote_block_cache_to_the_guest(tmp_path, nginx, open_chains, speed, cached):
+    """The block cache holds what the guest reads; a stream's data, read once to be stored in
+    the top image, goes past it at any speed (a throttled one in steps smaller than a bulk
+    read), so it pushes none of the guest's blocks out. Guest reads of the same data, for
+    comparison, are cached."""
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "base.raw").write_bytes(base_data(11))
+    create_top(tmp_path / "top.qed", nginx(www).url("base.raw"))
+    c = open_chains(tmp_path / "top.qed")
+    source = c.layers[1].source
+    opened_with = source.cached_blocks  # the open's probe
+    if speed is None:
+        for offset in range(0, BASE_SIZE, 256 * KiB):
+            c.read(offset, 256 * KiB)
+    else:
+        run_with_streamer(c, functools.partial(stream_to_end, speed=speed))
+    assert (source.cached_blocks > opened_with + 8) is cached, source.cached_blocks
 
 
 @pytest.mark.mount

@@ -7,6 +7,7 @@ mounts (test_stream_mount.py) cover the threaded path.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import platform
 import random
@@ -134,6 +135,35 @@ def test_speed_limits_the_copy_rate_in_virtual_time(chain, open_chains):
     c.close()
     # every copied byte is paid for at `speed`; the last chunk's payment ends the job
     assert result["elapsed"] == pytest.approx(result["copied"] / speed, rel=0.1)
+
+
+@pytest.mark.parametrize(("speed", "quiet"), [(1 << 20, True), (10 * MAX_COPY, False), (0, False)],
+                         ids=["throttled", "limit-above-max-step", "unlimited"])
+def test_a_throttled_stream_reads_past_caches_and_prefetches_nothing(tmp_path, chain, monkeypatch, open_chains,
+                                                                      speed, quiet):
+    """The speed limit sets a throttled stream's pace: its data, read once, must not push the
+    guest's out of the caches (direct reads), and prefetching gains it nothing. A limit that no
+    step reaches leaves the full-speed path as it is."""
+    expected = qemu_convert(chain.top, tmp_path / "expected.raw")
+    c = open_chains(chain.top)
+    reads: list[bool] = []  # each backing read: direct or not
+    prefetches: list[int] = []
+    read_backing_into, prefetch_backing = c.read_backing_into, c.prefetch_backing
+
+    def read(view, offset, direct=False):
+        reads.append(direct)
+        return read_backing_into(view, offset, direct)
+
+    def prefetch(offset, length):
+        prefetches.append(offset)
+        prefetch_backing(offset, length)
+
+    monkeypatch.setattr(c, "read_backing_into", read)
+    monkeypatch.setattr(c, "prefetch_backing", prefetch)
+    run_with_streamer(c, functools.partial(stream_to_end, speed=speed))
+    assert reads and set(reads) == {quiet}
+    assert bool(prefetches) is not quiet
+    assert c.read(0, chain.size) == expected
 
 
 def test_speed_can_change_while_running(chain, open_chains):

@@ -77,6 +77,7 @@ from common import (
 )
 from stream_bench import FUSESTREAM_CLI, QMP_STREAM, STREAM_TIMEOUT, fusestream_cli, job_seconds, timed_block_stream
 
+from fusestream.sources import ReadFor
 from fusestream.sources.http import HttpOptions, HttpSource
 from fusestream.units import format_size, parse_size
 
@@ -316,8 +317,8 @@ def read_through(url: str, base: Path, step: int) -> float:
         offset = filled = 0
         while offset < size:
             if offset + step < size:
-                source.prefetch(offset + step, min(step, size - offset - step))
-            filled = source.read_into(view[: min(step, size - offset)], offset)
+                source.prefetch(offset + step, min(step, size - offset - step), ReadFor.STREAM)
+            filled = source.read_into(view[: min(step, size - offset)], offset, ReadFor.STREAM)
             offset += filled
         seconds = time.perf_counter() - started
     finally:

@@ -31,6 +31,7 @@ from .formats.layer import BlockStatus, Layer, Placed, ReadBelow, locate_layers,
 from .formats.qcow2_structs import QCOW_MAGIC
 from .sources import (
     HttpOptions,
+    ReadFor,
     Source,
     absolute_location,
     backing_name,
@@ -273,17 +274,18 @@ class Chain:
         with self.in_use:
             return locate_layers(self.layers, offset, length, self.cluster_size) if length else []
 
-    def read_backing_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
+    def read_backing_into(self, view: memoryview, offset: int, read_for: ReadFor = ReadFor.GUEST) -> int:
         """Fill `view` with what the chain below the top image holds at `offset`; returns how
-        many bytes are right (len(view) unless a layer's read was short). `direct`: see
-        Layer.read_into."""
+        many bytes are right (len(view) unless a layer's read was short). `read_for`: see
+        Source.read_into."""
         with self.in_use:
-            return read_layers_into(self.layers[1:], view, offset, direct)
+            return read_layers_into(self.layers[1:], view, offset, read_for)
 
-    def prefetch_backing(self, offset: int, length: int) -> None:
-        """Layer.prefetch of what the chain below the top image holds for the range."""
+    def prefetch_backing(self, offset: int, length: int, read_for: ReadFor = ReadFor.GUEST) -> None:
+        """Layer.prefetch of what the chain below the top image holds for the range, for a read
+        for `read_for` that follows."""
         with self.in_use:
-            prefetch_layers(self.layers[1:], offset, length)
+            prefetch_layers(self.layers[1:], offset, length, read_for)
 
     def write(self, offset: int, data: bytes, wait: bool = True) -> int:
         """Write guest data into the top image; returns how many bytes fit in the virtual size.

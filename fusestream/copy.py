@@ -21,6 +21,7 @@ from . import ioprio
 from .chain import Chain, StatusWalk
 from .errors import StreamError
 from .formats.layer import BlockStatus, Layer
+from .sources import ReadFor
 
 MAX_COPY = 8 * 1024 * 1024  # bytes copied per step at most (one read, one write), unless a cluster is larger
 MAX_SCAN_CLUSTERS = 16384  # clusters of the top image looked up per step (1 GiB at 64 KiB clusters)
@@ -48,9 +49,13 @@ class Copier:
     unallocated already reads as zeros.
     """
 
-    def __init__(self, chain: Chain, base: Layer | None, pipelined: bool = False):
+    def __init__(self, chain: Chain, base: Layer | None, pipelined: bool = False,
+                 reads_for: ReadFor = ReadFor.STREAM):
         self.chain = chain
         self.base = base
+        # Whose reads the steps are: the stream's, or a guest's (copy-on-read), which must not
+        # queue behind the stream's transfers on a remote layer's bulk connections.
+        self.reads_for = reads_for
         # Pipelined: a step's populate (its write and table updates) runs in a second thread
         # while the next step is planned and read. At most one populate is in flight.
         self._populate_thread = ThreadPoolExecutor(1, thread_name_prefix="fusestream-populate") if pipelined else None
@@ -102,7 +107,7 @@ class Copier:
         unallocated again, and populate skips those allocated since.
 
         `gentle`: give way to a busy guest, with one I/O at a time and no more than asked for:
-        no prefetching, the reads bypass readahead (see Layer.read_into) and are in the idle
+        no prefetching, the reads bypass readahead (ReadFor.GENTLE) and are in the idle
         I/O class (ioprio.py: the kernel holds them back while a guest read is at the device),
         and the populate finishes here, in the normal class (it holds the allocation lock that
         guest writes wait for). (The first gentle step after full ones plans again; what the
@@ -118,7 +123,7 @@ class Copier:
         if not quiet and step.end < range_end:
             self._next_step = self._plan(step.end, range_end, step.max_read, prefetch=True)
         with ioprio.idle_class(gentle):
-            copies = self._read(step.ranges, direct=quiet)
+            copies = self._read(step.ranges, ReadFor.GENTLE if quiet else self.reads_for)
         self._start_populate(copies)
         if gentle:
             self.drain()
@@ -159,7 +164,7 @@ class Copier:
                 break
         if prefetch:
             for lo, hi in ranges:
-                self.chain.prefetch_backing(lo, hi - lo)
+                self.chain.prefetch_backing(lo, hi - lo, self.reads_for)
         return Step(offset, range_end, max_read, tuple(ranges), end)
 
     def _unallocated_ranges_to_copy(self, offset: int, end: int, top_lookups: int,
@@ -233,7 +238,7 @@ class Copier:
         if current is not None:
             yield current
 
-    def _read(self, plan: tuple[tuple[int, int], ...], direct: bool) -> Copies:
+    def _read(self, plan: tuple[tuple[int, int], ...], read_for: ReadFor) -> Copies:
         """The planned ranges (max_step bytes at most), read from the backing chain straight into
         the next page-aligned buffer: preadv copies without holding the GIL, so guest requests on
         the event loop are not held up, and the alignment lets populate bypass the page cache."""
@@ -244,7 +249,7 @@ class Copier:
             data = memoryview(buffer)[used : used + min(hi, self.chain.size) - start]
             used += len(data)
             try:
-                filled = self.chain.read_backing_into(data, start, direct)
+                filled = self.chain.read_backing_into(data, start, read_for)
             except OSError as err:
                 raise StreamError(f"read error in the backing chain at offset {start}: {err.strerror or err}") from None
             if filled != len(data):  # never let a short read become zeros on disk

@@ -31,7 +31,7 @@ from .errors import BackingFileError, CommandError, FusestreamError, StreamError
 from .faults import EventSink
 from .formats.layer import Layer
 from .services import Service
-from .sources import display_name
+from .sources import ReadFor, display_name
 
 if TYPE_CHECKING:
     from .faults import WriteErrors
@@ -468,7 +468,7 @@ class CopyOnRead:
         self.write_errors = write_errors
         self._idle: queue.SimpleQueue[Copier] = queue.SimpleQueue()
         for _ in range(COPY_ON_READ_COPIERS):
-            self._idle.put(Copier(self.chain, None))
+            self._idle.put(Copier(self.chain, None, reads_for=ReadFor.GUEST))
 
     def read(self, offset: int, length: int) -> bytes | bytearray:
         try:

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, settings
 from fusestream.chain import Chain, open_chain
 from fusestream.control import EventLog
 from fusestream.formats.layer import BlockStatus, Location, ShortRead, fill_zeros
+from fusestream.sources import ReadFor
 from fusestream.stream import COMPLETED, Streamer, StreamStatistics
 
 # Fuzzing (test_fuzz.py): a quick set on every run; `--hypothesis-profile long` for the long tier.
@@ -80,11 +81,11 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def read_alone(layer, offset: int, length: int, direct: bool = False) -> bytearray:
+def read_alone(layer, offset: int, length: int, read_for: ReadFor = ReadFor.GUEST) -> bytearray:
     """What one layer alone reads, as qemu-img reads an image without its backing file: its
     read_into into a buffer of garbage, with the UNALLOCATED ranges it hands back as zeros."""
     data = bytearray(b"\xa5" * length)
-    for start, run in layer.read_into(memoryview(data), offset, direct):
+    for start, run in layer.read_into(memoryview(data), offset, read_for):
         data[start - offset : start - offset + run] = bytes(run)
     return data
 
@@ -186,18 +187,18 @@ class FaultyLayer:
         self.failing = True
         self.source, self.path, self.format_name, self.size = layer.source, layer.path, layer.format_name, layer.size
 
-    def read_into(self, view, offset, direct=False):
+    def read_into(self, view, offset, read_for=ReadFor.GUEST):
         time.sleep(self.delay)
         if self.failing and offset < self.fail_end and offset + len(view) > self.fail_start:
             if self.short:
-                self.layer.read_into(view[: len(view) // 2], offset, direct)
+                self.layer.read_into(view[: len(view) // 2], offset, read_for)
                 fill_zeros(view[len(view) // 2 :])
                 raise ShortRead(offset + len(view) // 2)
             raise OSError(self.err, "Input/output error")
-        return self.layer.read_into(view, offset, direct)
+        return self.layer.read_into(view, offset, read_for)
 
-    def prefetch(self, offset, length):  # a hint: a failing device says nothing here, as fadvise
-        return self.layer.prefetch(offset, length)
+    def prefetch(self, offset, length, read_for=ReadFor.GUEST):  # a hint: a failing device says nothing, as fadvise
+        return self.layer.prefetch(offset, length, read_for)
 
     def block_status(self, offset, length):
         return self.layer.block_status(offset, length)

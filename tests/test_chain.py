@@ -19,6 +19,7 @@ from fusestream.errors import BackingFileError, ImageBusyError
 from fusestream.formats import qed
 from fusestream.formats.layer import prefetch_layers, read_layers_into
 from fusestream.formats.qed_structs import QED_MAGIC
+from fusestream.sources import ReadFor
 
 
 def test_no_probe_reads_a_raw_backing_file_that_starts_with_qed_magic(tmp_path, open_chains):
@@ -314,15 +315,15 @@ class RecordedLayer:
         self.asked: dict[str, list[tuple[int, int]]] = {"read": [], "prefetch": []}
         self.left: dict[str, list[tuple[int, int]]] = {"read": [], "prefetch": []}
 
-    def read_into(self, view, offset, direct=False):
+    def read_into(self, view, offset, read_for=ReadFor.GUEST):
         self.asked["read"].append((offset, len(view)))
-        left = self.layer.read_into(view, offset, direct)
+        left = self.layer.read_into(view, offset, read_for)
         self.left["read"] += left
         return left
 
-    def prefetch(self, offset, length):
+    def prefetch(self, offset, length, read_for=ReadFor.GUEST):
         self.asked["prefetch"].append((offset, length))
-        left = self.layer.prefetch(offset, length)
+        left = self.layer.prefetch(offset, length, read_for)
         self.left["prefetch"] += left
         return left
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from fusestream.errors import SourceError, UsageError
-from fusestream.sources import http
+from fusestream.sources import ReadFor, http
 from fusestream.sources.http import STALLED_RATE, HttpOptions, HttpSource, redact_url, url_origin
 from fusestream.sources.http_wire import WireError, content_length, parse_head
 
@@ -111,9 +111,9 @@ def test_random_ranges_read_exactly_what_the_file_holds(nginx, image):
         for _ in range(300):
             length = rng.choice([1, 511, 4 * KiB, 16 * KiB + 3, 200 * KiB, 1 * MiB, 3 * MiB + 17])
             offset = rng.randrange(0, len(expected))
-            direct = rng.random() < 0.2
+            read_for = rng.choice([ReadFor.GUEST] * 6 + [ReadFor.STREAM, ReadFor.GENTLE])
             buf = bytearray(length)
-            filled = source.read_into(memoryview(buf), offset, direct)
+            filled = source.read_into(memoryview(buf), offset, read_for)
             assert filled == min(length, len(expected) - offset)
             assert buf[:filled] == expected[offset : offset + filled]
         assert source.read(len(expected) - 10, 100) == expected[-10:]  # short only at the end

@@ -37,7 +37,7 @@ from fusestream.formats.qcow2_structs import (
     QCOW_OFLAG_COMPRESSED,
     compressed_descriptor,
 )
-from fusestream.sources import open_source
+from fusestream.sources import ReadFor, open_source
 
 SIZE = 8 * 1024 * 1024
 READS = 300
@@ -152,7 +152,7 @@ def test_reads_are_byte_identical_to_qemu(tmp_path, image):
         for offset, length in random_ranges(layer.size, READS):
             length = min(length, layer.size - offset)
             assert read_alone(layer, offset, length) == expected[offset : offset + length], (offset, length)
-            assert read_alone(layer, offset, length, direct=True) == expected[offset : offset + length]
+            assert read_alone(layer, offset, length, ReadFor.GENTLE) == expected[offset : offset + length]
     finally:
         layer.close()
 

@@ -38,9 +38,10 @@ from conftest import (
 from fusestream import stream
 from fusestream.chain import Confinement
 from fusestream.errors import BackingFileError, CommandError, UsageError
+from fusestream.faults import WriteErrors
 from fusestream.mount import http_options, parse_options
 from fusestream.sources import HttpOptions, resolve_backing
-from fusestream.stream import GUEST_BUSY_SECONDS, GuestActivity
+from fusestream.stream import GUEST_BUSY_SECONDS, CopyOnRead, GuestActivity, Streamer
 
 KiB, MiB = 1 << 10, 1 << 20
 BASE_SIZE = 4 * MiB
@@ -526,25 +527,31 @@ def test_a_presigned_url_expiring_mid_stream_fails_it_and_a_new_one_set_with_qem
     assert qemu_check(top).returncode == 0
 
 
-@pytest.mark.parametrize(("speed", "cached"), [(4 * MiB, False), (0, False), (None, True)],
-                         ids=["throttled", "unlimited", "guest-reads"])
-def test_a_stream_leaves_the_remote_block_cache_to_the_guest(tmp_path, nginx, open_chains, speed, cached):
+@pytest.mark.parametrize(("reader", "cached"), [("throttled", False), ("unlimited", False),
+                                               ("fragmented", False), ("guest", True), ("copy-on-read", True)])
+def test_a_stream_leaves_the_remote_block_cache_to_the_guest(tmp_path, nginx, open_chains, reader, cached):
     """The block cache holds what the guest reads; a stream's data, read once to be stored in
-    the top image, goes past it at any speed (a throttled one in steps smaller than a bulk
-    read), so it pushes none of the guest's blocks out. Guest reads of the same data, for
-    comparison, are cached."""
+    the top image, goes past it on the bulk connections at any speed and in pieces of any size
+    (a throttled stream's small steps, the gaps between clusters the guest wrote), so it pushes
+    none of the guest's blocks out. Guest reads are cached, and so are copy-on-read's, which
+    must not queue behind the stream's transfers."""
     www = tmp_path / "www"
     www.mkdir()
-    (www / "base.raw").write_bytes(base_data(11))
+    (www / "base.raw").write_bytes(random.Random(11).randbytes(BASE_SIZE))  # no zeros: copy-on-read copies all
     create_top(tmp_path / "top.qed", nginx(www).url("base.raw"))
     c = open_chains(tmp_path / "top.qed")
     source = c.layers[1].source
+    if reader == "fragmented":  # the guest wrote every other cluster: 64 KiB gaps to copy
+        for offset in range(0, BASE_SIZE, 128 * KiB):
+            c.write(offset, b"\x5a" * (64 * KiB))
     opened_with = source.cached_blocks  # the open's probe
-    if speed is None:
+    if reader in ("guest", "copy-on-read"):
+        read = CopyOnRead(Streamer(c, lambda *_: None), WriteErrors("top.raw", lambda *_: None)).read \
+            if reader == "copy-on-read" else c.read
         for offset in range(0, BASE_SIZE, 256 * KiB):
-            c.read(offset, 256 * KiB)
+            read(offset, 256 * KiB)
     else:
-        run_with_streamer(c, functools.partial(stream_to_end, speed=speed))
+        run_with_streamer(c, functools.partial(stream_to_end, speed=4 * MiB if reader == "throttled" else 0))
     assert (source.cached_blocks > opened_with + 8) is cached, source.cached_blocks
 
 

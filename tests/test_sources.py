@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from fusestream.errors import BackingFileError, ImageBusyError, InvalidImageError, SourceError
-from fusestream.sources import open_source
+from fusestream.sources import ReadFor, open_source
 from fusestream.sources.http import HttpOptions
 from fusestream.sources.local import IOV_MAX, LocalFile
 
@@ -44,7 +44,7 @@ def test_reads_fill_a_buffer_or_stop_at_the_end(sparse):
         assert source.read_into(view, 3 * MiB) == MiB
         assert view[:MiB] == content[3 * MiB :] and view[MiB:] == b"\xa5" * 100
         aligned = memoryview(mmap.mmap(-1, MiB))
-        assert source.read_into(aligned, 2 * MiB, direct=True) == MiB  # through the O_DIRECT twin
+        assert source.read_into(aligned, 2 * MiB, ReadFor.GENTLE) == MiB  # through the O_DIRECT twin
         assert aligned == content[2 * MiB : 3 * MiB]
         source.prefetch(0, 4 * MiB)  # a hint: nothing to see but that it does not fail
         assert source.describe() == {}

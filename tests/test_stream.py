@@ -33,6 +33,7 @@ from fusestream.copy import MAX_COPY, Copier
 from fusestream.faults import WriteErrors
 from fusestream.formats import qcow2
 from fusestream.formats.layer import BlockStatus
+from fusestream.sources import ReadFor
 from fusestream.stream import (
     CANCELLED,
     COMPLETED,
@@ -146,22 +147,22 @@ def test_a_throttled_stream_reads_past_caches_and_prefetches_nothing(tmp_path, c
     step reaches leaves the full-speed path as it is."""
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     c = open_chains(chain.top)
-    reads: list[bool] = []  # each backing read: direct or not
+    reads: list[ReadFor] = []  # who each backing read was for
     prefetches: list[int] = []
     read_backing_into, prefetch_backing = c.read_backing_into, c.prefetch_backing
 
-    def read(view, offset, direct=False):
-        reads.append(direct)
-        return read_backing_into(view, offset, direct)
+    def read(view, offset, read_for=ReadFor.GUEST):
+        reads.append(read_for)
+        return read_backing_into(view, offset, read_for)
 
-    def prefetch(offset, length):
+    def prefetch(offset, length, read_for=ReadFor.GUEST):
         prefetches.append(offset)
-        prefetch_backing(offset, length)
+        prefetch_backing(offset, length, read_for)
 
     monkeypatch.setattr(c, "read_backing_into", read)
     monkeypatch.setattr(c, "prefetch_backing", prefetch)
     run_with_streamer(c, functools.partial(stream_to_end, speed=speed))
-    assert reads and set(reads) == {quiet}
+    assert reads and set(reads) == {ReadFor.GENTLE if quiet else ReadFor.STREAM}
     assert bool(prefetches) is not quiet
     assert c.read(0, chain.size) == expected
 
@@ -258,8 +259,8 @@ def test_a_guest_write_racing_the_copy_wins(tmp_path, chain, open_chains):
     read_backing_into = c.read_backing_into
     raced: list[int] = []
 
-    def read_then_guest_writes(view, offset, direct=False):
-        filled = read_backing_into(view, offset, direct)
+    def read_then_guest_writes(view, offset, read_for=ReadFor.GUEST):
+        filled = read_backing_into(view, offset, read_for)
         if not raced:
             c.write(offset + 100, b"guest" * 1000)
             raced.append(offset + 100)
@@ -280,12 +281,12 @@ def test_the_job_gives_way_to_a_busy_guest(tmp_path, chain, monkeypatch, busy, o
     monkeypatch.setattr(stream, "GUEST_BUSY_SECONDS", 3600.0 if busy else 0.0)
     c = open_chains(chain.top)
     steps: list[tuple[int, bool, bool]] = []  # (max_read, gentle, an install still pending after it)
-    direct_reads: set[bool] = set()
+    reads_for: set[ReadFor] = set()
     read_backing_into = c.read_backing_into
 
-    def recording_read(view, offset, direct=False):
-        direct_reads.add(direct)
-        return read_backing_into(view, offset, direct)
+    def recording_read(view, offset, read_for=ReadFor.GUEST):
+        reads_for.add(read_for)
+        return read_backing_into(view, offset, read_for)
 
     async def recording_run_sync(fn, *args):
         result = fn(*args)
@@ -296,7 +297,8 @@ def test_the_job_gives_way_to_a_busy_guest(tmp_path, chain, monkeypatch, busy, o
     c.read_backing_into = recording_read
     prefetches: list[int] = []
     prefetch_backing = c.prefetch_backing
-    c.prefetch_backing = lambda offset, length: prefetches.append(offset) or prefetch_backing(offset, length)
+    c.prefetch_backing = lambda offset, length, read_for: prefetches.append(offset) or prefetch_backing(
+        offset, length, read_for)
     events = EventLog("top.raw")
 
     async def main():
@@ -314,10 +316,10 @@ def test_the_job_gives_way_to_a_busy_guest(tmp_path, chain, monkeypatch, busy, o
     c.close()
     if busy:
         assert steps and all(step == (GENTLE_COPY, True, False) for step in steps)
-        assert direct_reads == {True} and not prefetches
+        assert reads_for == {ReadFor.GENTLE} and not prefetches
     else:
         assert steps and all(max_read == MAX_COPY and not gentle for max_read, gentle, _ in steps)
-        assert direct_reads == {False} and prefetches
+        assert reads_for == {ReadFor.STREAM} and prefetches
 
 
 def record_steps(c, monkeypatch) -> list[tuple[str, int]]:
@@ -325,13 +327,13 @@ def record_steps(c, monkeypatch) -> list[tuple[str, int]]:
     calls: list[tuple[str, int]] = []
     prefetch_backing, read_backing_into = c.prefetch_backing, c.read_backing_into
 
-    def prefetch(offset, length):
+    def prefetch(offset, length, read_for=ReadFor.GUEST):
         calls.append(("prefetch", offset))
-        prefetch_backing(offset, length)
+        prefetch_backing(offset, length, read_for)
 
-    def read(view, offset, direct=False):
+    def read(view, offset, read_for=ReadFor.GUEST):
         calls.append(("read", offset))
-        return read_backing_into(view, offset, direct)
+        return read_backing_into(view, offset, read_for)
 
     monkeypatch.setattr(c, "prefetch_backing", prefetch)
     monkeypatch.setattr(c, "read_backing_into", read)
@@ -427,9 +429,9 @@ def test_gentle_steps_read_in_the_idle_io_class(tmp_path, chain, monkeypatch, op
     read_backing_into, populate = c.read_backing_into, c.populate
     gentle_now = False
 
-    def read(view, offset, direct=False):
+    def read(view, offset, read_for=ReadFor.GUEST):
         seen.append(("read", gentle_now, ioprio.get()))
-        return read_backing_into(view, offset, direct)
+        return read_backing_into(view, offset, read_for)
 
     def record_populate(copies, zero_clusters):
         seen.append(("populate", gentle_now, ioprio.get()))

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple, Protocol
 
 from ..errors import InvalidImageError, describe_os_error
-from ..sources import Source
+from ..sources import ReadFor, Source
 
 
 class BlockStatus(enum.Enum):
@@ -71,14 +71,13 @@ class Layer(Protocol):
     backing_filename: str | None  # the backing file the image names, as stored
     backing_format: str | None  # the format it gives for it; None: probe
 
-    def read_into(self, view: memoryview, offset: int, direct: bool = False) -> Ranges:
+    def read_into(self, view: memoryview, offset: int, read_for: ReadFor = ReadFor.GUEST) -> Ranges:
         """Fill `view` from `offset` (a range within `size`) where the layer decides: its data
-        (FOUND), read by the source straight into `view` (Source.read_into), and zeros (ZERO);
-        returns the UNALLOCATED ranges it left for the layers below. `direct` is handed to the
-        source (read exactly this, bypassing its caches: the stream, while it gives way to the
-        guest). ShortRead where the source ended early."""
+        (FOUND), read by the source straight into `view` (Source.read_into, `read_for` handed
+        to it), and zeros (ZERO); returns the UNALLOCATED ranges it left for the layers below.
+        ShortRead where the source ended early."""
 
-    def prefetch(self, offset: int, length: int) -> Ranges:
+    def prefetch(self, offset: int, length: int, read_for: ReadFor = ReadFor.GUEST) -> Ranges:
         """Hint the source (Source.prefetch) at where the layer's data of a range within `size`
         lies, so that it starts fetching it without waiting and the reads that follow find it
         there: for reads of many scattered clusters, fetched all at once rather than one
@@ -129,18 +128,19 @@ def fill_zeros(view: memoryview) -> None:
         chunk[:] = _ZEROS_VIEW[: len(chunk)]
 
 
-def prefetch_layers(layers: Sequence[Layer], offset: int, length: int) -> None:
+def prefetch_layers(layers: Sequence[Layer], offset: int, length: int, read_for: ReadFor = ReadFor.GUEST) -> None:
     """Layer.prefetch down `layers` (top first), as read_layers_into reads them: each layer
     hints at the ranges that every layer above it left UNALLOCATED."""
     pending = [(offset, length)]
     for layer in layers:
         pending = [left for start, run in pending if start < layer.size
-                   for left in layer.prefetch(start, min(run, layer.size - start))]
+                   for left in layer.prefetch(start, min(run, layer.size - start), read_for)]
         if not pending:
             return
 
 
-def read_layers_into(layers: Sequence[Layer], view: memoryview, offset: int, direct: bool = False) -> int:
+def read_layers_into(layers: Sequence[Layer], view: memoryview, offset: int,
+                     read_for: ReadFor = ReadFor.GUEST) -> int:
     """Fill `view` with what `layers` (top first) hold at `offset`, going down them once: each
     layer is asked about the ranges that every layer above it left UNALLOCATED. What no layer
     holds reads as zeros, and so does what lies past the end of a layer that is shorter than the
@@ -160,7 +160,7 @@ def read_layers_into(layers: Sequence[Layer], view: memoryview, offset: int, dir
                 length = inside
             part = view if length == size else view[start - offset : start - offset + length]
             try:
-                left += layer.read_into(part, start, direct)
+                left += layer.read_into(part, start, read_for)
             except ShortRead as short:
                 right = min(right, short.offset - offset)
         if not left:

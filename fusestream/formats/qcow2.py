@@ -30,7 +30,7 @@ from isal import isal_zlib  # ISA-L's inflate: twice zlib's speed on 64 KiB clus
 
 from .. import ioprio
 from ..errors import CorruptionError, UnsupportedImageError
-from ..sources import Source
+from ..sources import ReadFor, Source
 from .layer import BlockStatus, Location, Ranges, closed_on_failure, fill_zeros, invalid_image
 from .qcow2_structs import (
     COMPRESSION_TYPE_NAMES,
@@ -489,7 +489,7 @@ class Qcow2Image:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def read_into(self, view: memoryview, offset: int, direct: bool = False) -> Ranges:
+    def read_into(self, view: memoryview, offset: int, read_for: ReadFor = ReadFor.GUEST) -> Ranges:
         """Fill `view` where the image decides; returns the UNALLOCATED ranges. Compressed
         clusters come inflated from the cache, those not in it inflated in parallel first."""
         lookups = list(self._merged_lookups(offset, len(view)))
@@ -498,7 +498,7 @@ class Qcow2Image:
         for kind, pos, run, where in lookups:
             part = view[pos - offset : pos - offset + run]
             if kind is BlockStatus.FOUND:
-                self._read_data_into(part, where, direct)
+                self._read_data_into(part, where, read_for)
             elif kind == COMPRESSED:
                 within = pos % self.cluster_size
                 part[:] = memoryview(clusters[where.coffset])[within : within + run]
@@ -523,18 +523,18 @@ class Qcow2Image:
         if current:
             yield tuple(current)
 
-    def _read_data_into(self, view: memoryview, file_offset: int, direct: bool) -> None:
+    def _read_data_into(self, view: memoryview, file_offset: int, read_for: ReadFor) -> None:
         """Read a normal cluster's data; what lies past the end of the file (as it was at open)
         reads as zeros, and is never asked for."""
         inside = max(0, min(len(view), self.file_size - file_offset))
-        filled = self.source.read_into(view[:inside], file_offset, direct)
+        filled = self.source.read_into(view[:inside], file_offset, read_for)
         fill_zeros(view[filled:])
 
-    def prefetch(self, offset: int, length: int) -> Ranges:
+    def prefetch(self, offset: int, length: int, read_for: ReadFor = ReadFor.GUEST) -> Ranges:
         unallocated = []
         for kind, pos, run, where in self._merged_lookups(offset, length):
             if kind is BlockStatus.FOUND:
-                self.source.prefetch(where, run)
+                self.source.prefetch(where, run, read_for)
             elif kind == COMPRESSED:
                 self.source.prefetch(where.coffset, where.csize)
             elif kind is BlockStatus.UNALLOCATED:

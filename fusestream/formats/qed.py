@@ -35,7 +35,7 @@ from ..errors import (
     ReadOnlyImageError,
     UnsupportedImageError,
 )
-from ..sources import Source, WritableSource, create_file, open_source
+from ..sources import ReadFor, Source, WritableSource, create_file, open_source
 from .layer import BlockStatus, Location, Ranges, ReadBelow, closed_on_failure, fill_zeros, invalid_image
 from .qed_alloc import DISCARD_BATCH, Allocator
 from .qed_structs import (
@@ -229,7 +229,7 @@ class QedImage:
 
     # -- reads -----------------------------------------------------------------------------------
 
-    def read_into(self, view: memoryview, offset: int, direct: bool = False) -> Ranges:
+    def read_into(self, view: memoryview, offset: int, read_for: ReadFor = ReadFor.GUEST) -> Ranges:
         """Fill `view` where the image decides (Layer.read_into): data clusters read by the
         source straight into it, zero clusters as zeros; returns the UNALLOCATED ranges."""
         cluster, within = divmod(offset, self.cluster_size)
@@ -241,30 +241,30 @@ class QedImage:
             if entry == QED_ZERO_CLUSTER:
                 fill_zeros(view)
             else:
-                self._read_data_into(view, entry + within, direct)
+                self._read_data_into(view, entry + within, read_for)
             return []
         unallocated = []
         for extent in self.tables.iter_extents(offset, len(view)):
             part = view[extent.offset - offset : extent.offset - offset + extent.length]
             if extent.status is BlockStatus.FOUND:
-                self._read_data_into(part, extent.file_offset, direct)
+                self._read_data_into(part, extent.file_offset, read_for)
             elif extent.status is BlockStatus.ZERO:
                 fill_zeros(part)
             else:
                 unallocated.append((extent.offset, extent.length))
         return unallocated
 
-    def prefetch(self, offset: int, length: int) -> Ranges:
+    def prefetch(self, offset: int, length: int, read_for: ReadFor = ReadFor.GUEST) -> Ranges:
         unallocated = []
         for extent in self.tables.iter_extents(offset, length):
             if extent.status is BlockStatus.FOUND:
-                self.source.prefetch(extent.file_offset, extent.length)
+                self.source.prefetch(extent.file_offset, extent.length, read_for)
             elif extent.status is BlockStatus.UNALLOCATED:
                 unallocated.append((extent.offset, extent.length))
         return unallocated
 
-    def _read_data_into(self, view: memoryview, file_offset: int, direct: bool) -> None:
-        filled = self.source.read_into(view, file_offset, direct)
+    def _read_data_into(self, view: memoryview, file_offset: int, read_for: ReadFor) -> None:
+        filled = self.source.read_into(view, file_offset, read_for)
         if filled < len(view):
             raise CorruptionError(f"{self.path}: data cluster: unexpected end of file at {file_offset + filled}")
 

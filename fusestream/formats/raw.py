@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from ..sources import Source
+from ..sources import ReadFor, Source
 from .layer import BlockStatus, Location, Ranges, ShortRead, fill_zeros
 
 FORMAT_NAME = "raw"
@@ -23,15 +23,15 @@ class RawLayer:
         self.path = source.name
         self.size = source.size
 
-    def read_into(self, view: memoryview, offset: int, direct: bool = False) -> Ranges:
-        filled = self.source.read_into(view, offset, direct)
+    def read_into(self, view: memoryview, offset: int, read_for: ReadFor = ReadFor.GUEST) -> Ranges:
+        filled = self.source.read_into(view, offset, read_for)
         if filled < len(view):  # shorter than it was at open: zeros, as QEMU reads
             fill_zeros(view[filled:])
             raise ShortRead(offset + filled)
         return []
 
-    def prefetch(self, offset: int, length: int) -> Ranges:
-        self.source.prefetch(offset, length)
+    def prefetch(self, offset: int, length: int, read_for: ReadFor = ReadFor.GUEST) -> Ranges:
+        self.source.prefetch(offset, length, read_for)
         return []
 
     def block_status(self, offset: int, length: int) -> tuple[BlockStatus, int]:

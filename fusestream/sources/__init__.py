@@ -14,6 +14,7 @@ from urllib.parse import urljoin
 
 from .http import HttpOptions, HttpSource, redact_url, url_identity
 from .local import Buffers, LocalFile, file_identity
+from .read_for import ReadFor
 
 
 class Source(Protocol):
@@ -34,18 +35,18 @@ class Source(Protocol):
         """The same value for the same object under any name (hard links, symbolic links, an
         equivalent URL), so that a backing chain can refuse loops."""
 
-    def read_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
+    def read_into(self, view: memoryview, offset: int, read_for: ReadFor = ReadFor.GUEST) -> int:
         """Fill `view` from `offset` until it is full or the source ends; returns the bytes
-        filled. `direct`: bypass caches and readahead where the source has them (the stream,
-        while it gives way to the guest). Errors: OSError, or errors.SourceError for a
-        remote source that keeps failing or changed."""
+        filled. `read_for` decides which of the source's caches the read goes through (see
+        ReadFor). Errors: OSError, or errors.SourceError for a remote source that keeps
+        failing or changed."""
 
     def read(self, offset: int, length: int) -> bytes:
         """`length` bytes from `offset`, fewer only where the source ends (headers, tables)."""
 
-    def prefetch(self, offset: int, length: int) -> None:
-        """A hint that the range will be read soon: start fetching it without waiting. Never
-        fails."""
+    def prefetch(self, offset: int, length: int, read_for: ReadFor = ReadFor.GUEST) -> None:
+        """A hint that the range will be read soon, by a read for `read_for`: start fetching it
+        without waiting, where that read will look for it. Never fails."""
 
     def data_status(self, offset: int, length: int) -> tuple[bool, int]:
         """(True, n): the source holds data for n bytes (<= length) from `offset`; (False, n): a

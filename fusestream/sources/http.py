@@ -10,11 +10,11 @@ matter here are this module's own either way.
 
 Three lanes keep a guest read from queueing behind the stream:
 
-* bulk: the stream's reads, `direct` ones and those of at least `request_size` bytes that are
-  larger than any guest read can be (GUEST_READ_MAX), are cut at multiples of `request_size`
-  and fetched in parallel by `connections` threads, straight into
-  the caller's buffer, bypassing the cache; prefetch() of such a range (the stream's next step)
-  fetches its pieces into buffers of their own that the read then takes over;
+* bulk: the stream's reads (any but ReadFor.GUEST), and reads of at least `request_size` bytes
+  that are larger than any guest read can be (GUEST_READ_MAX), are cut at multiples of
+  `request_size` and fetched in parallel by `connections` threads, straight into the caller's
+  buffer, bypassing the cache; prefetch() of such a range (the stream's next step) fetches its
+  pieces into buffers of their own that the read then takes over;
 * guest: a smaller read is served from an LRU of recent blocks (`block_size`, aligned); the
   blocks it misses are fetched by the calling thread on connections of its own;
 * prefetch: readahead for sequential guest reads and prefetch() hints, by threads of their own,
@@ -53,6 +53,7 @@ from typing import TypeVar
 from .. import ioprio
 from ..errors import SourceError, UsageError
 from .http_wire import Connection, ResponseHead, WireError
+from .read_for import ReadFor
 
 log = logging.getLogger(__name__)
 
@@ -307,11 +308,11 @@ class HttpSource:
         """connections x request_size: a read of this much keeps every bulk connection busy."""
         return self.options.connections * self.options.request_size
 
-    def read_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
+    def read_into(self, view: memoryview, offset: int, read_for: ReadFor = ReadFor.GUEST) -> int:
         length = max(0, min(len(view), self.size - offset))
         if length:
             view = view[:length]
-            if direct or self._is_bulk(length):
+            if self._is_bulk(length, read_for):
                 self._read_bulk(view, offset)
             else:
                 self._read_cached(view, offset)
@@ -322,7 +323,7 @@ class HttpSource:
         self.read_into(memoryview(buf), offset)
         return bytes(buf)
 
-    def prefetch(self, offset: int, length: int) -> None:
+    def prefetch(self, offset: int, length: int, read_for: ReadFor = ReadFor.GUEST) -> None:
         """Start fetching a range in the background: a small one into the block cache (prefetch
         lane), a bulk one (the stream's next step) into staged pieces (bulk lane) that the
         read of the same range takes over, so that the bulk connections stay busy while the
@@ -330,15 +331,17 @@ class HttpSource:
         length = min(length, self.size - offset)
         if length <= 0 or offset < 0:
             return
-        if self._is_bulk(length):
+        if self._is_bulk(length, read_for):
             self._stage(offset, offset + length)
         else:
             self._fetch_ahead(offset, offset + length)
 
-    def _is_bulk(self, length: int) -> bool:
-        """Whether a read (or prefetch) of `length` bytes goes on the bulk lane: only the
-        stream's, so that whatever request_size is, no guest read queues behind its pieces."""
-        return length >= max(self.options.request_size, GUEST_READ_MAX)
+    def _is_bulk(self, length: int, read_for: ReadFor) -> bool:
+        """Whether a read (or prefetch) of `length` bytes goes on the bulk lane: the stream's
+        of any size (its data is read once: caching it would push the guest's out), and reads
+        larger than any guest read (`info`, `check`), so that whatever request_size is, no
+        guest read queues behind the bulk pieces."""
+        return read_for is not ReadFor.GUEST or length >= max(self.options.request_size, GUEST_READ_MAX)
 
     def data_status(self, offset: int, length: int) -> tuple[bool, int]:
         return True, length

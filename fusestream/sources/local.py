@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from ..errors import BackingFileError, InvalidImageError, describe_os_error
 from .extents import ExtentMap
 from .image_lock import lock_image
+from .read_for import ReadFor
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,8 @@ class LocalFile:
         """(st_dev, st_ino): one file under any name, hard links included."""
         return self._identity
 
-    def read_into(self, view: memoryview, offset: int, direct: bool = False) -> int:
-        return pread_into(self.fd, view, offset, self.direct.fd if direct else -1)
+    def read_into(self, view: memoryview, offset: int, read_for: ReadFor = ReadFor.GUEST) -> int:
+        return pread_into(self.fd, view, offset, self.direct.fd if read_for is ReadFor.GENTLE else -1)
 
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
@@ -109,8 +110,8 @@ class LocalFile:
             return data
         return data + self.read(offset + len(data), length - len(data))
 
-    def prefetch(self, offset: int, length: int) -> None:
-        self._advice.willneed(offset, length)
+    def prefetch(self, offset: int, length: int, read_for: ReadFor = ReadFor.GUEST) -> None:
+        self._advice.willneed(offset, length)  # the page cache, where every read but a gentle one looks
 
     def data_status(self, offset: int, length: int) -> tuple[bool, int]:
         """Data or a hole at `offset`, and how far it goes: from the file's extents (FIEMAP) when

@@ -18,6 +18,7 @@ import array
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -493,7 +494,7 @@ class Qcow2Image:
         """Fill `view` where the image decides; returns the UNALLOCATED ranges. Compressed
         clusters come inflated from the cache, those not in it inflated in parallel first."""
         lookups = list(self._merged_lookups(offset, len(view)))
-        clusters = self._inflate_all([where for kind, _, _, where in lookups if kind == COMPRESSED])
+        clusters = self._inflate_all([where for kind, _, _, where in lookups if kind == COMPRESSED], read_for)
         unallocated = []
         for kind, pos, run, where in lookups:
             part = view[pos - offset : pos - offset + run]
@@ -536,16 +537,17 @@ class Qcow2Image:
             if kind is BlockStatus.FOUND:
                 self.source.prefetch(where, run, read_for)
             elif kind == COMPRESSED:
-                self.source.prefetch(where.coffset, where.csize)
+                self.source.prefetch(where.coffset, where.csize, read_for)
             elif kind is BlockStatus.UNALLOCATED:
                 unallocated.append((pos, run))
         return unallocated
 
     # -- compressed clusters -------------------------------------------------------------------
 
-    def _inflate_all(self, wanted: list[Compressed]) -> dict[int, bytes]:
+    def _inflate_all(self, wanted: list[Compressed], read_for: ReadFor) -> dict[int, bytes]:
         """The inflated content of each compressed cluster, by coffset: cached ones from the
-        cache, the others inflated (on the pool when there are several)."""
+        cache, the others inflated (on the pool when there are several), and kept in the cache
+        for a guest only: the stream reads each once."""
         clusters: dict[int, bytes] = {}
         missing = []
         if not wanted:
@@ -559,21 +561,25 @@ class Qcow2Image:
                     self._clusters.move_to_end(compressed.coffset)
                     clusters[compressed.coffset] = data
         unique = list({c.coffset: c for c in missing}.values())
+        inflate = functools.partial(self._inflate, read_for=read_for)
         if len(unique) >= PARALLEL_INFLATE_MIN:
-            inflated = list(_inflate_pool().map(self._inflate, unique))
+            inflated = list(_inflate_pool().map(inflate, unique))
         else:
-            inflated = [self._inflate(c) for c in unique]
+            inflated = [inflate(c) for c in unique]
         with self._cluster_lock:
             for compressed, data in zip(unique, inflated, strict=True):
                 clusters[compressed.coffset] = data
+                if read_for is not ReadFor.GUEST:
+                    continue
                 self._clusters[compressed.coffset] = data
                 if len(self._clusters) > self._clusters_max:
                     self._clusters.popitem(last=False)
         return clusters
 
-    def _inflate(self, compressed: Compressed) -> bytes:
+    def _inflate(self, compressed: Compressed, read_for: ReadFor) -> bytes:
         """One compressed cluster, inflated to exactly one cluster or refused (EIO)."""
-        raw = self.source.read(compressed.coffset, compressed.csize)
+        raw = bytearray(compressed.csize)  # fewer bytes only where the file ends (csize may run past it)
+        del raw[self.source.read_into(memoryview(raw), compressed.coffset, read_for):]
         try:
             if self.header.compression_type == QCOW2_COMPRESSION_TYPE_ZSTD:
                 data = _zstd_decompress(raw, self.cluster_size)

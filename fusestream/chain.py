@@ -377,7 +377,7 @@ class Chain:
             if is_url(name) or os.path.isabs(name):
                 raise
             for parent, layer in itertools.pairwise(self.layers):
-                if names_layer(resolve_backing(self.location(parent), name), layer):
+                if names_layer(self.location(parent), name, layer):
                     return layer
             raise
 
@@ -479,11 +479,12 @@ class Chain:
             raise FusestreamError("; ".join(errors))
 
 
-def names_layer(location: str, layer: Layer) -> bool:
-    """Whether `location` is where `layer` is (compared by identity, as find_layer does)."""
+def names_layer(parent: str, name: str, layer: Layer) -> bool:
+    """Whether `name`, taken against the location of `parent`, is where `layer` is (compared
+    by identity, as find_layer does)."""
     try:
-        return location_identity(location) == layer.source.identity()
-    except SourceError:  # a URL that names nothing names no layer
+        return location_identity(resolve_backing(parent, name)) == layer.source.identity()
+    except SourceError:  # a name that names nothing names no layer
         return False
 
 
@@ -548,12 +549,12 @@ def _open_backing(chain: Chain, location: str, confinement: Confinement, lock: b
     current = chain.layers[0]
     seen = {current.source.identity()}
     while current.backing_filename is not None:
-        location = resolve_backing(location, current.backing_filename)
-        shown = display_name(location)
         try:
+            location = resolve_backing(location, current.backing_filename)
             identity = location_identity(location)  # before opening: a loop must not meet our own lock
         except SourceError as err:  # a URL that cannot name anything (a bad port)
             raise BackingFileError(f"{current.path}: backing file {err}") from None
+        shown = display_name(location)
         if identity is not None and identity in seen:
             raise BackingFileError(f"{current.path}: backing file loop: {shown} is already in the chain")
         if len(chain.layers) > confinement.max_depth:

@@ -206,6 +206,27 @@ def test_a_backing_url_that_names_nothing_is_an_error_not_a_crash(tmp_path, ngin
     assert mounted.stderr.count("\n") == 1 and "pw" not in mounted.stderr
 
 
+def test_a_name_that_cannot_be_resolved_against_a_url_is_an_error_not_a_crash(tmp_path, nginx, open_chains):
+    """urljoin raises on a bracket that does not close: a remote image naming such a backing
+    file is refused in one line, and a ctl base of that shape, tried against each remote
+    layer's URL (Chain.base_layer_named), is a rejected command, not an exception that would
+    stop the mount."""
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "base.raw").write_bytes(base_data())
+    qemu_img("create", "-f", "qed", "-b", "base.raw", "-F", "raw", str(www / "mid.qed"))
+    qemu_img("create", "-f", "qed", "-u", "-b", "x://[", "-F", "raw", str(www / "bad.qed"), "1M")
+    server = nginx(www)
+    create_top(tmp_path / "bad-top.qed", server.url("bad.qed"), "qed")
+    with pytest.raises(BackingFileError, match=re.escape(f"{server.url('bad.qed')}: backing file x://***: not a "
+                                                         f"name that resolves against {server.url('bad.qed')}")):
+        open_chains(tmp_path / "bad-top.qed")
+    create_top(tmp_path / "top.qed", server.url("mid.qed"), "qed")
+    chain = open_chains(tmp_path / "top.qed")
+    with pytest.raises(CommandError, match="is not in the backing chain"):
+        stream.Streamer(chain, lambda event, data: None).start(base="x://[")
+
+
 @pytest.mark.parametrize("fmt", ["qcow2", "qed"])
 def test_qcow2_and_qed_bases_over_a_remote_raw_read_exactly(tmp_path, nginx, open_chains, fmt):
     """A remote image of each format whose relative backing name resolves against its URL."""

@@ -12,6 +12,7 @@ from collections.abc import Hashable
 from typing import Protocol, runtime_checkable
 from urllib.parse import urljoin
 
+from ..errors import SourceError
 from .http import HttpOptions, HttpSource, redact_url, url_identity
 from .local import Buffers, LocalFile, file_identity
 from .read_for import ReadFor
@@ -117,7 +118,10 @@ def resolve_backing(image: str, name: str) -> str:
     if is_url(name) or os.path.isabs(name):
         return name
     if is_url(image):
-        return urljoin(image, name)
+        try:
+            return urljoin(image, name)
+        except ValueError:  # a bracket that does not close, say: a hostile image may name anything
+            raise SourceError(f"{redact_url(name)}: not a name that resolves against {redact_url(image)}") from None
     return os.path.join(os.path.dirname(os.path.abspath(image)), name)
 
 

@@ -193,6 +193,7 @@ class StreamJob:
         self._cancel_requested = False
         self._completing = False  # past the point of no return: the rebase has begun
         self._next_slot = 0.0
+        self._held_back = True  # the speed limit made the last step wait (until shown otherwise)
         self._finished = trio.Event()
 
     # -- commands (called on the event loop) ----------------------------------------------------
@@ -218,6 +219,7 @@ class StreamJob:
     def set_speed(self, speed: int) -> None:
         self.speed = speed
         self._next_slot = 0.0
+        self._held_back = True
         self._wake()
 
     def _wake(self) -> None:
@@ -290,7 +292,7 @@ class StreamJob:
             if not self._progress.started:  # the start, or a resume
                 self._progress.record(trio.current_time(), self.offset, self.copied)
             gentle = self.guest.busy()
-            throttled = bool(self.speed) and self.speed // 10 < self.copier.max_step  # see _max_read
+            throttled = self._throttled()
             self.offset, transferred = await self.run_sync(
                 self.copier.copy_step, self.offset, self.len, self._max_read(gentle), gentle, throttled)
             self.copied += transferred
@@ -341,12 +343,21 @@ class StreamJob:
         while self.state == PAUSED and not self._cancel_requested:
             await self._wakeup.wait()
 
+    def _throttled(self) -> bool:
+        """Whether the speed limit, not the device, sets the pace: it cuts the steps below
+        max_step (see _max_read) and made the last one wait. A step that could not keep up
+        with the limit is followed by a full-speed one (prefetched, through the caches)."""
+        return bool(self.speed) and self.speed // 10 < self.copier.max_step and self._held_back
+
     async def _throttle(self, transferred: int) -> None:
         """QEMU's rate limit: bytes read from the backing chain (not skipped ones) are paid for
         at `speed` bytes/s."""
         if not self.speed or not transferred:
             return
         now = trio.current_time()
+        # Ahead of the schedule that the steps so far have paid for (a first step always is):
+        # the limit holds the job back.
+        self._held_back = not self._next_slot or self._next_slot + transferred / self.speed > now
         self._next_slot = max(self._next_slot, now) + transferred / self.speed
         while trio.current_time() < self._next_slot and not self._cancel_requested and self.speed:
             with trio.move_on_at(self._next_slot):

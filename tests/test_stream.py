@@ -167,6 +167,35 @@ def test_a_throttled_stream_reads_past_caches_and_prefetches_nothing(tmp_path, c
     assert c.read(0, chain.size) == expected
 
 
+def test_a_throttled_stream_that_cannot_keep_up_with_its_limit_reads_at_full_speed(chain, open_chains, monkeypatch):
+    """The limit holds a stream back only if its steps are quicker than it: steps whose reads
+    take longer than their share of it (a slow device, a far server) are not throttled ones,
+    and get full speed's prefetching and caches back."""
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    c = open_chains(chain.top)
+    reads: list[ReadFor] = []
+    read_backing_into = c.read_backing_into
+
+    def slow_read(view, offset, read_for=ReadFor.GUEST):
+        reads.append(read_for)
+        clock.jump(1.0)  # ten times the step's 0.1 s share of the limit
+        return read_backing_into(view, offset, read_for)
+
+    monkeypatch.setattr(c, "read_backing_into", slow_read)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            streamer = Streamer(c, EventLog("top.raw").emit, run_sync=inline)
+            await nursery.start(streamer.run)
+            job = await stream_to_end(streamer, None, speed=1 << 20)
+            assert job.state == COMPLETED
+            streamer.stop()
+
+    trio.run(main, clock=clock)
+    full = reads.index(ReadFor.STREAM)  # the first step is throttled (its ranges' reads), none after
+    assert full > 0 and set(reads[:full]) == {ReadFor.GENTLE} and set(reads[full:]) == {ReadFor.STREAM}, reads
+
+
 def test_speed_can_change_while_running(chain, open_chains):
     c = open_chains(chain.top)
 

@@ -39,6 +39,7 @@ class Step:
     max_read: int
     ranges: tuple[tuple[int, int], ...]
     end: int
+    prefetched: bool  # its data hinted to the layers (Layer.prefetch): it must be read where that put it
 
 
 class Copier:
@@ -116,14 +117,16 @@ class Copier:
         `throttled`: the job's speed limit, not the device, sets the pace (the step is smaller
         than max_step): nothing is prefetched, as the step waits out its time anyway, and the
         reads bypass caches, as for a gentle step: data read once to be stored in the top image
-        must not push the guest's out of the page cache or a remote layer's block cache."""
+        must not push the guest's out of the page cache or a remote layer's block cache. (A step
+        that a full one planned and prefetched is read where its prefetch put it.)"""
         quiet = gentle or throttled
         step = self._take_step(offset, range_end, self._whole_clusters(max_read), prefetch=not quiet)
         self.taken = (step.end, self.taken[1] + self._read_size(step.ranges))  # before any populate of it
         if not quiet and step.end < range_end:
             self._next_step = self._plan(step.end, range_end, step.max_read, prefetch=True)
+        exact = gentle or (throttled and not step.prefetched)  # not a plan a full step prefetched
         with ioprio.idle_class(gentle):
-            copies = self._read(step.ranges, ReadFor.GENTLE if quiet else self.reads_for)
+            copies = self._read(step.ranges, ReadFor.GENTLE if exact else self.reads_for)
         self._start_populate(copies)
         if gentle:
             self.drain()
@@ -165,7 +168,7 @@ class Copier:
         if prefetch:
             for lo, hi in ranges:
                 self.chain.prefetch_backing(lo, hi - lo, self.reads_for)
-        return Step(offset, range_end, max_read, tuple(ranges), end)
+        return Step(offset, range_end, max_read, tuple(ranges), end, prefetch)
 
     def _unallocated_ranges_to_copy(self, offset: int, end: int, top_lookups: int,
                                     walk: StatusWalk) -> Iterator[tuple[int, int]]:

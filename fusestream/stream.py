@@ -293,10 +293,11 @@ class StreamJob:
                 self._progress.record(trio.current_time(), self.offset, self.copied)
             gentle = self.guest.busy()
             throttled = self._throttled()
+            started = trio.current_time()
             self.offset, transferred = await self.run_sync(
                 self.copier.copy_step, self.offset, self.len, self._max_read(gentle), gentle, throttled)
             self.copied += transferred
-            await self._throttle(transferred)
+            await self._throttle(transferred, trio.current_time() - started)
             if self.state == RUNNING:  # a pause meanwhile starts the measurement again at the resume
                 self._progress.record(trio.current_time(), self.offset, self.copied)
 
@@ -349,15 +350,13 @@ class StreamJob:
         with the limit is followed by a full-speed one (prefetched, through the caches)."""
         return bool(self.speed) and self.speed // 10 < self.copier.max_step and self._held_back
 
-    async def _throttle(self, transferred: int) -> None:
+    async def _throttle(self, transferred: int, took: float) -> None:
         """QEMU's rate limit: bytes read from the backing chain (not skipped ones) are paid for
-        at `speed` bytes/s."""
+        at `speed` bytes/s. A step that `took` less than its share holds the job back."""
         if not self.speed or not transferred:
             return
         now = trio.current_time()
-        # Ahead of the schedule that the steps so far have paid for (a first step always is):
-        # the limit holds the job back.
-        self._held_back = not self._next_slot or self._next_slot + transferred / self.speed > now
+        self._held_back = took < transferred / self.speed
         self._next_slot = max(self._next_slot, now) + transferred / self.speed
         while trio.current_time() < self._next_slot and not self._cancel_requested and self.speed:
             with trio.move_on_at(self._next_slot):

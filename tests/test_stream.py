@@ -167,6 +167,27 @@ def test_a_throttled_stream_reads_past_caches_and_prefetches_nothing(tmp_path, c
     assert c.read(0, chain.size) == expected
 
 
+def test_a_throttled_step_reads_a_plan_that_a_full_step_prefetched_where_the_prefetch_put_it(
+        chain, open_chains, monkeypatch):
+    """A full step prefetches the next one into the page cache; read O_DIRECT, as a throttled
+    step reads, that data would come from the device a second time."""
+    c = open_chains(chain.top)
+    reads: list[ReadFor] = []
+    read_backing_into = c.read_backing_into
+    monkeypatch.setattr(c, "read_backing_into", lambda view, offset, read_for=ReadFor.GUEST: reads.append(
+        read_for) or read_backing_into(view, offset, read_for))
+    copier = Copier(c, None)
+    step = 4 * chain.cluster_size
+    offset, _ = copier.copy_step(0, chain.size, step)  # full: plans and prefetches the next
+    per_step = []
+    for _ in range(2):
+        reads.clear()
+        offset, _ = copier.copy_step(offset, chain.size, step, throttled=True)
+        per_step.append(set(reads))
+    copier.close()
+    assert per_step == [{ReadFor.STREAM}, {ReadFor.GENTLE}]
+
+
 def test_a_throttled_stream_that_cannot_keep_up_with_its_limit_reads_at_full_speed(chain, open_chains, monkeypatch):
     """The limit holds a stream back only if its steps are quicker than it: steps whose reads
     take longer than their share of it (a slow device, a far server) are not throttled ones,

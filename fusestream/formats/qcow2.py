@@ -546,8 +546,8 @@ class Qcow2Image:
 
     def _inflate_all(self, wanted: list[Compressed], read_for: ReadFor) -> dict[int, bytes]:
         """The inflated content of each compressed cluster, by coffset: cached ones from the
-        cache, the others inflated (on the pool when there are several), and kept in the cache
-        for a guest only: the stream reads each once."""
+        cache, the others read for `read_for` and inflated (on the pool when there are several),
+        then cached: a cluster larger than the top's is read by several of the stream's steps."""
         clusters: dict[int, bytes] = {}
         missing = []
         if not wanted:
@@ -569,8 +569,6 @@ class Qcow2Image:
         with self._cluster_lock:
             for compressed, data in zip(unique, inflated, strict=True):
                 clusters[compressed.coffset] = data
-                if read_for is not ReadFor.GUEST:
-                    continue
                 self._clusters[compressed.coffset] = data
                 if len(self._clusters) > self._clusters_max:
                     self._clusters.popitem(last=False)
@@ -578,8 +576,10 @@ class Qcow2Image:
 
     def _inflate(self, compressed: Compressed, read_for: ReadFor) -> bytes:
         """One compressed cluster, inflated to exactly one cluster or refused (EIO)."""
-        raw = bytearray(compressed.csize)  # fewer bytes only where the file ends (csize may run past it)
-        del raw[self.source.read_into(memoryview(raw), compressed.coffset, read_for):]
+        raw = bytearray(compressed.csize)
+        filled = self.source.read_into(memoryview(raw), compressed.coffset, read_for)
+        if filled < len(raw):  # only where the file ends (csize may run past it); a copy, not a
+            raw = raw[:filled]  # resize, as a remote read's workers may still hold the buffer
         try:
             if self.header.compression_type == QCOW2_COMPRESSION_TYPE_ZSTD:
                 data = _zstd_decompress(raw, self.cluster_size)

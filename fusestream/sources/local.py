@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 from collections.abc import Sequence
 
 from ..errors import BackingFileError, InvalidImageError, describe_os_error
@@ -263,17 +264,19 @@ class DirectTwin:
         self._fd = fd
         self._flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_DIRECT | os.O_CLOEXEC
         self._direct: int | None = None
+        self._opening = threading.Lock()  # gentle reads of compressed clusters run in a pool
 
     @property
     def fd(self) -> int:
-        if self._direct is None:
-            try:
-                self._direct = os.open(f"/proc/self/fd/{self._fd}", self._flags)
-            except OSError as err:
-                if err.errno != errno.EINVAL:
-                    raise
-                self._direct = -1
-        return self._direct
+        with self._opening:
+            if self._direct is None:
+                try:
+                    self._direct = os.open(f"/proc/self/fd/{self._fd}", self._flags)
+                except OSError as err:
+                    if err.errno != errno.EINVAL:
+                        raise
+                    self._direct = -1
+            return self._direct
 
     def close(self) -> None:
         if self._direct is not None and self._direct >= 0:

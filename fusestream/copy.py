@@ -67,11 +67,13 @@ class Copier:
         # anything at or past that end before it has moved on. Read by the job's count.
         self.taken = (0, 0)
         # The most one step reads and populates: MAX_COPY, or one cluster where clusters are
-        # larger (up to 64 MiB), since a cluster is copied whole or not at all, or what keeps a
-        # remote layer's connections busy (Source.bulk_size: 8 MiB steps over 4 MiB requests
-        # got 0.86x of curl on loopback, 64 MiB reads 1.13x), the next step prefetched meanwhile.
-        self.max_step = max(MAX_COPY, chain.cluster_size,
-                            *(layer.source.bulk_size for layer in chain.backing_layers))
+        # larger (up to 64 MiB), since a cluster is copied whole or not at all. Over remote
+        # layers, what keeps their connections busy (Source.bulk_size: 8 MiB steps over 4 MiB
+        # requests got 0.86x of curl on loopback, 64 MiB reads 1.13x), the next step prefetched
+        # meanwhile, and no more: a source stages two bulk_size reads of prefetched pieces, and
+        # a larger step would push its own out before reading them (fetched twice).
+        bulk = [layer.source.bulk_size for layer in chain.backing_layers if layer.source.bulk_size]
+        self.max_step = max(chain.cluster_size, *bulk) if bulk else max(MAX_COPY, chain.cluster_size)
         # One read buffer per step in flight, reused: fresh memory would cost a page fault per
         # page on every step. Anonymous mmaps are page-aligned, as O_DIRECT wants.
         self._buffers = [mmap.mmap(-1, self.max_step) for _ in range(2 if pipelined else 1)]

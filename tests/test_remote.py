@@ -47,7 +47,9 @@ KiB, MiB = 1 << 10, 1 << 20
 BASE_SIZE = 4 * MiB
 # Mount options for the fault tests: short timeouts and backoff, so that retries take
 # milliseconds and a lasting failure ends within about a second.
-QUICK = ("http_timeout=0.5", "http_retry_time=1", "http_retry_delay_min=0.01", "http_retry_delay_max=0.05")
+# Retries that give up soon, yet outlast TRANSIENT_FAULTS: two stalls met by one request cost two
+# timeouts (1 s) before its third try.
+QUICK = ("http_timeout=0.5", "http_retry_time=2.5", "http_retry_delay_min=0.01", "http_retry_delay_max=0.05")
 SECRET = "s3cr3t"
 WAIT_SECONDS = 30
 
@@ -204,6 +206,22 @@ def test_a_backing_url_that_names_nothing_is_an_error_not_a_crash(tmp_path, ngin
     mounted = run(MOUNT_HELPER, "-f", "-o", f"base={url}", str(over), str(tmp_path / "mnt"), check=False)
     assert mounted.returncode == 1 and mounted.stderr.startswith(f"mount.fusestream: base {shown}: {why}")
     assert mounted.stderr.count("\n") == 1 and "pw" not in mounted.stderr
+
+
+@pytest.mark.parametrize("connections", [1, 4])
+def test_a_stream_fetches_each_remote_byte_once_whatever_the_connections(tmp_path, fault_server, open_chains,
+                                                                        connections):
+    """A step prefetches the next before it reads its own pieces, and the source keeps two
+    bulk_size reads of staged pieces: steps larger than bulk_size (1 MiB here with one
+    connection) would push their own pieces out before reading them, and fetch them again."""
+    server = fault_server(random.Random(5).randbytes(8 * MiB))
+    create_top(tmp_path / "top.qed", server.url())
+    options = HttpOptions(connections=connections, request_size=1 * MiB)
+    c = open_chains(tmp_path / "top.qed", confinement=Confinement(http=options))
+    run_with_streamer(c, stream_to_end)
+    fetched = sum(int(last) - int(first) + 1 for first, last in
+                  (request.headers["Range"][6:].split("-") for request in server.requests))
+    assert fetched <= 8 * MiB + 2 * 64 * KiB, fetched  # the probes of create and open, and the base once
 
 
 def test_a_name_that_cannot_be_resolved_against_a_url_is_an_error_not_a_crash(tmp_path, nginx, open_chains):
@@ -370,7 +388,7 @@ def test_nginx_mount_reads_exactly_streams_and_keeps_guest_writes(tmp_path, ngin
     ctl(m, "stream speed=2M")  # long enough for the guest's writes to land during the stream
     guest_write_and_fsync(m, GUEST_WRITES)
     image = wait_stream_end(m)
-    assert image["stream"]["state"] == "completed", image
+    assert image["stream"]["state"] == "completed", image["stream"]
     assert read_raw(m) == apply(expected, GUEST_WRITES)
     m.umount()
     assert qemu_check(tmp_path / "top.qed").returncode == 0
@@ -416,7 +434,7 @@ def test_a_transient_fault_is_retried_and_the_stream_completes_exactly(tmp_path,
     ctl(m, "stream")
     guest_write_and_fsync(m, GUEST_WRITES)
     image = wait_stream_end(m)
-    assert image["stream"]["state"] == "completed", image
+    assert image["stream"]["state"] == "completed", image["stream"]
     assert read_raw(m) == apply(expected, GUEST_WRITES)
     m.umount()
     assert qemu_check(top).returncode == 0

@@ -138,6 +138,20 @@ def test_speed_limits_the_copy_rate_in_virtual_time(chain, open_chains):
     assert result["elapsed"] == pytest.approx(result["copied"] / speed, rel=0.1)
 
 
+def record_reads_for(c, monkeypatch, before=lambda: None) -> list[ReadFor]:
+    """Whom each of the chain's backing reads is for, in order; `before` runs ahead of each."""
+    reads: list[ReadFor] = []
+    read_backing_into = c.read_backing_into
+
+    def read(view, offset, read_for=ReadFor.GUEST):
+        reads.append(read_for)
+        before()
+        return read_backing_into(view, offset, read_for)
+
+    monkeypatch.setattr(c, "read_backing_into", read)
+    return reads
+
+
 @pytest.mark.parametrize(("speed", "quiet"), [(1 << 20, True), (10 * MAX_COPY, False), (0, False)],
                          ids=["throttled", "limit-above-max-step", "unlimited"])
 def test_a_throttled_stream_reads_past_caches_and_prefetches_nothing(tmp_path, chain, monkeypatch, open_chains,
@@ -147,19 +161,14 @@ def test_a_throttled_stream_reads_past_caches_and_prefetches_nothing(tmp_path, c
     step reaches leaves the full-speed path as it is."""
     expected = qemu_convert(chain.top, tmp_path / "expected.raw")
     c = open_chains(chain.top)
-    reads: list[ReadFor] = []  # who each backing read was for
+    reads = record_reads_for(c, monkeypatch)
     prefetches: list[int] = []
-    read_backing_into, prefetch_backing = c.read_backing_into, c.prefetch_backing
-
-    def read(view, offset, read_for=ReadFor.GUEST):
-        reads.append(read_for)
-        return read_backing_into(view, offset, read_for)
+    prefetch_backing = c.prefetch_backing
 
     def prefetch(offset, length, read_for=ReadFor.GUEST):
         prefetches.append(offset)
         prefetch_backing(offset, length, read_for)
 
-    monkeypatch.setattr(c, "read_backing_into", read)
     monkeypatch.setattr(c, "prefetch_backing", prefetch)
     run_with_streamer(c, functools.partial(stream_to_end, speed=speed))
     assert reads and set(reads) == {ReadFor.GENTLE if quiet else ReadFor.STREAM}
@@ -172,10 +181,7 @@ def test_a_throttled_step_reads_a_plan_that_a_full_step_prefetched_where_the_pre
     """A full step prefetches the next one into the page cache; read O_DIRECT, as a throttled
     step reads, that data would come from the device a second time."""
     c = open_chains(chain.top)
-    reads: list[ReadFor] = []
-    read_backing_into = c.read_backing_into
-    monkeypatch.setattr(c, "read_backing_into", lambda view, offset, read_for=ReadFor.GUEST: reads.append(
-        read_for) or read_backing_into(view, offset, read_for))
+    reads = record_reads_for(c, monkeypatch)
     copier = Copier(c, None)
     step = 4 * chain.cluster_size
     offset, _ = copier.copy_step(0, chain.size, step)  # full: plans and prefetches the next
@@ -194,15 +200,7 @@ def test_a_throttled_stream_that_cannot_keep_up_with_its_limit_reads_at_full_spe
     and get full speed's prefetching and caches back."""
     clock = trio.testing.MockClock(autojump_threshold=0)
     c = open_chains(chain.top)
-    reads: list[ReadFor] = []
-    read_backing_into = c.read_backing_into
-
-    def slow_read(view, offset, read_for=ReadFor.GUEST):
-        reads.append(read_for)
-        clock.jump(1.0)  # ten times the step's 0.1 s share of the limit
-        return read_backing_into(view, offset, read_for)
-
-    monkeypatch.setattr(c, "read_backing_into", slow_read)
+    reads = record_reads_for(c, monkeypatch, before=lambda: clock.jump(1.0))  # 10x the step's 0.1 s share
 
     async def main():
         async with trio.open_nursery() as nursery:

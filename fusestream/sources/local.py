@@ -268,15 +268,16 @@ class DirectTwin:
 
     @property
     def fd(self) -> int:
-        with self._opening:
-            if self._direct is None:
-                try:
-                    self._direct = os.open(f"/proc/self/fd/{self._fd}", self._flags)
-                except OSError as err:
-                    if err.errno != errno.EINVAL:
-                        raise
-                    self._direct = -1
-            return self._direct
+        if self._direct is None:  # the lock only for the first use, not on every direct I/O
+            with self._opening:
+                if self._direct is None:
+                    try:
+                        self._direct = os.open(f"/proc/self/fd/{self._fd}", self._flags)
+                    except OSError as err:
+                        if err.errno != errno.EINVAL:
+                            raise
+                        self._direct = -1
+        return self._direct
 
     def close(self) -> None:
         if self._direct is not None and self._direct >= 0:
